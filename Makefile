@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# pip on this kind of machine prints a warning per package for missing local
+# indexes; they are harmless, so keep them out of the way.
+PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: env demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing batchsight and its test extras into $(VENV) (torch is large; the first time takes minutes)"
+	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | $(PIP_QUIET)
+	@$(BIN)/python -c "import torch, torchvision, prefect, faiss, moto" 
+	@touch $@
+
+env: $(BIN)/.installed
+
+demo: env
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/batchsight demo
+
+test: env
+	$(BIN)/python -m pytest -q
+
+bench: env
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) demo-data bench-data .pytest_cache

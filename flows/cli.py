@@ -1,0 +1,276 @@
+"""The `batchsight` command (Typer + Rich, both shipped with Prefect)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="Catalogue buckets of images into Parquet tables and a FAISS index; search them.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+EndpointOpt = Annotated[str | None, typer.Option("--endpoint-url", envvar="AWS_ENDPOINT_URL",
+                                                 help="S3-compatible endpoint (also AWS_ENDPOINT_URL).")]
+CatalogOpt = Annotated[str, typer.Option("--catalog", help="Output root of a run: folder or s3://bucket/prefix.")]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from models.weights import WeightsError
+    from tasks.catalog import CatalogError, ConcurrentCommitError
+    from tasks.storage import StorageError
+
+    return (WeightsError, StorageError, CatalogError, ConcurrentCommitError, ValueError, KeyError, FileNotFoundError)
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+class RichProgress:
+    """A terminal progress bar fed by the shards (see tasks.pipeline.ProgressReporter)."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=False)
+        self.task_id = None
+
+    def start(self, total: int) -> None:
+        self.bar.start()
+        self.task_id = self.bar.add_task("embedding", total=total, rate="")
+
+    def advance(self, n: int) -> None:
+        if self.task_id is not None:
+            self.bar.advance(self.task_id, n)
+            speed = self.bar.tasks[0].speed
+            self.bar.update(self.task_id, rate=f"{speed:.1f} img/s" if speed else "")
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def run_catalog(source: str, output: str, *, show_progress: bool = True, **params):
+    """Run the nightly flow once, with a progress bar; returns its RunSummary."""
+    from flows.nightly import catalog_images
+    from tasks.pipeline import reporting_progress
+
+    progress = RichProgress() if show_progress else None
+    try:
+        with reporting_progress(progress):
+            return catalog_images(source=source, output=output, **params)
+    finally:
+        if progress:
+            progress.stop()
+
+
+def print_summary(summary) -> None:
+    t = Table(title=f"run {summary.run_id}: {summary.status}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    c = summary.counts
+    t.add_row("version", str(summary.version))
+    t.add_row("listed", f"{summary.listed} images ({summary.skipped} other objects skipped)")
+    t.add_row("plan", f"{c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('deleted', 0)} deleted, "
+                      f"{c.get('unchanged', 0)} unchanged, {c.get('retry', 0)} retried")
+    t.add_row("processed", f"{summary.processed} embedded, {summary.failed} failed")
+    t.add_row("throughput", f"{summary.images_per_s:.1f} images/s ({summary.elapsed_s:.1f} s in all)")
+    if summary.stage_s:
+        t.add_row("stages", ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in summary.stage_s.items()))
+    for reason, n in summary.failures_by_reason.items():
+        t.add_row("failure", f"{n} x {reason}")
+    t.add_row("", summary.message)
+    console.print(t)
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Option(help="Images to catalogue: a folder or s3://bucket/prefix.")],
+    output: Annotated[str, typer.Option(help="Catalogue root: a folder or s3://bucket/prefix.")],
+    model: Annotated[str, typer.Option(help="torchvision classification model name.")] = "resnet50",
+    weights: Annotated[str | None, typer.Option(
+        help="torchvision weights name (default: the model's DEFAULT), a file (.pth/.safetensors), "
+             "an s3:// key, or random:SEED (smoke tests only).")] = None,
+    weights_sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the weights file.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per model batch.")] = 64,
+    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs and bf16-capable CPUs, else fp32.")]
+    = Precision.auto,
+    limit: Annotated[int | None, typer.Option(min=1, help="Process at most this many images this run.")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per Prefect task.")] = 2000,
+    io_workers: Annotated[int, typer.Option(min=1, max=256, help="Fetch/decode threads per shard.")] = 4,
+    endpoint_url: EndpointOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+) -> None:
+    """Catalogue SOURCE into OUTPUT: embed new and changed images, index them, commit a new version."""
+    try:
+        summary = run_catalog(source, output, show_progress=not as_json, model=model, weights=weights,
+                              weights_sha256=weights_sha256, batch_size=batch_size, device=device.value,
+                              precision=precision.value, limit=limit, shard_size=shard_size, io_workers=io_workers,
+                              endpoint_url=endpoint_url)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    if as_json:
+        from dataclasses import asdict
+
+        console.print_json(json.dumps(asdict(summary), default=str))
+    else:
+        print_summary(summary)
+
+
+@app.command()
+def search(
+    catalog: CatalogOpt,
+    key: Annotated[str | None, typer.Option(help="A catalogued key to find look-alikes of.")] = None,
+    image: Annotated[Path | None, typer.Option(help="An image file to find look-alikes of.", exists=True,
+                                               dir_okay=False)] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=10_000, help="How many neighbours.")] = 10,
+    weights: Annotated[str | None, typer.Option(help="Where the catalogue's weights file lives now "
+                                                     "(checked against its recorded sha256).")] = None,
+    endpoint_url: EndpointOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON records.")] = False,
+) -> None:
+    """Print the images most similar to --key or --image."""
+    from flows.search import similar_images
+
+    if (key is None) == (image is None):
+        raise _fail(ValueError("pass exactly one of --key KEY or --image FILE"))
+    try:
+        result = similar_images(catalog, key=key, image=image, k=k, endpoint_url=endpoint_url, weights=weights)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(result.to_json(orient="records") + "\n")
+        return
+    t = Table(title=f"nearest to {key or image}", title_justify="left")
+    for col in ("rank", "key", "score", "top class"):
+        t.add_column(col, justify="right" if col in ("rank", "score") else "left")
+    for row in result.itertuples():
+        t.add_row(str(row.rank), row.key, f"{row.score:.4f}", str(row.top_class))
+    console.print(t)
+
+
+@app.command()
+def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print the live version of a catalogue, its run and counts."""
+    from tasks.catalog import Catalog, list_versions
+    from tasks.storage import cached_store
+
+    try:
+        store = cached_store(catalog, endpoint_url)
+        cat = Catalog.open(store)
+        history = list_versions(store)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    m = cat.manifest
+    if as_json:
+        console.print_json(json.dumps({"version": m.version, "run_id": m.run_id, "created_at": m.created_at,
+                                       "model": m.model, "weights_sha256": m.weights_sha256, "counts": m.counts,
+                                       "index_type": m.index_type, "versions": [v.version for v in history]}))
+        return
+    t = Table(title=f"catalogue {catalog}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("version", f"{m.version} (run {m.run_id}, {m.created_at})")
+    t.add_row("model", f"{m.model}, weights {m.weights} ({m.weights_source}, sha256 {m.weights_sha256[:16]}...)")
+    t.add_row("images", str(m.counts.get("images")))
+    t.add_row("failures", str(m.counts.get("failures")))
+    t.add_row("index", f"{m.index_type}, {m.counts.get('vectors')} vectors")
+    t.add_row("history", ", ".join(f"v{v.version}" for v in history))
+    console.print(t)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the sample bucket and catalogue go.")] = Path("demo-data"),
+    images: Annotated[int, typer.Option(min=10, help="How many sample images to generate.")] = 300,
+    model: Annotated[str, typer.Option()] = "resnet50",
+) -> None:
+    """Generate a sample bucket, catalogue it, and search it."""
+    from models.registry import get_model_spec
+    from models.weights import WeightsError, resolve_weights
+    from tasks.sample_data import generate_samples, write_samples
+    from tasks.storage import LocalStore
+
+    bucket = workdir / "bucket"
+    if not bucket.exists() or not any(bucket.rglob("*.jpg")):
+        console.print(f"generating {images} sample images in {bucket} ...")
+        write_samples(LocalStore(bucket, create=True), generate_samples(images, seed=7, large_photos=3))
+    weights = None
+    socket.setdefaulttimeout(15)
+    try:
+        resolve_weights(None, get_model_spec(model))
+    except WeightsError as exc:
+        weights = "random:0"
+        console.print(Panel(
+            f"[bold]Pretrained {model} weights could not be downloaded[/]\n{exc}\n\n"
+            "This demo carries on with SEEDED RANDOM weights (random:0): search and dedup mechanics work, "
+            "but class labels are meaningless. Outside the demo batchsight never does this; pass --weights.",
+            title="DEMO: RANDOM WEIGHTS", border_style="bold yellow"))
+    finally:
+        socket.setdefaulttimeout(None)
+    output = workdir / "catalog"
+    try:
+        summary = run_catalog(str(bucket), str(output), model=model, weights=weights)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    print_summary(summary)
+
+    from flows.search import similar_images
+    from tasks.catalog import Catalog
+    from tasks.storage import LocalStore as _Local
+
+    cat = Catalog.open(_Local(output))
+    if not cat.failures.empty:
+        t = Table(title="failures (recorded, the run went on)", title_justify="left")
+        for col in ("key", "stage", "reason", "message"):
+            t.add_column(col)
+        for row in cat.failures.itertuples():
+            t.add_row(row.key, row.stage, row.error_type, row.message[:70])
+        console.print(t)
+    query = next(k for k in cat.images["key"] if k.startswith("photos/"))
+    result = similar_images(cat, key=query, k=5)
+    t = Table(title=f"5 nearest to {query}", title_justify="left")
+    for col in ("rank", "key", "score", "top class"):
+        t.add_column(col)
+    for row in result.itertuples():
+        t.add_row(str(row.rank), row.key, f"{row.score:.4f}", str(row.top_class))
+    console.print(t)
+    console.print(f"\nTry: batchsight search --catalog {output} --key {query} -k 10\n"
+                  f"     python -c \"import pandas as pd; print(pd.read_parquet('{output}/{cat.manifest.images}'))\"")
+
+
+def main() -> None:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The nightly flow: list -> plan -> shards -> index -> commit -> report.
+
+Thin by design: each step is a plain function in `tasks/`; this module wires
+them, picks the task runner and reports.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from models.engine import EmbedderSettings, get_embedder
+from tasks import catalog as cat
+from tasks.decode import has_image_extension
+from tasks.pipeline import ShardSpec, StageTimes, current_progress, process_shard
+from tasks.storage import ObjectInfo, cached_store
+
+DEFAULT_SHARD_SIZE = 2000
+
+
+@dataclass
+class RunSummary:
+    """What a run did; also the row written to the `runs` table."""
+
+    run_id: str
+    status: str  # committed | no_changes | failed
+    version: int | None
+    source: str
+    output: str
+    model: str
+    weights_sha256: str
+    listed: int = 0
+    skipped: int = 0  # objects without an image extension
+    counts: dict[str, int] = field(default_factory=dict)
+    processed: int = 0
+    failed: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    top_classes: dict[str, int] = field(default_factory=dict)
+    images_per_s: float = 0.0
+    elapsed_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=dict)
+    started_at: str = ""
+    message: str = ""
+
+    def run_row(self) -> dict:
+        return {
+            "run_id": self.run_id, "status": self.status, "version": self.version,
+            "started_at": datetime.fromisoformat(self.started_at), "finished_at": datetime.now(UTC),
+            "source": self.source, "model": self.model, "weights_sha256": self.weights_sha256,
+            "listed": self.listed, "new": self.counts.get("new", 0), "changed": self.counts.get("changed", 0),
+            "deleted": self.counts.get("deleted", 0), "unchanged": self.counts.get("unchanged", 0),
+            "processed": self.processed, "failed": self.failed, "images_per_s": self.images_per_s,
+            "elapsed_s": self.elapsed_s, **{k: self.stage_s.get(k, 0.0) for k in
+                                            ("fetch_s", "decode_s", "model_s", "wait_s", "write_s", "index_s")},
+            "message": self.message,
+        }
+
+
+@task(name="list-source", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def list_source(source: str, endpoint_url: str | None) -> tuple[list[ObjectInfo], int]:
+    """All pages of the source listing, images only; returns (images, skipped count)."""
+    listed = list(cached_store(source, endpoint_url).list())
+    images = [o for o in listed if has_image_extension(o.key)]
+    return images, len(listed) - len(images)
+
+
+@task(name="process-shard", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def process_shard_task(spec: ShardSpec) -> cat.ShardResult:
+    progress = current_progress()
+    return process_shard(spec, on_progress=progress.advance if progress else None)
+
+
+@task(name="build-and-commit", cache_policy=NO_CACHE)
+def build_and_commit(output: str, endpoint_url: str | None, previous_key: str | None, pointer_etag: str | None,
+                     plan: cat.ChangePlan, results: list[cat.ShardResult],
+                     **version_meta) -> tuple[cat.Manifest, cat.BuildStats]:
+    store = cached_store(output, endpoint_url, create=True)
+    previous = cat.Catalog(store, cat.Manifest.from_json(store.get(previous_key)), previous_key) if previous_key else None
+    manifest, stats = cat.build_next_version(store, previous, plan, results, **version_meta)
+    cat.commit_manifest(store, manifest, pointer_etag)
+    return manifest, stats
+
+
+@flow(name="catalog-images", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def catalog_images(
+    source: str,
+    output: str,
+    model: str = "resnet50",
+    weights: str | None = None,
+    weights_sha256: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    limit: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    io_workers: int = 4,
+    max_attempts: int = 3,
+    endpoint_url: str | None = None,
+) -> RunSummary:
+    """Catalogue `source` into `output`: embed new and changed images, drop
+    deleted ones, and commit a new version atomically."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    run_id = cat.new_run_id()
+    settings = EmbedderSettings(model=model, weights=weights, weights_sha256=weights_sha256, device=device,
+                                precision=precision, endpoint_url=endpoint_url)
+    embedder = get_embedder(settings)  # fail fast on a bad model or weights, before any listing
+    out_store = cached_store(output, endpoint_url, create=True)
+    summary = RunSummary(run_id=run_id, status="failed", version=None, source=source, output=output,
+                         model=model, weights_sha256=embedder.weights.sha256,
+                         started_at=datetime.now(UTC).isoformat())
+    try:
+        images, summary.skipped = list_source(source, endpoint_url)
+        summary.listed = len(images)
+        pointer, pointer_etag = cat.read_pointer(out_store)
+        previous = cat.Catalog.open(out_store) if pointer else None
+        reembed_all = previous is not None and previous.manifest.fingerprint != embedder.fingerprint
+        if reembed_all:
+            logger.info("model or weights changed (%s -> %s): re-embedding every image",
+                        previous.manifest.fingerprint[:40], embedder.fingerprint[:40])
+        plan = cat.plan_changes(
+            images,
+            previous.images if previous and not reembed_all else cat.tables.empty_frame(cat.tables.IMAGES_SCHEMA),
+            previous.failures if previous else cat.tables.empty_frame(cat.tables.FAILURES_SCHEMA),
+            reembed_all=reembed_all, max_attempts=max_attempts, limit=limit)
+        summary.counts = plan.counts()
+        logger.info("listed %s images under %s: %s", summary.listed, source, summary.counts)
+        if plan.is_empty:
+            summary.status, summary.version = "no_changes", previous.manifest.version if previous else None
+            summary.message = "nothing new, changed or deleted; no new version committed"
+            return summary
+
+        todo = plan.to_process
+        progress = current_progress()
+        if progress:
+            progress.start(len(todo))
+        specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source, output=output,
+                           run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
+                           endpoint_url=endpoint_url)
+                 for i, start in enumerate(range(0, len(todo), shard_size))]
+        t_shards = time.perf_counter()
+        results = [f.result() for f in process_shard_task.map(specs)]
+        shard_wall = time.perf_counter() - t_shards
+
+        manifest, stats = build_and_commit(
+            output, endpoint_url, previous.manifest_key if previous else None, pointer_etag, plan, results,
+            run_id=run_id, source=source, model=embedder.spec.name, weights=embedder.weights.spec,
+            weights_source=embedder.weights.source, weights_sha256=embedder.weights.sha256,
+            embedding_dim=embedder.embedding_dim, reembed_all=reembed_all)
+        times = StageTimes()
+        for r in results:
+            times.add(StageTimes(**{k.removesuffix("_s"): v for k, v in r.times.items() if k != "write_s"}))
+        summary.stage_s = times.as_dict() | {
+            "write_s": sum(r.times["write_s"] for r in results) + stats.write_s,
+            "index_s": stats.index_s,
+        }
+        summary.processed = sum(len(r.rows) for r in results)
+        failures = [f for r in results for f in r.failures]
+        summary.failed = len(failures)
+        summary.failures_by_reason = _count(f"{f['stage']}:{f['error_type']}" for f in failures)
+        summary.top_classes = dict(list(_count(c for r in results for c in r.rows["top_class"]).items())[:10])
+        summary.images_per_s = (summary.processed + summary.failed) / shard_wall if shard_wall > 0 else 0.0
+        summary.status, summary.version = "committed", manifest.version
+        summary.message = f"committed version {manifest.version}"
+        logger.info("run %s committed version %s: %s images, %s failures, %.1f images/s", run_id,
+                    manifest.version, manifest.counts["images"], manifest.counts["failures"], summary.images_per_s)
+        return summary
+    except Exception as exc:
+        summary.message = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        summary.elapsed_s = time.perf_counter() - started
+        cat.write_run_row(out_store, summary.run_row())
+        _publish_artifact(summary)
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _publish_artifact(summary: RunSummary) -> None:
+    lines = [
+        f"# batchsight run {summary.run_id}: {summary.status}",
+        "", f"{summary.message}", "",
+        "| listed | new | changed | deleted | unchanged | processed | failed | images/s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {summary.listed} | {summary.counts.get('new', 0)} | {summary.counts.get('changed', 0)} "
+        f"| {summary.counts.get('deleted', 0)} | {summary.counts.get('unchanged', 0)} | {summary.processed} "
+        f"| {summary.failed} | {summary.images_per_s:.1f} |",
+    ]
+    if summary.stage_s:
+        lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k.removesuffix('_s')} | {v:.2f} |"
+                                                          for k, v in summary.stage_s.items()]
+    if summary.failures_by_reason:
+        lines += ["", "| failure | count |", "|---|---|"] + [f"| {k} | {v} |"
+                                                          for k, v in summary.failures_by_reason.items()]
+    if summary.top_classes:
+        lines += ["", "| top class | images |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary.top_classes.items()]
+    create_markdown_artifact(markdown="\n".join(lines), key="batchsight-run", description="batchsight run summary")

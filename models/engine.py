@@ -1,0 +1,177 @@
+"""The Embedder: one loaded model per process, turning uint8 image batches into
+L2-normalised embeddings (the input of the last Linear layer) and top-k classes.
+
+Preprocessing is split so the expensive part (resize and crop, in PIL) runs in
+decode threads and the cheap part (scale and normalise) runs on the batch, on
+the model's device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from models.registry import ModelSpec, Preprocessing, get_model_spec
+from models.weights import ResolvedWeights, apply_weights, resolve_weights
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """Everything that decides which model runs and how; hashable, so one Embedder
+    per distinct settings is cached per process."""
+
+    model: str = "resnet50"
+    weights: str | None = None
+    weights_sha256: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    top_k: int = 5
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}: use one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if not 1 <= self.top_k <= 20:
+            raise ValueError(f"top_k must be between 1 and 20, not {self.top_k}")
+
+
+@dataclass
+class EmbedResult:
+    embeddings: np.ndarray  # float32 [N, D], unit L2 norm
+    class_ids: np.ndarray  # int32 [N, k]
+    class_probs: np.ndarray  # float32 [N, k]
+
+
+def cpu_supports_bf16() -> bool:
+    """AVX-512 BF16 or AMX: where oneDNN runs bf16 convolutions natively."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def preprocess_image(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """Resize the shorter side and centre-crop, exactly as torchvision's
+    `ImageClassification` transform does for PIL input; returns uint8 CHW."""
+    image = TF.resize(image, [prep.resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    image = TF.center_crop(image, [prep.crop_size])
+    return TF.pil_to_tensor(image)
+
+
+def _last_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(module).__name__} has no Linear classification head to take embeddings from")
+    return linears[-1]
+
+
+class Embedder:
+    """Loads the model once; `embed` is safe to call from one thread at a time."""
+
+    def __init__(self, settings: EmbedderSettings, *, weights: ResolvedWeights | None = None) -> None:
+        self.settings = settings
+        self.spec: ModelSpec = get_model_spec(settings.model)
+        self.weights = weights or resolve_weights(settings.weights, self.spec, expected_sha256=settings.weights_sha256,
+                                                  endpoint_url=settings.endpoint_url)
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.precision, self.device)
+        self.preprocessing = self.spec.preprocessing
+        self.categories = self.spec.categories
+
+        if self.weights.is_random:
+            torch.manual_seed(self.weights.seed)
+        module = self.spec.builder(weights=None)
+        apply_weights(module, self.weights, self.spec.name)
+        head = _last_linear(module)
+        self.embedding_dim = head.in_features
+        if head.out_features != len(self.categories):
+            self.categories = [f"class_{i}" for i in range(head.out_features)]
+        self._features: torch.Tensor | None = None
+        head.register_forward_hook(self._capture_features)
+        self.module = module.eval().to(self.device, memory_format=torch.channels_last)
+        if self.dtype != torch.float32:
+            self.module = self.module.to(self.dtype)
+        mean = torch.tensor(self.preprocessing.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocessing.std, device=self.device).view(1, 3, 1, 1)
+        # x/255 then (x-mean)/std folded into one multiply-add.
+        self._scale = (1.0 / (255.0 * std)).to(self.dtype)
+        self._shift = (-mean / std).to(self.dtype)
+        self._lock = threading.Lock()
+        log.info("loaded %s (%s weights, sha256 %s) on %s as %s", self.spec.name, self.weights.source,
+                 self.weights.sha256[:12], self.device, str(self.dtype).removeprefix("torch."))
+
+    def _capture_features(self, _module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        self._features = inputs[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """Model plus weights: vectors with different fingerprints never share an index."""
+        return f"{self.spec.name}@{self.weights.sha256}"
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return preprocess_image(image, self.preprocessing)
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> EmbedResult:
+        """`batch` is uint8 [N, 3, H, W]; returns unit embeddings and top-k classes."""
+        with self._lock:
+            x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x.to(self.dtype) * self._scale + self._shift
+            logits = self.module(x)
+            feats = self._features
+            self._features = None
+        feats = torch.nn.functional.normalize(feats.float().flatten(1), dim=1)
+        probs = torch.softmax(logits.float(), dim=1)
+        k = min(self.settings.top_k, probs.shape[1])
+        top = torch.topk(probs, k, dim=1)
+        return EmbedResult(
+            embeddings=feats.cpu().numpy(),
+            class_ids=top.indices.to(torch.int32).cpu().numpy(),
+            class_probs=top.values.cpu().numpy(),
+        )
+
+
+_cache_lock = threading.Lock()
+_embedders: dict[EmbedderSettings, Embedder] = {}
+
+
+def get_embedder(settings: EmbedderSettings) -> Embedder:
+    """The process's Embedder for `settings`: built once, reused by every shard
+    this process (a thread-pool worker or a Dask worker) runs."""
+    with _cache_lock:
+        embedder = _embedders.get(settings)
+        if embedder is None:
+            _embedders.clear()  # one model per process: a new model replaces the old
+            embedder = _embedders[settings] = Embedder(settings)
+        return embedder

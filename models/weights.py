@@ -1,0 +1,198 @@
+"""Resolve `--weights`: a torchvision weights name, a file, an `s3://` key, or
+`random:SEED` (smoke tests and the demo only; never chosen silently).
+
+Files are loaded with `torch.load(weights_only=True)` or safetensors, so weights
+are never unpickled as code, and their sha256 is recorded in every manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.registry import ModelSpec
+
+# torch.hub's convention: `resnet50-11ad3fa6.pth` carries a prefix of its sha256.
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|safetensors)$")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be used; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    spec: str  # exactly what the user passed
+    source: str  # torchvision | file | s3 | random
+    sha256: str
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    seed: int | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.source == "random"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_random_spec(spec: str) -> int | None:
+    if not spec.startswith("random:"):
+        return None
+    try:
+        return int(spec.split(":", 1)[1])
+    except ValueError:
+        raise WeightsError(f"bad weights spec {spec!r}: random weights are written random:SEED, e.g. random:0") from None
+
+
+def resolve_weights(spec: str | None, model: ModelSpec, *, expected_sha256: str | None = None,
+                    endpoint_url: str | None = None) -> ResolvedWeights:
+    """Turn a `--weights` value into a state dict plus its sha256.
+
+    `None` means the model's default torchvision weights (downloaded into the
+    torch hub cache on first use).
+    """
+    spec = spec or "DEFAULT"
+    seed = parse_random_spec(spec)
+    if seed is not None:
+        return ResolvedWeights(spec, "random", sha256_bytes(f"random:{seed}:{model.name}".encode()), seed=seed)
+    if spec.startswith("s3://"):
+        from tasks.storage import open_store, parse_s3_url
+
+        bucket, key = parse_s3_url(spec)
+        store = open_store(f"s3://{bucket}", endpoint_url=endpoint_url)
+        data = store.get(key)
+        return _from_bytes(spec, "s3", data, key, expected_sha256)
+    path = Path(spec).expanduser()
+    if path.suffix in (".pth", ".pt", ".safetensors", ".bin") or path.exists():
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} does not exist; pass an existing file, an s3:// key, "
+                               "or a torchvision weights name such as IMAGENET1K_V2")
+        return _from_bytes(spec, "file", path.read_bytes(), path.name, expected_sha256)
+    return _from_torchvision(spec, model, expected_sha256)
+
+
+def _check_sha(spec: str, name: str, actual: str, expected: str | None) -> None:
+    if expected and actual != expected.lower():
+        raise WeightsError(f"weights {spec} sha256 mismatch: expected {expected}, got {actual}; "
+                           "re-download the file or pass the right --weights-sha256")
+    m = _HASH_IN_NAME.search(name)
+    if m and not actual.startswith(m.group(1)):
+        raise WeightsError(f"weights {spec} sha256 mismatch: the file name says {m.group(1)}..., the content "
+                           f"hashes to {actual}; the file is corrupt or renamed, re-download it")
+
+
+def _from_bytes(spec: str, source: str, data: bytes, name: str, expected: str | None) -> ResolvedWeights:
+    digest = sha256_bytes(data)
+    _check_sha(spec, name, digest, expected)
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            state = load_safetensors(data)
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise WeightsError(f"weights {spec} is not a valid safetensors file: {exc}") from None
+    else:
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            raise WeightsError(
+                f"weights {spec} could not be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "batchsight loads only plain state dicts (torch.save(model.state_dict())) or safetensors, "
+                "never pickled code"
+            ) from None
+    state = _unwrap_checkpoint(state, spec)
+    return ResolvedWeights(spec, source, digest, state_dict=state)
+
+
+def _unwrap_checkpoint(obj: object, spec: str) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or the common {'state_dict': ...} / {'model': ...} checkpoint."""
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model", "model_state_dict"):
+            inner = obj.get(wrapper)
+            if isinstance(inner, dict):
+                obj = inner
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return {k.removeprefix("module."): v for k, v in obj.items()}
+    raise WeightsError(f"weights {spec} holds no state dict of tensors; save it with torch.save(model.state_dict(), PATH)")
+
+
+def _from_torchvision(spec: str, model: ModelSpec, expected: str | None) -> ResolvedWeights:
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(model.name)
+    name = spec.split(".", 1)[1] if spec.startswith(enum.__name__ + ".") else spec
+    try:
+        weights = enum[name] if name != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        options = ", ".join(w.name for w in enum)
+        raise WeightsError(
+            f"unknown weights {spec!r} for {model.name}: pass one of {options}, DEFAULT, a file path, "
+            "an s3:// key, or random:SEED"
+        ) from None
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        if not hub_file.exists():
+            torch.hub.download_url_to_file(weights.url, str(hub_file), progress=True)
+    except Exception as exc:  # urllib raises a zoo of network errors
+        raise WeightsError(
+            f"could not download {weights} from {weights.url} ({type(exc).__name__}: {exc}); "
+            "on a machine without internet, copy the file there and pass --weights PATH or an s3:// key"
+        ) from None
+    return _from_bytes(f"{enum.__name__}.{weights.name}", "torchvision", hub_file.read_bytes(), hub_file.name, expected)
+
+
+def apply_weights(module: torch.nn.Module, weights: ResolvedWeights, model_name: str) -> None:
+    """Load `weights` into `module` strictly; a mismatch names the keys that do not fit."""
+    if weights.state_dict is None:
+        return
+    result = _load_strict(module, weights.state_dict)
+    if result:
+        raise WeightsError(f"weights {weights.spec} do not fit {model_name}: {result}; "
+                           "pass the --model these weights were trained for")
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+        return ", ".join(parts)
+    module.load_state_dict(state, strict=True)
+    return None
+
+
+def save_random_weights(model_name: str, seed: int, path: str | Path) -> str:
+    """Write seeded random weights for `model_name` to `path` (for tests and the demo)
+    and return their sha256."""
+    from models.registry import get_model_spec
+
+    spec = get_model_spec(model_name)
+    torch.manual_seed(seed)
+    module = spec.builder(weights=None)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    else:
+        torch.save(module.state_dict(), path)
+    return sha256_bytes(path.read_bytes())

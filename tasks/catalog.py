@@ -1,0 +1,381 @@
+"""The catalogue: versioned manifests, change planning, building the next
+version and the atomic commit.
+
+Every file a run writes has a new key (named by version and run id), so nothing
+live is ever overwritten; the only mutable object is `CURRENT`, moved by a
+conditional put. Readers follow `CURRENT` and never see a half-written version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from tasks import index as faiss_index
+from tasks import tables
+from tasks.storage import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
+
+log = logging.getLogger(__name__)
+
+POINTER_KEY = "CURRENT"
+FORMAT_VERSION = 1
+
+
+class CatalogError(RuntimeError):
+    """The output root holds no usable catalogue, or a version asked for is missing."""
+
+
+class ConcurrentCommitError(RuntimeError):
+    """Another run moved `CURRENT` while this one was running; nothing was committed."""
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{np.random.default_rng().integers(0, 1 << 24):06x}"
+
+
+@dataclass
+class Manifest:
+    """One complete catalogue version: what to read, and what produced it."""
+
+    version: int
+    run_id: str
+    created_at: str
+    parent: str | None  # manifest key of the version this one was built from
+    source: str
+    model: str
+    weights: str
+    weights_source: str
+    weights_sha256: str
+    embedding_dim: int
+    images: str  # key of the images snapshot
+    failures: str  # key of the failures snapshot
+    embeddings: list[str]  # embedding parts that hold at least one live vector
+    index: str
+    index_type: str
+    counts: dict[str, int] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.model}@{self.weights_sha256}"
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        raw = json.loads(data)
+        if raw.get("format") != FORMAT_VERSION:
+            raise CatalogError(f"manifest format {raw.get('format')} is not supported by this batchsight "
+                               f"(expects {FORMAT_VERSION}); upgrade batchsight")
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Pointer:
+    version: int
+    manifest: str
+
+    def to_json(self) -> bytes:
+        return json.dumps({"version": self.version, "manifest": self.manifest}).encode()
+
+
+def manifest_key(version: int, run_id: str) -> str:
+    return f"manifests/v{version:06d}-{run_id}.json"
+
+
+def read_pointer(store: ObjectStore) -> tuple[Pointer | None, str | None]:
+    """The live pointer and the ETag a commit must match, or (None, None) for an empty root."""
+    try:
+        data, etag = store.get_with_etag(POINTER_KEY)
+    except ObjectNotFound:
+        return None, None
+    raw = json.loads(data)
+    return Pointer(int(raw["version"]), str(raw["manifest"])), etag
+
+
+def commit_manifest(store: ObjectStore, manifest: Manifest, expected_pointer_etag: str | None) -> Pointer:
+    """Write the manifest, then move `CURRENT` to it with a conditional put: the
+    one commit point. Losing the condition means another run committed first."""
+    key = manifest_key(manifest.version, manifest.run_id)
+    store.put(key, manifest.to_json(), if_none_match=True)
+    pointer = Pointer(manifest.version, key)
+    try:
+        if expected_pointer_etag is None:
+            store.put(POINTER_KEY, pointer.to_json(), if_none_match=True)
+        else:
+            store.put(POINTER_KEY, pointer.to_json(), if_match=expected_pointer_etag)
+    except PreconditionFailed:
+        raise ConcurrentCommitError(
+            f"another run committed to {store.url} while run {manifest.run_id} was running "
+            f"(the conditional put on CURRENT failed); this run committed nothing. "
+            "Run again: it will start from the newer version."
+        ) from None
+    return pointer
+
+
+class Catalog:
+    """A read-only view of one committed version."""
+
+    def __init__(self, store: ObjectStore, manifest: Manifest, key: str) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.manifest_key = key
+
+    @classmethod
+    def open(cls, store: ObjectStore, version: int | None = None) -> Catalog:
+        pointer, _ = read_pointer(store)
+        if pointer is None:
+            raise CatalogError(f"no catalogue at {store.url} (no CURRENT pointer); "
+                               "run `batchsight run --source SRC --output OUT` first")
+        key = pointer.manifest
+        if version is not None and version != pointer.version:
+            key = find_version(store, version, start=pointer.manifest)
+        return cls(store, Manifest.from_json(store.get(key)), key)
+
+    @cached_property
+    def images(self) -> pd.DataFrame:
+        return tables.table_to_frame(tables.read_parquet_bytes(self.store.get(self.manifest.images)))
+
+    @cached_property
+    def failures(self) -> pd.DataFrame:
+        return tables.table_to_frame(tables.read_parquet_bytes(self.store.get(self.manifest.failures)))
+
+    @cached_property
+    def index(self) -> faiss.Index:
+        return faiss_index.deserialize(self.store.get(self.manifest.index))
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image_ids, vectors) of the live images, in the order of `images`."""
+        live = set(zip(self.images["image_id"].tolist(), self.images["run_id"].tolist(), strict=True))
+        ids_out, vecs_out = [], []
+        for part in self.manifest.embeddings:
+            ids, runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(self.store.get(part)))
+            keep = np.fromiter(((i, r) in live for i, r in zip(ids.tolist(), runs, strict=True)), bool, len(ids))
+            ids_out.append(ids[keep])
+            vecs_out.append(vectors[keep])
+        if not ids_out:
+            return np.empty(0, np.int64), np.empty((0, self.manifest.embedding_dim), np.float32)
+        ids, vectors = np.concatenate(ids_out), np.concatenate(vecs_out)
+        order = pd.Index(ids).get_indexer(self.images["image_id"].to_numpy())
+        assert (order >= 0).all(), "every live image must have exactly one embedding"
+        return ids[order], vectors[order]
+
+
+def find_version(store: ObjectStore, version: int, *, start: str) -> str:
+    """Follow parent links from `start` back to `version`'s manifest key."""
+    key: str | None = start
+    while key is not None:
+        manifest = Manifest.from_json(store.get(key))
+        if manifest.version == version:
+            return key
+        if manifest.version < version:
+            break
+        key = manifest.parent
+    raise CatalogError(f"version {version} is not in the history of {store.url}; "
+                       "`batchsight status --catalog OUT` lists the versions")
+
+
+def list_versions(store: ObjectStore) -> list[Manifest]:
+    """Committed versions, newest first (the parent chain from CURRENT)."""
+    pointer, _ = read_pointer(store)
+    out: list[Manifest] = []
+    key = pointer.manifest if pointer else None
+    while key is not None:
+        try:
+            manifest = Manifest.from_json(store.get(key))
+        except ObjectNotFound:
+            break  # history older than a gc'd manifest
+        out.append(manifest)
+        key = manifest.parent
+    return out
+
+
+@dataclass
+class ChangePlan:
+    """What a run must do, from diffing the listing against the catalogue."""
+
+    new: list[ObjectInfo] = field(default_factory=list)
+    changed: list[ObjectInfo] = field(default_factory=list)
+    retry: list[ObjectInfo] = field(default_factory=list)  # failed before, unchanged, attempts left
+    deleted: list[str] = field(default_factory=list)  # keys gone from the source
+    unchanged: int = 0
+    given_up: int = 0  # failed max_attempts times and unchanged since
+    deferred: list[ObjectInfo] = field(default_factory=list)  # past --limit, left for a later run
+
+    @property
+    def to_process(self) -> list[ObjectInfo]:
+        return self.new + self.changed + self.retry
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.to_process and not self.deleted and not self.deferred
+
+    def counts(self) -> dict[str, int]:
+        return {"new": len(self.new), "changed": len(self.changed), "retry": len(self.retry),
+                "deleted": len(self.deleted), "unchanged": self.unchanged, "given_up": self.given_up,
+                "deferred": len(self.deferred)}
+
+
+def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame, failed: pd.DataFrame, *,
+                 reembed_all: bool = False, max_attempts: int = 3, limit: int | None = None) -> ChangePlan:
+    """Diff a listing against the live rows by (key, etag, size).
+
+    `catalogued` has columns key, etag, size; `failed` has key, etag, size,
+    attempts. `reembed_all` (the model or weights changed) makes every listed
+    object new or changed. `limit` caps the images processed; changed images
+    past it are still removed (no stale row survives), to be redone later.
+    """
+    known = {k: (e, s) for k, e, s in zip(catalogued["key"], catalogued["etag"], catalogued["size"], strict=True)}
+    failures = {k: (e, s, a) for k, e, s, a in
+                zip(failed["key"], failed["etag"], failed["size"], failed["attempts"], strict=True)}
+    plan = ChangePlan()
+    seen: set[str] = set()
+    for obj in listing:
+        seen.add(obj.key)
+        prior = known.get(obj.key)
+        fail = failures.get(obj.key)
+        if prior is not None:
+            if reembed_all or prior != (obj.etag, obj.size):
+                plan.changed.append(obj)
+            else:
+                plan.unchanged += 1
+        elif fail is not None and (fail[0], fail[1]) == (obj.etag, obj.size) and not reembed_all:
+            if fail[2] < max_attempts:
+                plan.retry.append(obj)
+            else:
+                plan.given_up += 1
+        else:
+            plan.new.append(obj)
+    plan.deleted = sorted((set(known) | set(failures)) - seen)
+    if limit is not None and len(plan.to_process) > limit:
+        keep = plan.to_process[:limit]
+        kept = {o.key for o in keep}
+        plan.deferred = [o for o in plan.to_process if o.key not in kept]
+        plan.new = [o for o in plan.new if o.key in kept]
+        plan.changed = [o for o in plan.changed if o.key in kept]
+        plan.retry = [o for o in plan.retry if o.key in kept]
+    return plan
+
+
+@dataclass
+class ShardResult:
+    """What one shard hands back to the flow: small rows, and the key of the
+    embeddings part it wrote (vectors stay in storage, not in task results)."""
+
+    shard: int
+    rows: pd.DataFrame
+    embedding_part: str | None
+    failures: list[dict]
+    times: dict[str, float]
+
+
+@dataclass
+class BuildStats:
+    added: int
+    removed: int
+    index_s: float
+    write_s: float
+
+
+def build_next_version(store: ObjectStore, previous: Catalog | None, plan: ChangePlan,
+                       shard_results: Sequence[ShardResult], *, run_id: str, source: str, model: str,
+                       weights: str, weights_source: str, weights_sha256: str, embedding_dim: int,
+                       reembed_all: bool) -> tuple[Manifest, BuildStats]:
+    """Apply one run's changes to the previous version and write the new
+    version's snapshot tables and index (not yet committed)."""
+    version = (previous.manifest.version if previous else 0) + 1
+    now = datetime.now(UTC)
+    removed_keys = {o.key for o in plan.changed} | {o.key for o in plan.deferred} | set(plan.deleted)
+
+    if previous is None or reembed_all:
+        kept = tables.empty_frame(tables.IMAGES_SCHEMA)
+        index = faiss_index.new_flat_index(embedding_dim)
+        prev_failures = tables.empty_frame(tables.FAILURES_SCHEMA)
+    else:
+        kept = previous.images
+        index = previous.index
+        prev_failures = previous.failures
+    gone = kept[kept["key"].isin(removed_keys)]
+    kept = kept[~kept["key"].isin(removed_keys)]
+
+    t_index = time.perf_counter()
+    removed = faiss_index.remove_ids(index, gone["image_id"].to_numpy(np.int64))
+    assert removed == len(gone), f"index held {removed} of {len(gone)} vectors to remove"
+    added = 0
+    new_rows = [r.rows for r in shard_results if len(r.rows)]
+    for result in shard_results:
+        if result.embedding_part is None:
+            continue
+        ids, _runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(store.get(result.embedding_part)))
+        faiss_index.add_vectors(index, ids, vectors)
+        added += len(ids)
+    index_s = time.perf_counter() - t_index
+
+    images = pd.concat([kept, *new_rows], ignore_index=True) if new_rows else kept.reset_index(drop=True)
+    images = images.sort_values("key", kind="stable").reset_index(drop=True)
+    duplicated = images["image_id"].duplicated()
+    assert not duplicated.any(), f"image ids collide for keys {images.loc[duplicated, 'key'].tolist()[:5]}"
+    assert index.ntotal == len(images), f"index holds {index.ntotal} vectors for {len(images)} rows"
+
+    failures = _next_failures(prev_failures, plan, shard_results, run_id=run_id, now=now)
+
+    t_write = time.perf_counter()
+    stem = f"v{version:06d}-{run_id}"
+    images_key = f"tables/images/{stem}.parquet"
+    failures_key = f"tables/failures/{stem}.parquet"
+    index_key = f"index/{stem}.faiss"
+    store.put(images_key, tables.to_parquet_bytes(tables.frame_to_table(images, tables.IMAGES_SCHEMA)))
+    store.put(failures_key, tables.to_parquet_bytes(tables.frame_to_table(failures, tables.FAILURES_SCHEMA)))
+    store.put(index_key, faiss_index.serialize(index))
+    write_s = time.perf_counter() - t_write
+
+    manifest = Manifest(
+        version=version, run_id=run_id, created_at=now.isoformat(timespec="seconds"),
+        parent=previous.manifest_key if previous else None, source=source, model=model, weights=weights,
+        weights_source=weights_source, weights_sha256=weights_sha256, embedding_dim=embedding_dim,
+        images=images_key, failures=failures_key,
+        embeddings=sorted(set(images["embedding_part"].dropna().tolist())),
+        index=index_key, index_type="flat-ip",
+        counts={"images": len(images), "failures": len(failures), "vectors": int(index.ntotal)},
+    )
+    return manifest, BuildStats(added=added, removed=removed, index_s=index_s, write_s=write_s)
+
+
+def _next_failures(previous: pd.DataFrame, plan: ChangePlan, shard_results: Sequence[ShardResult], *,
+                   run_id: str, now: datetime) -> pd.DataFrame:
+    """Failures still standing: earlier ones not re-decided this run, plus this run's
+    (with attempts counted across runs while the bytes stay the same)."""
+    redecided = {o.key for o in plan.to_process} | {o.key for o in plan.deferred} | set(plan.deleted)
+    kept = previous[~previous["key"].isin(redecided)]
+    prior_attempts = {(k, e): int(a) for k, e, a in zip(previous["key"], previous["etag"], previous["attempts"], strict=True)}
+    fresh = [dict(f, attempts=prior_attempts.get((f["key"], f["etag"]), 0) + 1, run_id=run_id, failed_at=now)
+             for r in shard_results for f in r.failures]
+    if not fresh:
+        return kept.reset_index(drop=True)
+    return pd.concat([kept, pd.DataFrame(fresh)], ignore_index=True).sort_values("key").reset_index(drop=True)
+
+
+def read_runs(store: ObjectStore) -> pd.DataFrame:
+    """The runs log: one row per run, committed or not, oldest first."""
+    parts = [tables.read_parquet_bytes(store.get(o.key)) for o in store.list("tables/runs/")]
+    if not parts:
+        return tables.empty_frame(tables.RUNS_SCHEMA)
+    return tables.table_to_frame(pa.concat_tables(parts)).sort_values("started_at").reset_index(drop=True)
+
+
+def write_run_row(store: ObjectStore, row: dict) -> str:
+    key = f"tables/runs/{row['run_id']}.parquet"
+    store.put(key, tables.to_parquet_bytes(tables.frame_to_table(pd.DataFrame([row]), tables.RUNS_SCHEMA)))
+    return key

@@ -1,0 +1,333 @@
+"""Object stores: one interface over a local folder and an S3 prefix.
+
+Keys are always relative, '/'-separated and confined to the store's root; the
+conditional put (`if_match` / `if_none_match`) is the primitive the catalogue
+commit is built on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+
+class StorageError(RuntimeError):
+    """A store cannot be reached or used as asked; the message says what to do."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional put lost: the object changed (or appeared) since it was read."""
+
+
+class ObjectNotFound(StorageError, KeyError):
+    """The key does not exist in the store."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "object not found"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One listed object: its key relative to the store root, ETag and size."""
+
+    key: str
+    etag: str
+    size: int
+
+
+def normalize_key(key: str) -> str:
+    """Return `key` as a clean relative key, refusing anything that escapes the root."""
+    if not key or "\x00" in key:
+        raise StorageError(f"invalid object key {key!r}")
+    if key.startswith("/") or "\\" in key:
+        raise StorageError(f"object key {key!r} must be relative and use '/' separators")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"object key {key!r} has an empty, '.' or '..' segment; refusing it")
+    return key
+
+
+class ObjectStore(ABC):
+    """A flat key space under one root (a local folder or `s3://bucket/prefix`)."""
+
+    url: str
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Yield every object under `prefix`, all pages, in key order."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise `ObjectNotFound` when absent."""
+
+    @abstractmethod
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """Return the object's bytes and the ETag a conditional put compares against."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """Return the object's info, or None when absent."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_none_match: bool = False) -> str:
+        """Write `data` and return its ETag.
+
+        `if_match=ETAG` writes only if the current object has that ETag;
+        `if_none_match=True` writes only if no object exists. A lost condition
+        raises `PreconditionFailed`.
+        """
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object if it exists."""
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def describe(self, key: str) -> str:
+        """The full address of `key`, for messages."""
+        return f"{self.url.rstrip('/')}/{key}"
+
+
+class LocalStore(ObjectStore):
+    """A folder on disk.
+
+    Listings use `mtime-size` as the ETag (cheap, and it changes whenever the
+    bytes do); conditional puts compare the md5 of content, as S3 does for
+    single-part objects, under an flock so two processes cannot interleave.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise StorageError(f"source folder {self.root} does not exist; check the path")
+        self.url = str(self.root)
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / normalize_key(key)).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"object key {key!r} resolves outside {self.root}; refusing it")
+        return path
+
+    @staticmethod
+    def _stat_etag(st: os.stat_result) -> str:
+        return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self.root
+        found: list[ObjectInfo] = []
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(base).as_posix()
+            for name in filenames:
+                if name.startswith(".batchsight-"):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if not key.startswith(prefix):
+                    continue
+                st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+                if not os.path.isfile(os.path.join(dirpath, name)):
+                    continue
+                found.append(ObjectInfo(key, self._stat_etag(st), st.st_size))
+        yield from sorted(found, key=lambda o: o.key)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.describe(key)} does not exist") from None
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, hashlib.md5(data).hexdigest()
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, self._stat_etag(st), st.st_size)
+
+    def _content_etag(self, key: str) -> str:
+        return hashlib.md5(self._path(key).read_bytes()).hexdigest()
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_none_match: bool = False) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conditional = if_match is not None or if_none_match
+        # flock is released by the kernel if the process dies, so a crash never
+        # leaves a stale lock behind.
+        lock_fd = os.open(self.root / ".batchsight-lock", os.O_CREAT | os.O_RDWR, 0o644) if conditional else None
+        try:
+            if lock_fd is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                current = self._content_etag(key) if path.exists() else None
+                if if_none_match and current is not None:
+                    raise PreconditionFailed(f"{self.describe(key)} already exists")
+                if if_match is not None and current != if_match:
+                    raise PreconditionFailed(
+                        f"{self.describe(key)} changed since it was read (expected ETag {if_match}, found {current})")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".batchsight-tmp-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
+        return hashlib.md5(data).hexdigest()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Store(ObjectStore):
+    """An S3 (or S3-compatible) prefix, through one cached boto3 client."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, check_bucket: bool = True, max_pool: int = 32,
+                 list_page_size: int = 1000) -> None:
+        self.bucket = bucket
+        self.list_page_size = list_page_size
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        session = boto3.session.Session()
+        self.client = session.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=region or session.region_name or "us-east-1",
+            config=Config(max_pool_connections=max_pool, retries={"max_attempts": 5, "mode": "adaptive"}),
+        )
+        if check_bucket:
+            self._check_bucket()
+
+    def _check_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(
+                    f"bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}; "
+                    "check the s3:// URL, or pass --endpoint-url / set AWS_ENDPOINT_URL for an S3-compatible store"
+                ) from None
+            if code in ("403", "AccessDenied"):
+                raise StorageError(f"access to bucket {self.bucket!r} is denied; check your AWS credentials") from None
+            raise StorageError(f"cannot reach bucket {self.bucket!r}: {exc}") from None
+        except (EndpointConnectionError, NoCredentialsError) as exc:
+            raise StorageError(f"cannot reach bucket {self.bucket!r}: {exc}; check --endpoint-url and credentials") from None
+
+    def _full(self, key: str) -> str:
+        key = normalize_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1:] if self.prefix else full_key
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=full_prefix,
+                                   PaginationConfig={"PageSize": self.list_page_size})
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue
+                yield ObjectInfo(self._rel(obj["Key"]), obj["ETag"].strip('"'), int(obj["Size"]))
+
+    def get(self, key: str) -> bytes:
+        return self.get_with_etag(key)[0]
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectNotFound(f"{self.describe(key)} does not exist") from None
+            raise
+        return resp["Body"].read(), resp["ETag"].strip('"')
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return ObjectInfo(key, resp["ETag"].strip('"'), int(resp["ContentLength"]))
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+            if_none_match: bool = False) -> str:
+        kwargs: dict[str, str] = {}
+        if if_match is not None:
+            kwargs["IfMatch"] = f'"{if_match}"'
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # If-Match on a key that vanished answers 404: the condition lost all the same.
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (404, 409, 412):
+                raise PreconditionFailed(f"{self.describe(key)} changed since it was read ({code or status})") from None
+            raise
+        return resp["ETag"].strip('"')
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+
+def is_s3_url(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"not an s3:// URL: {url!r}; expected s3://bucket/prefix")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def open_store(url: str, *, endpoint_url: str | None = None, create: bool = False) -> ObjectStore:
+    """Open `url` (a local folder or `s3://bucket/prefix`).
+
+    `create=True` is for output roots: a missing local folder is created (a
+    missing bucket is still an error; batchsight never creates buckets).
+    """
+    if is_s3_url(url):
+        bucket, prefix = parse_s3_url(url)
+        return S3Store(bucket, prefix, endpoint_url=endpoint_url)
+    if "://" in url:
+        raise StorageError(f"unsupported URL scheme in {url!r}; use a local folder or s3://bucket/prefix")
+    return LocalStore(url, create=create)
+
+
+@functools.lru_cache(maxsize=16)
+def cached_store(url: str, endpoint_url: str | None = None, *, create: bool = False) -> ObjectStore:
+    """One store (and so one boto3 client and connection pool) per root per process."""
+    return open_store(url, endpoint_url=endpoint_url, create=create)

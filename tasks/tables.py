@@ -1,0 +1,131 @@
+"""Parquet schemas and (de)serialisation of the catalogue's tables.
+
+Column meanings are documented in docs/architecture.md and the README; the
+schemas here are the single source of truth for names and types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("key", pa.string()),
+    ("etag", pa.string()),
+    ("size", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("top_class", pa.string()),
+    ("top_prob", pa.float32()),
+    ("class_ids", pa.list_(pa.int32())),
+    ("class_labels", pa.list_(pa.string())),
+    ("class_probs", pa.list_(pa.float32())),
+    ("category", pa.string()),
+    ("category_confidence", pa.float32()),
+    ("model", pa.string()),
+    ("weights_sha256", pa.string()),
+    ("run_id", pa.string()),
+    ("processed_at", pa.timestamp("ms", tz="UTC")),
+    ("embedding_part", pa.string()),
+])
+
+FAILURES_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("etag", pa.string()),
+    ("size", pa.int64()),
+    ("stage", pa.string()),
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+    ("attempts", pa.int32()),
+    ("run_id", pa.string()),
+    ("failed_at", pa.timestamp("ms", tz="UTC")),
+])
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("status", pa.string()),  # committed | no_changes | failed
+    ("version", pa.int64()),
+    ("started_at", pa.timestamp("ms", tz="UTC")),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ("source", pa.string()),
+    ("model", pa.string()),
+    ("weights_sha256", pa.string()),
+    ("listed", pa.int64()),
+    ("new", pa.int64()),
+    ("changed", pa.int64()),
+    ("deleted", pa.int64()),
+    ("unchanged", pa.int64()),
+    ("processed", pa.int64()),
+    ("failed", pa.int64()),
+    ("images_per_s", pa.float64()),
+    ("elapsed_s", pa.float64()),
+    ("fetch_s", pa.float64()),
+    ("decode_s", pa.float64()),
+    ("model_s", pa.float64()),
+    ("wait_s", pa.float64()),
+    ("write_s", pa.float64()),
+    ("index_s", pa.float64()),
+    ("message", pa.string()),
+])
+
+
+def image_id_for(key: str) -> int:
+    """A stable, non-negative 63-bit id for `key` (FAISS ids are int64)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") & ((1 << 63) - 1)
+
+
+def to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def frame_to_table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """Conform a DataFrame to `schema` (missing nullable columns become nulls)."""
+    columns = {}
+    for f in schema:
+        if f.name in frame.columns:
+            columns[f.name] = pa.array(frame[f.name].tolist(), type=f.type, from_pandas=True)
+        else:
+            columns[f.name] = pa.nulls(len(frame), type=f.type)
+    return pa.table(columns, schema=schema)
+
+
+def table_to_frame(table: pa.Table) -> pd.DataFrame:
+    return table.to_pandas()
+
+
+def empty_frame(schema: pa.Schema) -> pd.DataFrame:
+    return schema.empty_table().to_pandas()
+
+
+def embeddings_table(image_ids: np.ndarray, run_id: str, vectors: np.ndarray) -> pa.Table:
+    """image_id, run_id, embedding as fixed_size_list<float32>[D] (zero-copy from numpy)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    return pa.table({
+        "image_id": pa.array(image_ids, type=pa.int64()),
+        "run_id": pa.array([run_id] * len(image_ids), type=pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+    })
+
+
+def embeddings_from_table(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image_ids, run_ids, vectors float32 [N, D]) from an embeddings part."""
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    vectors = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    ids = table.column("image_id").to_numpy()
+    runs = np.asarray(table.column("run_id").to_pylist(), dtype=object)
+    return ids, runs, vectors
