@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # pip on this kind of machine prints a warning per package for missing local
 # indexes; they are harmless, so keep them out of the way.
-PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: env demo test bench clean
 

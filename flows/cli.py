@@ -19,7 +19,7 @@ from rich.table import Table
 app = typer.Typer(help="Catalogue buckets of images into Parquet tables and a FAISS index; search them.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, for grep and logs
 
 
 class Device(str, Enum):
@@ -76,11 +76,23 @@ class RichProgress:
         self.bar.stop()
 
 
+def preflight(source: str, output: str, model: str, endpoint_url: str | None) -> None:
+    """Check what can be checked in a second before Prefect starts: the model
+    name and that both roots are reachable (a missing bucket fails here)."""
+    from models.registry import get_model_spec
+    from tasks.storage import cached_store
+
+    get_model_spec(model)
+    cached_store(source, endpoint_url)
+    cached_store(output, endpoint_url, create=True)
+
+
 def run_catalog(source: str, output: str, *, show_progress: bool = True, **params):
     """Run the nightly flow once, with a progress bar; returns its RunSummary."""
     from flows.nightly import catalog_images
     from tasks.pipeline import reporting_progress
 
+    preflight(source, output, params.get("model", "resnet50"), params.get("endpoint_url"))
     progress = RichProgress() if show_progress else None
     try:
         with reporting_progress(progress):
@@ -180,13 +192,11 @@ def search(
 def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print the live version of a catalogue, its run and counts."""
-    from tasks.catalog import Catalog, list_versions
-    from tasks.storage import cached_store
+    from tasks.catalog import list_versions, open_catalog
 
     try:
-        store = cached_store(catalog, endpoint_url)
-        cat = Catalog.open(store)
-        history = list_versions(store)
+        cat = open_catalog(catalog, endpoint_url=endpoint_url)
+        history = list_versions(cat.store)
     except _user_errors() as exc:
         raise _fail(exc) from None
     m = cat.manifest

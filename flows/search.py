@@ -15,15 +15,10 @@ import pandas as pd
 
 from models.engine import EmbedderSettings, get_embedder
 from tasks import index as faiss_index
-from tasks.catalog import Catalog
+from tasks.catalog import Catalog, open_catalog
 from tasks.decode import decode_image
-from tasks.storage import cached_store
 
 RESULT_COLUMNS = ["rank", "key", "score", "top_class", "image_id"]
-
-
-def open_catalog(catalog: str, *, endpoint_url: str | None = None, version: int | None = None) -> Catalog:
-    return Catalog.open(cached_store(catalog, endpoint_url), version=version)
 
 
 def query_embedder_settings(cat: Catalog, *, weights: str | None = None, device: str = "auto") -> EmbedderSettings:

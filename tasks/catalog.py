@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from tasks import index as faiss_index
 from tasks import tables
-from tasks.storage import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
+from tasks.storage import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, cached_store
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,15 @@ class Catalog:
         return ids[order], vectors[order]
 
 
+def open_catalog(url: str, *, endpoint_url: str | None = None, version: int | None = None) -> Catalog:
+    """The live (or a given) version of the catalogue at `url`."""
+    try:
+        store = cached_store(url, endpoint_url)
+    except StorageError as exc:
+        raise CatalogError(f"no catalogue at {url} ({exc}); run `batchsight run --source SRC --output OUT` first") from None
+    return Catalog.open(store, version=version)
+
+
 def find_version(store: ObjectStore, version: int, *, start: str) -> str:
     """Follow parent links from `start` back to `version`'s manifest key."""
     key: str | None = start
@@ -216,7 +225,9 @@ class ChangePlan:
 
     @property
     def to_process(self) -> list[ObjectInfo]:
-        return self.new + self.changed + self.retry
+        # Changed first: under --limit their stale rows are removed either way,
+        # so doing them first keeps the catalogue as complete as possible.
+        return self.changed + self.new + self.retry
 
     @property
     def is_empty(self) -> bool:

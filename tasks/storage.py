@@ -116,7 +116,7 @@ class LocalStore(ObjectStore):
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():
-            raise StorageError(f"source folder {self.root} does not exist; check the path")
+            raise StorageError(f"folder {self.root} does not exist; check the path")
         self.url = str(self.root)
         self._lock = threading.Lock()
 

@@ -1,0 +1,89 @@
+"""The `batchsight` command: what a user types, what they see, and the exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.sample_data import generate_samples, write_samples
+from tasks.storage import LocalStore
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+runner = CliRunner()
+
+
+@pytest.fixture
+def bucket(tmp_path):
+    write_samples(LocalStore(tmp_path / "bucket", create=True), generate_samples(12, seed=11, broken=False))
+    return tmp_path / "bucket"
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_run_then_search_and_status(bucket, tmp_path, resnet18_weights):
+    out = tmp_path / "out"
+    code, text = invoke("run", "--source", bucket, "--output", out, "--model", "resnet18",
+                        "--weights", resnet18_weights, "--batch-size", "8")
+    assert code == 0, text
+    assert "committed version 1" in text and "12 embedded, 0 failed" in text
+
+    key = sorted(p.relative_to(bucket).as_posix() for p in bucket.rglob("*.*"))[0]
+    code, text = invoke("search", "--catalog", out, "--key", key, "-k", "3", "--json")
+    assert code == 0, text
+    hits = json.loads(text)
+    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["key"] == key
+
+    code, text = invoke("search", "--catalog", out, "--image", bucket / key, "-k", "2")
+    assert code == 0 and key in text
+
+    code, text = invoke("status", "--catalog", out, "--json")
+    assert code == 0 and json.loads(text)["counts"]["images"] == 12
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "resnet_fifty"], "unknown model 'resnet_fifty'"),
+    (["--model", "resnet18", "--weights-sha256", "ab" * 32], "sha256 mismatch"),
+    (["--model", "resnet34"], "do not fit resnet34"),
+    (["--model", "resnet18", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--model", "resnet18", "--device", "tpu"], "Invalid value for '--device'"),
+])
+def test_bad_flags_exit_non_zero_with_a_message(bucket, tmp_path, resnet18_weights, args, message):
+    code, text = invoke("run", "--source", bucket, "--output", tmp_path / "out", "--weights", resnet18_weights, *args)
+    assert code != 0
+    assert message in " ".join(text.split()), text
+    assert not (tmp_path / "out" / "CURRENT").exists()
+
+
+def test_missing_bucket_and_missing_catalogue(moto_endpoint, tmp_path):
+    code, text = invoke("run", "--source", "s3://not-a-bucket/x", "--output", tmp_path / "o",
+                        "--endpoint-url", moto_endpoint, "--model", "resnet18")
+    assert code == 2 and "bucket 'not-a-bucket' does not exist" in text
+    code, text = invoke("search", "--catalog", tmp_path / "empty", "--key", "a.jpg")
+    assert code == 2 and "run `batchsight run" in " ".join(text.split())
+    code, text = invoke("search", "--catalog", tmp_path / "empty")
+    assert code == 2 and "exactly one of --key KEY or --image FILE" in text
+
+
+def test_the_installed_command_runs_in_a_real_process(bucket, tmp_path, resnet18_weights):
+    """The console script itself, as a user runs it: a fresh process with its own
+    temporary Prefect server, honouring AWS_ENDPOINT_URL-free local paths."""
+    env = dict(os.environ, PREFECT_API_URL="")
+    env.pop("PREFECT_API_URL")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--source", str(bucket), "--output", str(tmp_path / "out"),
+           "--model", "resnet18", "--weights", str(resnet18_weights), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "committed" and summary["processed"] == 12
+    bad = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--source", str(tmp_path / "missing"),
+                          "--output", str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
