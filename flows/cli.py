@@ -273,8 +273,8 @@ def demo(
     for row in result.itertuples():
         t.add_row(str(row.rank), row.key, f"{row.score:.4f}", str(row.top_class))
     console.print(t)
-    console.print(f"\nTry: batchsight search --catalog {output} --key {query} -k 10\n"
-                  f"     python -c \"import pandas as pd; print(pd.read_parquet('{output}/{cat.manifest.images}'))\"")
+    console.print(f"\nTry: .venv/bin/batchsight search --catalog {output} --key {query} -k 10\n"
+                  f"     .venv/bin/batchsight status --catalog {output}", soft_wrap=True)
 
 
 def main() -> None:

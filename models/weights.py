@@ -141,6 +141,7 @@ def _from_torchvision(spec: str, model: ModelSpec, expected: str | None) -> Reso
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
         if not hub_file.exists():
+            hub_file.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(hub_file), progress=True)
     except Exception as exc:  # urllib raises a zoo of network errors
         raise WeightsError(
