@@ -48,10 +48,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (WeightsError, StorageError, CatalogError, ConcurrentCommitError, ValueError, KeyError, FileNotFoundError)
 
 
+EXIT_USER_ERROR = 2
+EXIT_LOST_COMMIT_RACE = 3  # another run committed first; rerun to continue from its version
+
+
 def _fail(exc: BaseException) -> typer.Exit:
+    from tasks.catalog import ConcurrentCommitError
+
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=2)
+    return typer.Exit(code=EXIT_LOST_COMMIT_RACE if isinstance(exc, ConcurrentCommitError) else EXIT_USER_ERROR)
 
 
 class RichProgress:
@@ -191,30 +197,117 @@ def search(
 @app.command()
 def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Print the live version of a catalogue, its run and counts."""
-    from tasks.catalog import list_versions, open_catalog
+    """Print the live version of a catalogue, the run that made it, and its counts."""
+    from tasks.catalog import list_versions, open_catalog, read_runs
 
     try:
         cat = open_catalog(catalog, endpoint_url=endpoint_url)
         history = list_versions(cat.store)
+        runs = read_runs(cat.store)
     except _user_errors() as exc:
         raise _fail(exc) from None
     m = cat.manifest
+    made_by = runs[runs["run_id"] == m.run_id]
+    last = runs.iloc[-1] if len(runs) else None
+    info = {
+        "version": m.version, "run_id": m.run_id, "created_at": m.created_at, "model": m.model,
+        "weights": m.weights, "weights_sha256": m.weights_sha256, "counts": m.counts, "index_type": m.index_type,
+        "rolled_back_from": m.rolled_back_from, "versions": [v.version for v in history],
+        "run": _run_info(made_by.iloc[0]) if len(made_by) else None,
+        "last_run": _run_info(last) if last is not None else None,
+    }
     if as_json:
-        console.print_json(json.dumps({"version": m.version, "run_id": m.run_id, "created_at": m.created_at,
-                                       "model": m.model, "weights_sha256": m.weights_sha256, "counts": m.counts,
-                                       "index_type": m.index_type, "versions": [v.version for v in history]}))
+        console.print_json(json.dumps(info, default=str))
         return
     t = Table(title=f"catalogue {catalog}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("version", f"{m.version} (run {m.run_id}, {m.created_at})")
+    t.add_row("version", f"{m.version} (run {m.run_id}, {m.created_at})"
+              + (f", restored from v{m.rolled_back_from}" if m.rolled_back_from else ""))
     t.add_row("model", f"{m.model}, weights {m.weights} ({m.weights_source}, sha256 {m.weights_sha256[:16]}...)")
     t.add_row("images", str(m.counts.get("images")))
     t.add_row("failures", str(m.counts.get("failures")))
     t.add_row("index", f"{m.index_type}, {m.counts.get('vectors')} vectors")
+    for label, run_row in (("made by", info["run"]), ("last run", info["last_run"])):
+        if run_row:
+            t.add_row(label, f"{run_row['run_id']} {run_row['status']}: {run_row['new']} new, {run_row['changed']} "
+                             f"changed, {run_row['deleted']} deleted, {run_row['failed']} failed, "
+                             f"{run_row['images_per_s']:.1f} images/s")
     t.add_row("history", ", ".join(f"v{v.version}" for v in history))
     console.print(t)
+
+
+def _run_info(row) -> dict:
+    keys = ("run_id", "status", "started_at", "listed", "new", "changed", "deleted", "unchanged", "processed",
+            "failed", "images_per_s", "elapsed_s", "message")
+    return {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in keys}
+
+
+@app.command()
+def rollback(catalog: CatalogOpt,
+             to: Annotated[int, typer.Option("--to", min=1, help="The version to make live again.")],
+             endpoint_url: EndpointOpt = None) -> None:
+    """Make an earlier version live again (recorded as a new version)."""
+    from tasks.catalog import open_catalog
+    from tasks.catalog import rollback as rollback_catalog
+
+    try:
+        restored = rollback_catalog(open_catalog(catalog, endpoint_url=endpoint_url).store, to)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    console.print(f"version {restored.version} is live: the content of version {to} "
+                  f"({restored.counts.get('images')} images)")
+
+
+@app.command()
+def gc(catalog: CatalogOpt,
+       keep_versions: Annotated[int | None, typer.Option(min=1, help="Also delete versions older than the newest N "
+                                                                     "(default: keep every version).")] = None,
+       min_age_hours: Annotated[float, typer.Option(min=0, help="Leave unreferenced files younger than this "
+                                                                "(a run may still be writing them).")] = 6.0,
+       dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False,
+       endpoint_url: EndpointOpt = None) -> None:
+    """Delete files no retained version references (parts of crashed runs, old versions)."""
+    from tasks.catalog import collect_garbage, open_catalog
+
+    try:
+        report = collect_garbage(open_catalog(catalog, endpoint_url=endpoint_url).store, keep_versions=keep_versions,
+                                 min_age_s=min_age_hours * 3600, dry_run=dry_run)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    verb = "would delete" if dry_run else "deleted"
+    for key in report.deleted:
+        console.print(f"{verb} {key}", highlight=False)
+    console.print(f"{verb} {len(report.deleted)} files ({report.bytes_freed / 1e6:.1f} MB); kept versions "
+                  f"{', '.join(map(str, report.kept_versions))}; {report.skipped_recent} recent files left alone")
+
+
+@app.command()
+def serve(
+    source: Annotated[str, typer.Option(help="Images to catalogue every night.")],
+    output: Annotated[str, typer.Option(help="Catalogue root.")],
+    cron: Annotated[str, typer.Option(help="When to run (cron).")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="IANA timezone of the cron, e.g. Europe/Berlin.")] = "UTC",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    model: Annotated[str | None, typer.Option()] = None,
+    weights: Annotated[str | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Serve the nightly deployment: schedule, one run at a time, retries."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from deployments.nightly import serve_nightly
+
+    try:
+        ZoneInfo(timezone)
+        preflight(source, output, model or "resnet50", endpoint_url)
+    except ZoneInfoNotFoundError:
+        raise _fail(ValueError(f"unknown timezone {timezone!r}; use an IANA name such as UTC or Europe/Berlin")) from None
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    serve_nightly(source, output, name=name, cron=cron, timezone=timezone, model=model, weights=weights,
+                  batch_size=batch_size, endpoint_url=endpoint_url)
 
 
 @app.command()

@@ -126,7 +126,7 @@ def catalog_images(
                         previous.manifest.fingerprint[:40], embedder.fingerprint[:40])
         plan = cat.plan_changes(
             images,
-            previous.images if previous and not reembed_all else cat.tables.empty_frame(cat.tables.IMAGES_SCHEMA),
+            previous.images if previous else cat.tables.empty_frame(cat.tables.IMAGES_SCHEMA),
             previous.failures if previous else cat.tables.empty_frame(cat.tables.FAILURES_SCHEMA),
             reembed_all=reembed_all, max_attempts=max_attempts, limit=limit)
         summary.counts = plan.counts()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
 
@@ -37,6 +39,15 @@ class CatalogError(RuntimeError):
 
 class ConcurrentCommitError(RuntimeError):
     """Another run moved `CURRENT` while this one was running; nothing was committed."""
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: `BATCHSIGHT_CRASH_AT=name` kills
+    this process with SIGKILL here, as the OOM killer or a lost node would.
+    A no-op unless that variable names this point."""
+    if os.environ.get("BATCHSIGHT_CRASH_AT") == name:
+        log.warning("BATCHSIGHT_CRASH_AT=%s: killing this process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -64,6 +75,7 @@ class Manifest:
     index: str
     index_type: str
     counts: dict[str, int] = field(default_factory=dict)
+    rolled_back_from: int | None = None  # set on a version made by `batchsight rollback`
     format: int = FORMAT_VERSION
 
     @property
@@ -110,6 +122,7 @@ def commit_manifest(store: ObjectStore, manifest: Manifest, expected_pointer_eta
     one commit point. Losing the condition means another run committed first."""
     key = manifest_key(manifest.version, manifest.run_id)
     store.put(key, manifest.to_json(), if_none_match=True)
+    crash_point("before-commit")
     pointer = Pointer(manifest.version, key)
     try:
         if expected_pointer_etag is None:
@@ -154,6 +167,11 @@ class Catalog:
 
     @cached_property
     def index(self) -> faiss.Index:
+        """The version's index, for searching; never mutate it (see `load_index`)."""
+        return self.load_index()
+
+    def load_index(self) -> faiss.Index:
+        """A private copy of the index, to build the next version from."""
         return faiss_index.deserialize(self.store.get(self.manifest.index))
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
@@ -316,7 +334,7 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
         prev_failures = tables.empty_frame(tables.FAILURES_SCHEMA)
     else:
         kept = previous.images
-        index = previous.index
+        index = previous.load_index()
         prev_failures = previous.failures
     gone = kept[kept["key"].isin(removed_keys)]
     kept = kept[~kept["key"].isin(removed_keys)]
@@ -349,7 +367,9 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
     index_key = f"index/{stem}.faiss"
     store.put(images_key, tables.to_parquet_bytes(tables.frame_to_table(images, tables.IMAGES_SCHEMA)))
     store.put(failures_key, tables.to_parquet_bytes(tables.frame_to_table(failures, tables.FAILURES_SCHEMA)))
+    crash_point("before-index-write")
     store.put(index_key, faiss_index.serialize(index))
+    crash_point("after-index-write")
     write_s = time.perf_counter() - t_write
 
     manifest = Manifest(
@@ -390,3 +410,58 @@ def write_run_row(store: ObjectStore, row: dict) -> str:
     key = f"tables/runs/{row['run_id']}.parquet"
     store.put(key, tables.to_parquet_bytes(tables.frame_to_table(pd.DataFrame([row]), tables.RUNS_SCHEMA)))
     return key
+
+
+def rollback(store: ObjectStore, to_version: int) -> Manifest:
+    """Make an earlier version live again, as a new version (history stays linear
+    and auditable; the next nightly run diffs against the restored content)."""
+    pointer, etag = read_pointer(store)
+    if pointer is None:
+        raise CatalogError(f"no catalogue at {store.url}; nothing to roll back")
+    if to_version == pointer.version:
+        raise CatalogError(f"version {to_version} is already live at {store.url}")
+    target = Manifest.from_json(store.get(find_version(store, to_version, start=pointer.manifest)))
+    restored = replace(target, version=pointer.version + 1, run_id=f"rollback-{new_run_id()}",
+                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), parent=pointer.manifest,
+                       rolled_back_from=to_version)
+    commit_manifest(store, restored, etag)
+    return restored
+
+
+@dataclass
+class GcReport:
+    kept_versions: list[int]
+    deleted: list[str]
+    bytes_freed: int
+    skipped_recent: int  # unreferenced but younger than the grace period (a run may be writing them)
+
+
+def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min_age_s: float = 6 * 3600,
+                    dry_run: bool = False, now: float | None = None) -> GcReport:
+    """Delete what no retained version references: parts of crashed or losing runs,
+    and (with `keep_versions`) the files of versions older than the newest N.
+
+    Objects younger than `min_age_s` are left alone, so gc never deletes the
+    parts of a run that is still writing them.
+    """
+    versions = list_versions(store)
+    if keep_versions is not None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, not {keep_versions}")
+        versions = versions[:keep_versions]
+    referenced = {POINTER_KEY}
+    for m in versions:
+        referenced |= {manifest_key(m.version, m.run_id), m.images, m.failures, m.index, *m.embeddings}
+    now = time.time() if now is None else now
+    report = GcReport(kept_versions=[m.version for m in versions], deleted=[], bytes_freed=0, skipped_recent=0)
+    for obj in store.list():
+        if obj.key in referenced or obj.key.startswith("tables/runs/"):
+            continue
+        if now - obj.modified < min_age_s:
+            report.skipped_recent += 1
+            continue
+        if not dry_run:
+            store.delete(obj.key)
+        report.deleted.append(obj.key)
+        report.bytes_freed += obj.size
+    return report

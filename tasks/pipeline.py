@@ -25,7 +25,7 @@ import torch
 
 from models.engine import Embedder, EmbedderSettings, get_embedder
 from tasks import tables
-from tasks.catalog import ShardResult
+from tasks.catalog import ShardResult, crash_point
 from tasks.decode import DecodeError, decode_image
 from tasks.storage import ObjectInfo, ObjectStore, cached_store
 
@@ -231,6 +231,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
         vectors = np.concatenate([b.embeddings for b in out.batches])
         part = tables.embeddings_table(rows["image_id"].to_numpy(np.int64), spec.run_id, vectors)
         output.put(part_key, tables.to_parquet_bytes(part))
+        crash_point(f"after-shard-{spec.index}")
     else:
         part_key = None
     times = out.times.as_dict() | {"write_s": time.perf_counter() - t0}

@@ -46,6 +46,7 @@ class ObjectInfo:
     key: str
     etag: str
     size: int
+    modified: float = 0.0  # seconds since the epoch; gc's grace period reads it
 
 
 def normalize_key(key: str) -> str:
@@ -145,7 +146,7 @@ class LocalStore(ObjectStore):
                 st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
                 if not os.path.isfile(os.path.join(dirpath, name)):
                     continue
-                found.append(ObjectInfo(key, self._stat_etag(st), st.st_size))
+                found.append(ObjectInfo(key, self._stat_etag(st), st.st_size, st.st_mtime))
         yield from sorted(found, key=lambda o: o.key)
 
     def get(self, key: str) -> bytes:
@@ -163,7 +164,7 @@ class LocalStore(ObjectStore):
             st = self._path(key).stat()
         except FileNotFoundError:
             return None
-        return ObjectInfo(key, self._stat_etag(st), st.st_size)
+        return ObjectInfo(key, self._stat_etag(st), st.st_size, st.st_mtime)
 
     def _content_etag(self, key: str) -> str:
         return hashlib.md5(self._path(key).read_bytes()).hexdigest()
@@ -257,7 +258,8 @@ class S3Store(ObjectStore):
             for obj in page.get("Contents", []):
                 if obj["Key"].endswith("/"):
                     continue
-                yield ObjectInfo(self._rel(obj["Key"]), obj["ETag"].strip('"'), int(obj["Size"]))
+                yield ObjectInfo(self._rel(obj["Key"]), obj["ETag"].strip('"'), int(obj["Size"]),
+                                 obj["LastModified"].timestamp())
 
     def get(self, key: str) -> bytes:
         return self.get_with_etag(key)[0]
@@ -278,7 +280,7 @@ class S3Store(ObjectStore):
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
-        return ObjectInfo(key, resp["ETag"].strip('"'), int(resp["ContentLength"]))
+        return ObjectInfo(key, resp["ETag"].strip('"'), int(resp["ContentLength"]), resp["LastModified"].timestamp())
 
     def put(self, key: str, data: bytes, *, if_match: str | None = None,
             if_none_match: bool = False) -> str:
