@@ -46,7 +46,16 @@ def test_run_then_search_and_status(bucket, tmp_path, resnet18_weights):
     assert code == 0 and key in text
 
     code, text = invoke("status", "--catalog", out, "--json")
-    assert code == 0 and json.loads(text)["counts"]["images"] == 12
+    info = json.loads(text)
+    assert code == 0 and info["counts"]["images"] == 12 and info["versions"] == [1]
+    assert info["run"]["status"] == "committed" and info["run"]["processed"] == 12
+    assert info["run"]["images_per_s"] > 0
+
+    code, text = invoke("run", "--source", bucket, "--output", out, "--model", "resnet18",
+                        "--weights", resnet18_weights)
+    assert code == 0 and "nothing new, changed or deleted" in text
+    code, text = invoke("status", "--catalog", out)
+    assert "last run" in text and "no_changes" in text
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,0 +1,91 @@
+"""The nightly deployment, served for real against a local Prefect server:
+registered with its schedule and parameters, triggered, and run to completion."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments import nightly
+from tasks.catalog import open_catalog, read_runs
+from tasks.sample_data import generate_samples, write_samples
+from tasks.storage import LocalStore
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prefect_yaml_matches_the_served_deployment():
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    assert dep["name"] == nightly.DEPLOYMENT_NAME
+    assert dep["schedules"] == [{"cron": nightly.DEFAULT_CRON, "timezone": nightly.DEFAULT_TIMEZONE}]
+    assert dep["concurrency_limit"] == 1
+    path, _, attr = dep["entrypoint"].partition(":")
+    assert (ROOT / path).is_file() and getattr(nightly, attr).retries == nightly.RETRIES
+    assert {"source", "output"} <= set(dep["parameters"])
+
+
+def test_serve_registers_schedule_and_runs_a_triggered_night(tmp_path, resnet18_weights):
+    import prefect.settings
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_samples(LocalStore(src, create=True), generate_samples(8, seed=13))
+    api = prefect.settings.PREFECT_API_URL.value()
+    env = dict(__import__("os").environ, PREFECT_API_URL=api, PYTHONPATH=str(ROOT),
+               PREFECT_RUNNER_POLL_FREQUENCY="2")
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--source", str(src), "--output", str(out),
+           "--cron", "30 3 * * *", "--timezone", "Europe/Berlin", "--model", "resnet18",
+           "--weights", str(resnet18_weights), "--batch-size", "4", "--name", "nightly-test"]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = None
+            deadline = time.time() + 120
+            while deployment is None and time.time() < deadline:
+                assert server.poll() is None, server.stdout.read()
+                try:
+                    deployment = client.read_deployment_by_name("catalog-images/nightly-test")
+                except Exception:  # not registered yet
+                    time.sleep(1)
+            assert deployment is not None, "serve never registered the deployment"
+            (schedule,) = deployment.schedules
+            assert (schedule.schedule.cron, schedule.schedule.timezone) == ("30 3 * * *", "Europe/Berlin")
+            assert deployment.parameters == {"source": str(src), "output": str(out), "model": "resnet18",
+                                             "weights": str(resnet18_weights), "batch_size": 4}
+            limit = deployment.global_concurrency_limit
+            assert limit is not None and limit.limit == 1
+
+            flow_run = run_deployment("catalog-images/nightly-test", timeout=240, poll_interval=2)
+            assert flow_run.state.is_completed(), flow_run.state
+            artifacts = client.read_artifacts()
+            summary = [a for a in artifacts if a.key == "batchsight-run" and a.flow_run_id == flow_run.id]
+            assert summary and "| 11 | 11 | 0 | 0 | 0 | 8 | 3 |" in summary[0].data
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    c = open_catalog(str(out))
+    assert c.manifest.version == 1 and len(c.images) == 8 and len(c.failures) == 3
+    assert read_runs(c.store)["status"].tolist() == ["committed"]
+
+
+def test_serve_refuses_a_bad_timezone(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    (tmp_path / "src").mkdir()
+    result = CliRunner().invoke(app, ["serve", "--source", str(tmp_path / "src"), "--output", str(tmp_path / "o"),
+                                      "--timezone", "Mars/Olympus"])
+    assert result.exit_code == 2 and "unknown timezone 'Mars/Olympus'" in result.output
