@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from models.engine import EmbedderSettings, get_embedder
+from models.engine import EmbedderSettings, get_embedder, should_compile
 from tasks import catalog as cat
 from tasks.decode import has_image_extension
 from tasks.pipeline import ShardSpec, StageTimes, current_progress, process_shard
@@ -94,12 +94,14 @@ def catalog_images(
     model: str = "resnet50",
     weights: str | None = None,
     weights_sha256: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     limit: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    io_workers: int = 4,
+    io_workers: int | None = None,
+    compile: str = "auto",
+    gpu_decode: bool = False,
     max_attempts: int = 3,
     endpoint_url: str | None = None,
 ) -> RunSummary:
@@ -111,6 +113,8 @@ def catalog_images(
     settings = EmbedderSettings(model=model, weights=weights, weights_sha256=weights_sha256, device=device,
                                 precision=precision, endpoint_url=endpoint_url)
     embedder = get_embedder(settings)  # fail fast on a bad model or weights, before any listing
+    if gpu_decode and embedder.device.type != "cuda":
+        raise ValueError("--gpu-decode decodes JPEGs with nvJPEG and needs a CUDA device; drop it or use --device cuda")
     out_store = cached_store(output, endpoint_url, create=True)
     summary = RunSummary(run_id=run_id, status="failed", version=None, source=source, output=output,
                          model=model, weights_sha256=embedder.weights.sha256,
@@ -140,9 +144,10 @@ def catalog_images(
         progress = current_progress()
         if progress:
             progress.start(len(todo))
+        compiled = should_compile(compile, len(todo))
         specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source, output=output,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
-                           endpoint_url=endpoint_url)
+                           decode_on_device=gpu_decode, compile=compiled, endpoint_url=endpoint_url)
                  for i, start in enumerate(range(0, len(todo), shard_size))]
         t_shards = time.perf_counter()
         results = [f.result() for f in process_shard_task.map(specs)]

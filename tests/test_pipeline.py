@@ -1,0 +1,82 @@
+"""The shard pipeline's speed features keep results right: draft-mode decoding,
+the compiled model, and decoding JPEGs on the model's device (run here on the
+CPU device: the same code path the GPU takes, minus nvJPEG itself)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.engine import COMPILE_MIN_IMAGES, Embedder, EmbedderSettings, default_batch_size, should_compile
+from tasks.decode import decode_image
+from tasks.pipeline import run_shard
+from tasks.sample_data import broken_files, encode, make_product_photo, write_samples, generate_samples
+from tasks.storage import LocalStore
+
+
+@pytest.fixture(scope="module")
+def embedder(resnet18_weights):
+    return Embedder(EmbedderSettings(model="resnet18", weights=str(resnet18_weights), device="cpu", precision="fp32"))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1)
+
+
+def test_draft_mode_decoding_gives_embeddings_close_to_full_decoding(embedder):
+    rng = np.random.default_rng(17)
+    photos = [encode(make_product_photo(rng, (4000, 3000)), "JPEG") for _ in range(2)]
+    draft = torch.stack([embedder.preprocess(decode_image(p, min_side=232).image) for p in photos])
+    full = torch.stack([embedder.preprocess(decode_image(p).image) for p in photos])
+    assert cosine(embedder.embed(draft).embeddings, embedder.embed(full).embeddings).min() >= 0.995
+
+
+def test_compiled_model_agrees_with_eager_and_pads_short_batches(resnet18_weights):
+    settings = EmbedderSettings(model="resnet18", weights=str(resnet18_weights), device="cpu")
+    eager, compiled = Embedder(settings), Embedder(settings)
+    compiled.enable_compile()
+    x = torch.randint(0, 256, (5, 3, 224, 224), dtype=torch.uint8)
+    full = compiled.embed(x, pad_to=5)
+    short = compiled.embed(x[:3], pad_to=5)  # padded to the compiled shape, padding dropped
+    ref = eager.embed(x)
+    assert short.embeddings.shape == (3, 512)
+    assert cosine(full.embeddings, ref.embeddings).min() >= 0.99
+    np.testing.assert_allclose(short.embeddings, full.embeddings[:3], atol=1e-3)
+    np.testing.assert_array_equal(short.class_ids, full.class_ids[:3])
+
+
+def test_decoding_jpegs_on_the_model_device_matches_the_cpu_path(tmp_path, embedder):
+    store = LocalStore(tmp_path / "src", create=True)
+    samples = generate_samples(10, seed=23, png_fraction=0.3, broken=False) + broken_files(np.random.default_rng(1))
+    write_samples(store, samples)
+    items = list(store.list())
+    cpu = run_shard(items, store, embedder, batch_size=4)
+    dev = run_shard(items, store, embedder, batch_size=4, decode_on_device=True)
+
+    def by_key(out):
+        keys = [info.key for b in out.batches for info, _, _ in b.records]
+        sizes = [(w, h) for b in out.batches for _, w, h in b.records]
+        return dict(zip(keys, zip(np.concatenate([b.embeddings for b in out.batches]), sizes, strict=True),
+                        strict=True))
+
+    a, b = by_key(cpu), by_key(dev)
+    assert a.keys() == b.keys() and len(a) == 10
+    for key in a:
+        assert float(a[key][0] @ b[key][0]) >= 0.98, key
+        assert a[key][1] == b[key][1], key  # original sizes agree
+    reasons = {f.key: f.error_type for f in dev.failures}
+    assert reasons == {"broken/truncated.jpg": "truncated", "broken/empty.jpg": "empty",
+                       "broken/notes.jpg": "not_an_image"}
+
+
+@pytest.mark.parametrize("mode,n,expected", [("off", 10**6, False), ("on", 1, True),
+                                             ("auto", COMPILE_MIN_IMAGES - 1, False), ("auto", COMPILE_MIN_IMAGES, True)])
+def test_compile_decision(mode, n, expected):
+    assert should_compile(mode, n) is expected
+
+
+def test_compile_mode_and_batch_size_defaults():
+    with pytest.raises(ValueError, match="unknown compile mode 'always'"):
+        should_compile("always", 1)
+    assert default_batch_size("cpu") == 16
