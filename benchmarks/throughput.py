@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -181,12 +182,13 @@ def main() -> None:
 
     with prefect_test_harness(server_startup_timeout=120):
         env = dict(os.environ, PREFECT_API_URL=prefect.settings.PREFECT_API_URL.value(),
-                   PREFECT_LOGGING_LEVEL="WARNING", PYTHONPATH=str(ROOT))
+                   PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(ROOT))
         moto = None
         if not args.skip_s3:
             import boto3
             from moto.server import ThreadedMotoServer
 
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per GET otherwise
             moto = ThreadedMotoServer(ip_address="127.0.0.1", port=5127, verbose=False)
             moto.start()
             env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from models.engine import EmbedderSettings, get_embedder, should_compile
+from models.engine import EmbedderSettings, default_batch_size, get_embedder, should_compile
 from tasks import catalog as cat
 from tasks.decode import has_image_extension
 from tasks.pipeline import ShardSpec, StageTimes, current_progress, process_shard
@@ -57,7 +57,8 @@ class RunSummary:
             "deleted": self.counts.get("deleted", 0), "unchanged": self.counts.get("unchanged", 0),
             "processed": self.processed, "failed": self.failed, "images_per_s": self.images_per_s,
             "elapsed_s": self.elapsed_s, **{k: self.stage_s.get(k, 0.0) for k in
-                                            ("fetch_s", "decode_s", "model_s", "wait_s", "write_s", "index_s")},
+                                            ("fetch_s", "decode_s", "model_s", "wait_s", "write_s", "index_s",
+                                             "compile_s")},
             "message": self.message,
         }
 
@@ -144,7 +145,13 @@ def catalog_images(
         progress = current_progress()
         if progress:
             progress.start(len(todo))
+        batch_size = batch_size or default_batch_size(embedder.device.type)
         compiled = should_compile(compile, len(todo))
+        t_compile = time.perf_counter()
+        if compiled:  # once, here, so shards in this process start warm (Dask workers compile on their first)
+            embedder.enable_compile()
+            embedder.warm_up(batch_size)
+        compile_s = time.perf_counter() - t_compile
         specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source, output=output,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
                            decode_on_device=gpu_decode, compile=compiled, endpoint_url=endpoint_url)
@@ -164,6 +171,7 @@ def catalog_images(
         summary.stage_s = times.as_dict() | {
             "write_s": sum(r.times["write_s"] for r in results) + stats.write_s,
             "index_s": stats.index_s,
+            "compile_s": compile_s,
         }
         summary.processed = sum(len(r.rows) for r in results)
         failures = [f for r in results for f in r.failures]

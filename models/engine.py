@@ -197,6 +197,12 @@ class Embedder:
                 self._forward = torch.compile(self.net, dynamic=False, options={"freezing": True})
                 self.compiled = True
 
+    def warm_up(self, batch_size: int) -> None:
+        """Run one batch of zeros: compiles a compiled model for `batch_size`, so the
+        first real batch is not charged for it."""
+        shape = (batch_size, 3, self.preprocessing.crop_size, self.preprocessing.crop_size)
+        self.embed(torch.zeros(shape, dtype=torch.uint8), pad_to=batch_size)
+
     @property
     def fingerprint(self) -> str:
         """Model plus weights: vectors with different fingerprints never share an index."""

@@ -71,6 +71,7 @@ RUNS_SCHEMA = pa.schema([
     ("wait_s", pa.float64()),
     ("write_s", pa.float64()),
     ("index_s", pa.float64()),
+    ("compile_s", pa.float64()),
     ("message", pa.string()),
 ])
 

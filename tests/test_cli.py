@@ -88,11 +88,12 @@ def test_the_installed_command_runs_in_a_real_process(bucket, tmp_path, resnet18
     env = dict(os.environ, PREFECT_API_URL="")
     env.pop("PREFECT_API_URL")
     cmd = [sys.executable, "-m", "flows.cli", "run", "--source", str(bucket), "--output", str(tmp_path / "out"),
-           "--model", "resnet18", "--weights", str(resnet18_weights), "--json"]
+           "--model", "resnet18", "--weights", str(resnet18_weights), "--compile", "on", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["status"] == "committed" and summary["processed"] == 12
+    assert summary["stage_s"]["compile_s"] > 0  # compiled once, before the shards, and reported
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--source", str(tmp_path / "missing"),
                           "--output", str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
