@@ -17,8 +17,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.engine import EmbedderSettings, default_batch_size, get_embedder, should_compile
 from tasks import catalog as cat
-from tasks.decode import has_image_extension
-from tasks.pipeline import ShardSpec, StageTimes, current_progress, process_shard
+from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, has_image_extension
+from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, current_progress, process_shard
 from tasks.storage import ObjectInfo, cached_store
 
 DEFAULT_SHARD_SIZE = 2000
@@ -103,6 +103,8 @@ def catalog_images(
     io_workers: int | None = None,
     compile: str = "auto",
     gpu_decode: bool = False,
+    pdf_dpi: int = DEFAULT_PDF_DPI,
+    max_pages: int = DEFAULT_MAX_PAGES,
     max_attempts: int = 3,
     endpoint_url: str | None = None,
 ) -> RunSummary:
@@ -154,7 +156,8 @@ def catalog_images(
         compile_s = time.perf_counter() - t_compile
         specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source, output=output,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
-                           decode_on_device=gpu_decode, compile=compiled, endpoint_url=endpoint_url)
+                           decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages),
+                           compile=compiled, endpoint_url=endpoint_url)
                  for i, start in enumerate(range(0, len(todo), shard_size))]
         t_shards = time.perf_counter()
         results = [f.result() for f in process_shard_task.map(specs)]

@@ -13,7 +13,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # file exhaust memory; Pillow raises DecompressionBombError past this.
 Image.MAX_IMAGE_PIXELS = 180_000_000
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pdf"})
+DEFAULT_PDF_DPI = 150
+DEFAULT_MAX_PAGES = 50
 
 
 class DecodeError(ValueError):
@@ -28,9 +30,10 @@ class DecodeError(ValueError):
 @dataclass(frozen=True, slots=True)
 class DecodedImage:
     image: Image.Image  # RGB, EXIF orientation applied, possibly draft-reduced
-    width: int  # original pixel size, before draft reduction
+    width: int  # original pixel size, before draft reduction (a PDF page: as rendered)
     height: int
     format: str
+    page: int = 1  # 1-based; documents (PDF, multi-page TIFF) have one per page
 
 
 def has_image_extension(key: str) -> bool:
@@ -86,3 +89,57 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "I;16" or im.mode == "I":
         im = im.point(lambda v: v / 256).convert("L")
     return im.convert("RGB")
+
+
+def decode_pages(data: bytes, *, min_side: int | None = None, dpi: int = DEFAULT_PDF_DPI,
+                 max_pages: int = DEFAULT_MAX_PAGES) -> list[DecodedImage]:
+    """Every page of a document (PDF rendered at `dpi`, multi-page TIFF frames), up
+    to `max_pages`; any other image is one page. Refusals are `DecodeError`s."""
+    if data[:5] == b"%PDF-":
+        return _pdf_pages(data, dpi=dpi, max_pages=max_pages)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        pages = _tiff_pages(data, max_pages=max_pages)
+        if pages is not None:
+            return pages
+    return [decode_image(data, min_side=min_side)]
+
+
+def _pdf_pages(data: bytes, *, dpi: int, max_pages: int) -> list[DecodedImage]:
+    import pypdfium2 as pdfium
+
+    try:
+        pdf = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        if "password" in str(exc).lower():
+            raise DecodeError("encrypted", "the PDF is password-protected; decrypt it upstream") from None
+        raise DecodeError("corrupt", f"the PDF cannot be opened: {exc}") from None
+    try:
+        pages = []
+        for index in range(min(len(pdf), max_pages)):
+            try:
+                image = pdf[index].render(scale=dpi / 72).to_pil().convert("RGB")
+            except pdfium.PdfiumError as exc:
+                raise DecodeError("corrupt", f"page {index + 1} of the PDF cannot be rendered: {exc}") from None
+            pages.append(DecodedImage(image, image.width, image.height, "PDF", page=index + 1))
+        if not pages:
+            raise DecodeError("empty", "the PDF has no pages")
+        return pages
+    finally:
+        pdf.close()
+
+
+def _tiff_pages(data: bytes, *, max_pages: int) -> list[DecodedImage] | None:
+    """Frames of a multi-page TIFF, or None for a single-page one (decoded as an image)."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        n = getattr(im, "n_frames", 1)
+        if n <= 1:
+            return None
+        pages = []
+        for index in range(min(n, max_pages)):
+            im.seek(index)
+            frame = im.convert("RGB") if im.mode != "RGB" else im.copy()
+            pages.append(DecodedImage(frame, frame.width, frame.height, "TIFF", page=index + 1))
+        return pages
+    except (OSError, ValueError, EOFError) as exc:
+        raise DecodeError("corrupt", f"the TIFF cannot be read: {exc}") from None

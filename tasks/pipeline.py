@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from models.engine import Embedder, EmbedderSettings, default_batch_size, get_embedder
 from tasks import tables
 from tasks.catalog import ShardResult, crash_point
-from tasks.decode import DecodeError, decode_image
+from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode_image, decode_pages
 from tasks.storage import ObjectInfo, ObjectStore, cached_store
 
 log = logging.getLogger(__name__)
@@ -91,19 +91,31 @@ class ImageFailure:
 class ProcessedBatch:
     """Rows of one model batch: `records[i]` owns `embeddings[i]`."""
 
-    records: list[tuple[ObjectInfo, int, int]]  # (object, original width, height)
+    records: list[tuple[ObjectInfo, int, int, int]]  # (object, original width, height, page)
     embeddings: np.ndarray
     class_ids: np.ndarray
     class_probs: np.ndarray
 
 
 @dataclass
-class _Prepared:
+class _Page:
+    """One model input: a decoded page (uint8 CHW tensor) or a raw JPEG left for
+    decoding on the model's device."""
+
     info: ObjectInfo
-    tensor: torch.Tensor | None  # uint8 CHW, resized and cropped
-    jpeg: bytes | None  # raw JPEG left for decoding on the model's device
+    page: int
+    tensor: torch.Tensor | None
+    jpeg: bytes | None
     width: int
     height: int
+
+
+@dataclass
+class _Fetched:
+    """One object after fetch and decode: its pages, or the failure that stopped it."""
+
+    info: ObjectInfo
+    pages: list[_Page]
     failure: ImageFailure | None
     fetch_s: float
     decode_s: float
@@ -116,74 +128,83 @@ class ShardOutput:
     times: StageTimes = field(default_factory=StageTimes)
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    on_device: bool = False  # JPEGs decoded by nvJPEG on the model's device
+    pdf_dpi: int = DEFAULT_PDF_DPI
+    max_pages: int = DEFAULT_MAX_PAGES
+
+
 def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def _prepare(store: ObjectStore, info: ObjectInfo, embedder: Embedder, decode_on_device: bool) -> _Prepared:
+def _failure(info: ObjectInfo, stage: str, error_type: str, message: str) -> ImageFailure:
+    return ImageFailure(info.key, info.etag, info.size, stage, error_type, message)
+
+
+def _fetch_and_decode(store: ObjectStore, info: ObjectInfo, embedder: Embedder, options: DecodeOptions) -> _Fetched:
     t0 = time.perf_counter()
     try:
         data = store.get(info.key)
     except Exception as exc:  # network and permission errors are per-object failures
-        return _Prepared(info, None, None, 0, 0, ImageFailure(info.key, info.etag, info.size, "fetch",
-                                                              type(exc).__name__, str(exc)), time.perf_counter() - t0, 0.0)
+        return _Fetched(info, [], _failure(info, "fetch", type(exc).__name__, str(exc)), time.perf_counter() - t0, 0.0)
     t1 = time.perf_counter()
-    if decode_on_device and _is_jpeg(data):
-        return _Prepared(info, None, data, 0, 0, None, t1 - t0, 0.0)
+    if options.on_device and _is_jpeg(data):
+        return _Fetched(info, [_Page(info, 1, None, data, 0, 0)], None, t1 - t0, 0.0)
     try:
-        decoded = decode_image(data, min_side=embedder.preprocessing.resize_size)
-        tensor = embedder.preprocess(decoded.image)
+        decoded = decode_pages(data, min_side=embedder.preprocessing.resize_size, dpi=options.pdf_dpi,
+                               max_pages=options.max_pages)
+        pages = [_Page(info, d.page, embedder.preprocess(d.image), None, d.width, d.height) for d in decoded]
     except DecodeError as exc:
-        failure = ImageFailure(info.key, info.etag, info.size, "decode", exc.reason, exc.message)
-        return _Prepared(info, None, None, 0, 0, failure, t1 - t0, time.perf_counter() - t1)
-    return _Prepared(info, tensor, None, decoded.width, decoded.height, None, t1 - t0, time.perf_counter() - t1)
+        return _Fetched(info, [], _failure(info, "decode", exc.reason, exc.message), t1 - t0,
+                        time.perf_counter() - t1)
+    return _Fetched(info, pages, None, t1 - t0, time.perf_counter() - t1)
 
 
-def _decode_jpegs_on_device(batch: list[_Prepared], embedder: Embedder) -> list[_Prepared]:
+def _decode_jpegs_on_device(batch: list[_Page], embedder: Embedder) -> tuple[list[_Page], list[ImageFailure]]:
     """Decode the batch's raw JPEGs with nvJPEG (torchvision.io.decode_jpeg on the
     model's device), then resize and crop there. A JPEG the device decoder
     refuses goes back through the CPU decoder, which gives the failure its reason."""
     raw = [p for p in batch if p.jpeg is not None]
     if not raw:
-        return batch
-    device = embedder.device
+        return batch, []
+
+    def device_decode(items: list[_Page]) -> list[torch.Tensor]:
+        return decode_jpeg([torch.frombuffer(bytearray(p.jpeg), dtype=torch.uint8) for p in items],
+                           mode=ImageReadMode.RGB, device=embedder.device, apply_exif_orientation=True)
+
     try:
-        images = decode_jpeg([torch.frombuffer(bytearray(p.jpeg), dtype=torch.uint8) for p in raw],
-                             mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except RuntimeError:
+        images: list[torch.Tensor | None] = list(device_decode(raw))
+    except RuntimeError:  # one bad file fails the whole call: decode one by one
         images = []
         for p in raw:
             try:
-                images.append(decode_jpeg(torch.frombuffer(bytearray(p.jpeg), dtype=torch.uint8),
-                                          mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+                images.append(device_decode([p])[0])
             except RuntimeError:
                 images.append(None)
-    out = []
     decoded = dict(zip((id(p) for p in raw), images, strict=True))
+    ready, failures = [], []
     for p in batch:
         if p.jpeg is None:
-            out.append(p)
-            continue
-        image = decoded[id(p)]
-        if image is None:
+            ready.append(p)
+        elif (image := decoded[id(p)]) is not None:
+            height, width = image.shape[-2:]
+            ready.append(_Page(p.info, p.page, embedder.preprocess_tensor(image), None, width, height))
+        else:
             try:
                 cpu = decode_image(p.jpeg, min_side=embedder.preprocessing.resize_size)
             except DecodeError as exc:
-                out.append(_Prepared(p.info, None, None, 0, 0, ImageFailure(
-                    p.info.key, p.info.etag, p.info.size, "decode", exc.reason, exc.message), p.fetch_s, 0.0))
+                failures.append(_failure(p.info, "decode", exc.reason, exc.message))
                 continue
-            out.append(_Prepared(p.info, embedder.preprocess(cpu.image), None, cpu.width, cpu.height, None,
-                                 p.fetch_s, 0.0))
-            continue
-        height, width = image.shape[-2:]
-        out.append(_Prepared(p.info, embedder.preprocess_tensor(image), None, width, height, None, p.fetch_s, 0.0))
-    return out
+            ready.append(_Page(p.info, p.page, embedder.preprocess(cpu.image), None, cpu.width, cpu.height))
+    return ready, failures
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[ObjectInfo], _Prepared], items: Iterable[ObjectInfo],
-                 max_in_flight: int) -> Iterator[_Prepared]:
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[ObjectInfo], _Fetched], items: Iterable[ObjectInfo],
+                 max_in_flight: int) -> Iterator[_Fetched]:
     """`pool.map` in order, but never more than `max_in_flight` submitted and unconsumed."""
-    pending: deque[Future[_Prepared]] = deque()
+    pending: deque[Future[_Fetched]] = deque()
     for item in items:
         pending.append(pool.submit(fn, item))
         if len(pending) >= max_in_flight:
@@ -199,28 +220,18 @@ def default_io_workers() -> int:
 
 
 def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *, batch_size: int | None = None,
-              workers: int | None = None, decode_on_device: bool = False,
+              workers: int | None = None, decode: DecodeOptions = DecodeOptions(),
               on_progress: Callable[[int], None] | None = None) -> ShardOutput:
-    """Fetch, decode, batch and embed `items`; a bad image becomes an `ImageFailure`
-    and never stops the rest of its batch."""
+    """Fetch, decode, batch and embed `items` (every page of a document is its own
+    input); a bad object becomes an `ImageFailure` and never stops the rest of its batch."""
     batch_size = batch_size or default_batch_size(embedder.device.type)
     out = ShardOutput()
-    batch: list[_Prepared] = []
+    batch: list[_Page] = []
     pin = embedder.device.type == "cuda"
 
-    def flush() -> None:
-        if not batch:
-            return
+    def embed(pages: list[_Page]) -> None:
         t0 = time.perf_counter()
-        ready = _decode_jpegs_on_device(batch, embedder) if decode_on_device else batch
-        for p in ready:
-            if p.failure is not None:
-                out.failures.append(p.failure)
-        ready = [p for p in ready if p.failure is None]
-        batch.clear()
-        if not ready:
-            return
-        tensors = torch.stack([p.tensor for p in ready])
+        tensors = torch.stack([p.tensor for p in pages])
         if pin and tensors.device.type == "cpu":
             tensors = tensors.pin_memory()  # lets the host-to-device copy run without blocking
         try:
@@ -228,40 +239,48 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
         except RuntimeError as exc:
             # A model error on a whole batch (out of memory, say) is retried one by
             # one so a single poison input cannot take its neighbours down with it.
-            if len(ready) == 1:
-                p = ready[0]
-                out.failures.append(ImageFailure(p.info.key, p.info.etag, p.info.size, "model", type(exc).__name__, str(exc)))
+            if len(pages) == 1:
+                out.failures.append(_failure(pages[0].info, "model", type(exc).__name__, str(exc)))
                 return
-            log.warning("batch of %s failed in the model (%s); retrying image by image", len(ready), exc)
-            for p in ready:
-                batch.append(p)
-                flush()
+            log.warning("batch of %s failed in the model (%s); retrying image by image", len(pages), exc)
+            for p in pages:
+                embed([p])
             return
         out.times.model += time.perf_counter() - t0
-        out.batches.append(ProcessedBatch([(p.info, p.width, p.height) for p in ready],
+        out.batches.append(ProcessedBatch([(p.info, p.width, p.height, p.page) for p in pages],
                                           result.embeddings, result.class_ids, result.class_probs))
+
+    def flush() -> None:
+        if not batch:
+            return
+        pages, failures = _decode_jpegs_on_device(batch, embedder) if decode.on_device else (list(batch), [])
+        batch.clear()
+        out.failures.extend(failures)
+        if pages:
+            embed(pages)
         if on_progress:
-            on_progress(len(ready))
+            on_progress(len({id(p.info) for p in pages}) + len(failures))
 
     with ThreadPoolExecutor(max_workers=workers or default_io_workers(), thread_name_prefix="batchsight-io") as pool:
-        stream = _bounded_map(pool, lambda info: _prepare(store, info, embedder, decode_on_device), items,
+        stream = _bounded_map(pool, lambda info: _fetch_and_decode(store, info, embedder, decode), items,
                               max_in_flight=2 * batch_size + 8)
         while True:
             t_wait = time.perf_counter()
-            prepared = next(stream, None)
+            fetched = next(stream, None)
             out.times.wait += time.perf_counter() - t_wait
-            if prepared is None:
+            if fetched is None:
                 break
-            out.times.fetch += prepared.fetch_s
-            out.times.decode += prepared.decode_s
-            if prepared.failure is not None:
-                out.failures.append(prepared.failure)
+            out.times.fetch += fetched.fetch_s
+            out.times.decode += fetched.decode_s
+            if fetched.failure is not None:
+                out.failures.append(fetched.failure)
                 if on_progress:
                     on_progress(1)
                 continue
-            batch.append(prepared)
-            if len(batch) >= batch_size:
-                flush()
+            for page in fetched.pages:
+                batch.append(page)
+                if len(batch) >= batch_size:
+                    flush()
         flush()
     return out
 
@@ -279,7 +298,7 @@ class ShardSpec:
     embedder: EmbedderSettings
     batch_size: int | None = None  # None: default_batch_size for the device
     workers: int | None = None  # None: default_io_workers()
-    decode_on_device: bool = False
+    decode: DecodeOptions = DecodeOptions()
     compile: bool = False
     endpoint_url: str | None = None
 
@@ -292,7 +311,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
     if spec.compile:
         embedder.enable_compile()
     out = run_shard(list(spec.items), source, embedder, batch_size=spec.batch_size, workers=spec.workers,
-                    decode_on_device=spec.decode_on_device, on_progress=on_progress)
+                    decode=spec.decode, on_progress=on_progress)
 
     t0 = time.perf_counter()
     part_key = f"tables/embeddings/{spec.run_id}/shard-{spec.index:05d}.parquet"
@@ -315,10 +334,10 @@ def images_rows(batches: list[ProcessedBatch], embedder: Embedder, *, run_id: st
     labels = embedder.categories
     rows = []
     for b in batches:
-        for (info, width, height), ids, probs in zip(b.records, b.class_ids, b.class_probs, strict=True):
+        for (info, width, height, page), ids, probs in zip(b.records, b.class_ids, b.class_probs, strict=True):
             rows.append({
-                "image_id": tables.image_id_for(info.key), "key": info.key, "etag": info.etag, "size": info.size,
-                "width": width, "height": height,
+                "image_id": tables.image_id_for(info.key, page), "key": info.key, "page": page, "etag": info.etag,
+                "size": info.size, "width": width, "height": height,
                 "top_class": labels[ids[0]], "top_prob": float(probs[0]),
                 "class_ids": ids.tolist(), "class_labels": [labels[i] for i in ids], "class_probs": probs.tolist(),
                 "model": embedder.spec.name, "weights_sha256": embedder.weights.sha256, "run_id": run_id,

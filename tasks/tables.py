@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
     ("key", pa.string()),
+    ("page", pa.int32()),  # 1-based; every page of a PDF or multi-page TIFF is its own row
     ("etag", pa.string()),
     ("size", pa.int64()),
     ("width", pa.int32()),
@@ -76,9 +77,11 @@ RUNS_SCHEMA = pa.schema([
 ])
 
 
-def image_id_for(key: str) -> int:
-    """A stable, non-negative 63-bit id for `key` (FAISS ids are int64)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") & ((1 << 63) - 1)
+def image_id_for(key: str, page: int = 1) -> int:
+    """A stable, non-negative 63-bit id for a key's page (FAISS ids are int64).
+    Page 1 hashes the bare key, so an image's id never depends on page handling."""
+    name = key if page == 1 else f"{key}#page={page}"
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") & ((1 << 63) - 1)
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:

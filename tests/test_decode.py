@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.decode import DecodeError, decode_image
+from tasks.decode import DecodeError, decode_image, decode_pages
 from tasks.sample_data import broken_files, encode, make_product_photo
 
 
@@ -46,3 +46,44 @@ def test_exif_orientation_is_applied():
     im.save(buf, "JPEG", exif=exif.tobytes())
     decoded = decode_image(buf.getvalue())
     assert decoded.image.size == (20, 60)
+
+
+def _pdf(pages: int) -> bytes:
+    ims = [Image.new("RGB", (300, 400), (255, 255, 255 - 40 * i)) for i in range(pages)]
+    buf = io.BytesIO()
+    ims[0].save(buf, "PDF", save_all=True, append_images=ims[1:], resolution=72)
+    return buf.getvalue()
+
+
+def test_every_pdf_page_is_its_own_image_up_to_the_page_limit():
+    pages = decode_pages(_pdf(3), dpi=100)
+    assert [p.page for p in pages] == [1, 2, 3]
+    assert pages[0].image.size == (417, 556)  # 300x400 pt at 100 dpi
+    assert [p.page for p in decode_pages(_pdf(3), max_pages=2)] == [1, 2]
+
+
+def test_encrypted_and_broken_pdfs_are_refused_with_a_reason():
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(_pdf(1))))
+    writer.encrypt("secret")
+    locked = io.BytesIO()
+    writer.write(locked)
+    with pytest.raises(DecodeError) as info:
+        decode_pages(locked.getvalue())
+    assert info.value.reason == "encrypted" and "password" in info.value.message
+    with pytest.raises(DecodeError) as info:
+        decode_pages(_pdf(2)[:300])
+    assert info.value.reason == "corrupt"
+
+
+def test_multipage_tiff_gives_one_image_per_frame():
+    frames = [Image.new("L", (64, 80), 30 * i) for i in range(4)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    pages = decode_pages(buf.getvalue())
+    assert [p.page for p in pages] == [1, 2, 3, 4]
+    assert pages[2].image.mode == "RGB" and pages[2].image.getpixel((0, 0)) == (60, 60, 60)
+    single = io.BytesIO()
+    frames[0].save(single, "TIFF")
+    assert [p.page for p in decode_pages(single.getvalue())] == [1]

@@ -10,7 +10,7 @@ import torch
 
 from models.engine import COMPILE_MIN_IMAGES, Embedder, EmbedderSettings, default_batch_size, should_compile
 from tasks.decode import decode_image
-from tasks.pipeline import run_shard
+from tasks.pipeline import DecodeOptions, run_shard
 from tasks.sample_data import broken_files, encode, make_product_photo, write_samples, generate_samples
 from tasks.storage import LocalStore
 
@@ -52,11 +52,11 @@ def test_decoding_jpegs_on_the_model_device_matches_the_cpu_path(tmp_path, embed
     write_samples(store, samples)
     items = list(store.list())
     cpu = run_shard(items, store, embedder, batch_size=4)
-    dev = run_shard(items, store, embedder, batch_size=4, decode_on_device=True)
+    dev = run_shard(items, store, embedder, batch_size=4, decode=DecodeOptions(on_device=True))
 
     def by_key(out):
-        keys = [info.key for b in out.batches for info, _, _ in b.records]
-        sizes = [(w, h) for b in out.batches for _, w, h in b.records]
+        keys = [info.key for b in out.batches for info, _, _, _ in b.records]
+        sizes = [(w, h) for b in out.batches for _, w, h, _ in b.records]
         return dict(zip(keys, zip(np.concatenate([b.embeddings for b in out.batches]), sizes, strict=True),
                         strict=True))
 
