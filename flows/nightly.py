@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.engine import EmbedderSettings, default_batch_size, get_embedder, should_compile
 from tasks import catalog as cat
+from tasks.categories import active_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, has_image_extension
 from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, current_progress, process_shard
 from tasks.storage import ObjectInfo, cached_store
@@ -79,11 +80,12 @@ def process_shard_task(spec: ShardSpec) -> cat.ShardResult:
 
 @task(name="build-and-commit", cache_policy=NO_CACHE)
 def build_and_commit(output: str, endpoint_url: str | None, previous_key: str | None, pointer_etag: str | None,
-                     plan: cat.ChangePlan, results: list[cat.ShardResult],
+                     plan: cat.ChangePlan, results: list[cat.ShardResult], categorizer: str | None,
                      **version_meta) -> tuple[cat.Manifest, cat.BuildStats]:
     store = cached_store(output, endpoint_url, create=True)
     previous = cat.Catalog(store, cat.Manifest.from_json(store.get(previous_key)), previous_key) if previous_key else None
     manifest, stats = cat.build_next_version(store, previous, plan, results, **version_meta)
+    manifest.categorizer = categorizer
     cat.commit_manifest(store, manifest, pointer_etag)
     return manifest, stats
 
@@ -116,9 +118,13 @@ def catalog_images(
     settings = EmbedderSettings(model=model, weights=weights, weights_sha256=weights_sha256, device=device,
                                 precision=precision, endpoint_url=endpoint_url)
     embedder = get_embedder(settings)  # fail fast on a bad model or weights, before any listing
+    out_store = cached_store(output, endpoint_url, create=True)
+    active = active_categorizer(out_store)
+    if active:  # refused here, before any work, if it was trained on other embeddings
+        active[0].check_fits(embedder.fingerprint)
+    categorizer_key = active[1] if active else None
     if gpu_decode and embedder.device.type != "cuda":
         raise ValueError("--gpu-decode decodes JPEGs with nvJPEG and needs a CUDA device; drop it or use --device cuda")
-    out_store = cached_store(output, endpoint_url, create=True)
     summary = RunSummary(run_id=run_id, status="failed", version=None, source=source, output=output,
                          model=model, weights_sha256=embedder.weights.sha256,
                          started_at=datetime.now(UTC).isoformat())
@@ -157,7 +163,7 @@ def catalog_images(
         specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source, output=output,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
                            decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages),
-                           compile=compiled, endpoint_url=endpoint_url)
+                           compile=compiled, categorizer=categorizer_key, endpoint_url=endpoint_url)
                  for i, start in enumerate(range(0, len(todo), shard_size))]
         t_shards = time.perf_counter()
         results = [f.result() for f in process_shard_task.map(specs)]
@@ -165,6 +171,7 @@ def catalog_images(
 
         manifest, stats = build_and_commit(
             output, endpoint_url, previous.manifest_key if previous else None, pointer_etag, plan, results,
+            categorizer_key,
             run_id=run_id, source=source, model=embedder.spec.name, weights=embedder.weights.spec,
             weights_source=embedder.weights.source, weights_sha256=embedder.weights.sha256,
             embedding_dim=embedder.embedding_dim, reembed_all=reembed_all)

@@ -28,6 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from models.engine import Embedder, EmbedderSettings, default_batch_size, get_embedder
 from tasks import tables
 from tasks.catalog import ShardResult, crash_point
+from tasks.categories import categorize_rows, load_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode_image, decode_pages
 from tasks.storage import ObjectInfo, ObjectStore, cached_store
 
@@ -300,6 +301,7 @@ class ShardSpec:
     workers: int | None = None  # None: default_io_workers()
     decode: DecodeOptions = DecodeOptions()
     compile: bool = False
+    categorizer: str | None = None  # key of the categoriser to apply, under `output`
     endpoint_url: str | None = None
 
 
@@ -318,6 +320,8 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
     rows = images_rows(out.batches, embedder, run_id=spec.run_id, embedding_part=part_key)
     if len(rows):
         vectors = np.concatenate([b.embeddings for b in out.batches])
+        if spec.categorizer:
+            rows = categorize_rows(rows, vectors, load_categorizer(output, spec.categorizer))
         part = tables.embeddings_table(rows["image_id"].to_numpy(np.int64), spec.run_id, vectors)
         output.put(part_key, tables.to_parquet_bytes(part))
         crash_point(f"after-shard-{spec.index}")

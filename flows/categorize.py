@@ -1,0 +1,96 @@
+"""Fit and apply document categories.
+
+    >>> from flows.categorize import fit_categories, apply_categories
+    >>> fit_categories("s3://inventory-catalog/main", labels_csv="labels.csv")
+
+Fitting trains a linear probe on stored embeddings (embedding only labelled
+images the catalogue does not hold yet); applying re-categorises every row from
+stored embeddings without the CNN. `categorize_catalog` is the same apply as a
+Prefect flow, for a deployment after a new categoriser is fitted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from prefect import flow
+
+from flows.search import query_embedder_settings
+from models.categorizer import Categorizer
+from models.engine import get_embedder
+from tasks.catalog import Catalog, open_catalog
+from tasks.categories import (ApplyReport, LabelsError, active_categorizer, apply_to_catalog, fit_from_catalog,
+                              labels_from_prefix, read_labels_csv, suggest_clusters, write_suggestions)
+from tasks.decode import DecodeError, decode_pages
+from tasks.storage import ObjectStore, cached_store
+
+
+def embed_objects(cat: Catalog, store: ObjectStore, keys: list[str]) -> list[list[np.ndarray]]:
+    """Embed objects the catalogue does not hold (every page), with its own model."""
+    import torch
+
+    embedder = get_embedder(query_embedder_settings(cat))
+    out = []
+    for key in keys:
+        try:
+            pages = decode_pages(store.get(key), min_side=embedder.preprocessing.resize_size)
+        except DecodeError as exc:
+            raise LabelsError(f"labelled image {store.describe(key)} cannot be decoded ({exc.reason}: {exc.message}); "
+                              "fix or drop it from the labels") from None
+        except KeyError:
+            raise LabelsError(f"labelled key {key!r} is neither in the catalogue nor at {store.url}") from None
+        batch = torch.stack([embedder.preprocess(p.image) for p in pages])
+        out.append(list(embedder.embed(batch).embeddings))
+    return out
+
+
+def fit_categories(catalog: str, *, labels_csv: str | None = None, labels_prefix: str | None = None,
+                   endpoint_url: str | None = None, val_fraction: float = 0.25, target_precision: float = 0.95,
+                   seed: int = 0) -> tuple[Categorizer, str, int]:
+    """Fit, evaluate on a held-out split, save and activate a categoriser.
+
+    `labels_csv`: a file of `key,label` rows (keys as in the catalogue's source).
+    `labels_prefix`: `SRC/labelled/` with one folder per category.
+    Returns (categoriser with its report, its key, labelled images embedded now)."""
+    if (labels_csv is None) == (labels_prefix is None):
+        raise ValueError("pass exactly one of --labels FILE or --labels-prefix SRC/labelled/")
+    cat = open_catalog(catalog, endpoint_url=endpoint_url)
+    source = None
+    if labels_prefix is not None:
+        # Under the catalogued source the labelled keys are the catalogue's own
+        # (no re-embedding); anywhere else the prefix is a store of its own.
+        catalogued = cached_store(cat.manifest.source, endpoint_url).url.rstrip("/")
+        labelled = cached_store(labels_prefix, endpoint_url).url.rstrip("/")
+        if labelled.startswith(catalogued + "/"):
+            source, prefix = cat.manifest.source, labelled[len(catalogued) + 1:]
+        else:
+            source, prefix = labels_prefix, ""
+        labels = labels_from_prefix(cached_store(source, endpoint_url), prefix)
+    else:
+        labels = read_labels_csv(labels_csv)
+    return fit_from_catalog(catalog, labels, endpoint_url=endpoint_url, source=source,
+                            embed_missing=lambda store, keys: embed_objects(cat, store, keys),
+                            val_fraction=val_fraction, target_precision=target_precision, seed=seed)
+
+
+def apply_categories(catalog: str, *, endpoint_url: str | None = None) -> ApplyReport:
+    """Re-categorise the whole catalogue with the active categoriser; commits a new version."""
+    cat = open_catalog(catalog, endpoint_url=endpoint_url)
+    active = active_categorizer(cat.store)
+    if active is None:
+        raise LabelsError(f"no categoriser at {catalog}; fit one: batchsight categories fit --catalog "
+                          f"{catalog} --labels labels.csv")
+    return apply_to_catalog(cat, *active)
+
+
+@flow(name="categorize-catalog")
+def categorize_catalog(catalog: str, endpoint_url: str | None = None) -> ApplyReport:
+    return apply_categories(catalog, endpoint_url=endpoint_url)
+
+
+def suggest_categories(catalog: str, *, k: int = 8, samples_per_cluster: int = 5,
+                       endpoint_url: str | None = None) -> tuple[pd.DataFrame, str]:
+    """Cluster the catalogue into `k` groups and write sample keys per cluster; returns (table, its key)."""
+    cat = open_catalog(catalog, endpoint_url=endpoint_url)
+    frame = suggest_clusters(cat, k, samples_per_cluster=samples_per_cluster)
+    return frame, write_suggestions(cat, frame, k)

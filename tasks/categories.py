@@ -1,0 +1,212 @@
+"""Categories in the catalogue: labelled examples in, a versioned categoriser
+out; applying it to every row from stored embeddings; clusters to start labelling.
+
+Categorisers live under `categorizers/` in the output root; `categorizers/ACTIVE`
+names the one nightly runs apply (moved with a conditional put, like CURRENT).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from models.categorizer import Categorizer, fit_categorizer
+from tasks import tables
+from tasks.catalog import Catalog, Manifest, commit_manifest, new_run_id, read_pointer
+from tasks.storage import ObjectNotFound, ObjectStore, PreconditionFailed, cached_store
+
+ACTIVE_KEY = "categorizers/ACTIVE"
+
+
+class LabelsError(ValueError):
+    """Labelled examples that cannot be used; the message says what to fix."""
+
+
+def read_labels_csv(path: str | Path) -> pd.DataFrame:
+    """`key,label` rows (a header line is required), blanks dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"labels file {path} does not exist")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"key", "label"} <= set(reader.fieldnames):
+            raise LabelsError(f"{path} must have a header with columns key,label (found {reader.fieldnames})")
+        rows = [(r["key"].strip(), r["label"].strip()) for r in reader if r["key"] and r["label"]]
+    if not rows:
+        raise LabelsError(f"{path} has no labelled rows")
+    return pd.DataFrame(rows, columns=["key", "label"]).drop_duplicates("key", keep="last")
+
+
+def labels_from_prefix(store: ObjectStore, prefix: str) -> pd.DataFrame:
+    """One folder per category under `prefix`: `prefix/invoice/a.jpg` is labelled invoice."""
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    rows = []
+    for obj in store.list(prefix):
+        label, _, name = obj.key[len(prefix):].partition("/")
+        if name:
+            rows.append((obj.key, label))
+    if not rows:
+        raise LabelsError(f"no labelled images under {store.describe(prefix)}; expected one folder per category")
+    return pd.DataFrame(rows, columns=["key", "label"])
+
+
+def labelled_embeddings(cat: Catalog, labels: pd.DataFrame, *, source: ObjectStore,
+                        embed_missing) -> tuple[np.ndarray, list[str], int]:
+    """Vectors for the labelled keys: stored ones from the catalogue (every page of a
+    document), the rest embedded now from `source` by `embed_missing(store, keys)`.
+    Returns (vectors, labels, how many were embedded now)."""
+    images = cat.images
+    ids, vectors = cat.embeddings()
+    row_of = {int(i): n for n, i in enumerate(ids)}
+    by_key = images.groupby("key")["image_id"].apply(list).to_dict()
+    vecs, names, missing = [], [], []
+    for key, label in zip(labels["key"], labels["label"], strict=True):
+        if key in by_key:
+            for image_id in by_key[key]:
+                vecs.append(vectors[row_of[int(image_id)]])
+                names.append(label)
+        else:
+            missing.append((key, label))
+    if missing:
+        fresh = embed_missing(source, [k for k, _ in missing])
+        for (key, label), key_vecs in zip(missing, fresh, strict=True):
+            for v in key_vecs:
+                vecs.append(v)
+                names.append(label)
+    if not vecs:
+        raise LabelsError("none of the labelled keys could be embedded")
+    return np.stack(vecs), names, len(missing)
+
+
+def save_categorizer(store: ObjectStore, categorizer: Categorizer) -> str:
+    """Write a new categoriser version and make it the active one."""
+    created = datetime.now(UTC)
+    categorizer.created_at = created.isoformat(timespec="seconds")
+    key = f"categorizers/{created:%Y%m%dT%H%M%SZ}-{new_run_id()[-6:]}.json"
+    store.put(key, categorizer.to_json(), if_none_match=True)
+    try:
+        _, etag = store.get_with_etag(ACTIVE_KEY)
+    except ObjectNotFound:
+        etag = None
+    pointer = json.dumps({"categorizer": key}).encode()
+    try:
+        if etag is None:
+            store.put(ACTIVE_KEY, pointer, if_none_match=True)
+        else:
+            store.put(ACTIVE_KEY, pointer, if_match=etag)
+    except PreconditionFailed:
+        raise RuntimeError("another categoriser was activated at the same time; fit again") from None
+    return key
+
+
+def active_categorizer(store: ObjectStore) -> tuple[Categorizer, str] | None:
+    try:
+        key = json.loads(store.get(ACTIVE_KEY))["categorizer"]
+    except ObjectNotFound:
+        return None
+    return load_categorizer(store, key), key
+
+
+_loaded: dict[tuple[str, str], Categorizer] = {}
+
+
+def load_categorizer(store: ObjectStore, key: str) -> Categorizer:
+    """Categorisers are immutable, so each is read once per process."""
+    cache_key = (store.url, key)
+    if cache_key not in _loaded:
+        _loaded[cache_key] = Categorizer.from_json(store.get(key))
+    return _loaded[cache_key]
+
+
+def categorize_rows(rows: pd.DataFrame, vectors: np.ndarray, categorizer: Categorizer | None) -> pd.DataFrame:
+    """Set `category` and `category_confidence` on `rows` (aligned with `vectors`)."""
+    rows = rows.copy()
+    if categorizer is None or rows.empty:
+        return rows
+    names, confidence = categorizer.predict(vectors)
+    rows["category"] = names
+    rows["category_confidence"] = confidence
+    return rows
+
+
+@dataclass
+class ApplyReport:
+    version: int
+    rows: int
+    rows_per_s: float
+    counts: dict[str, int]
+
+
+def apply_to_catalog(cat: Catalog, categorizer: Categorizer, categorizer_key: str) -> ApplyReport:
+    """Re-categorise every row from stored embeddings (no CNN) and commit the result
+    as a new version that shares the previous version's vectors and index."""
+    categorizer.check_fits(cat.manifest.fingerprint)
+    pointer, etag = read_pointer(cat.store)
+    if pointer is None or pointer.manifest != cat.manifest_key:
+        raise RuntimeError("the catalogue moved on while categorising; run the command again")
+    t0 = time.perf_counter()
+    _, vectors = cat.embeddings()
+    rows = categorize_rows(cat.images, vectors, categorizer)
+    elapsed = time.perf_counter() - t0
+    run_id = f"categorize-{new_run_id()}"
+    version = cat.manifest.version + 1
+    images_key = f"tables/images/v{version:06d}-{run_id}.parquet"
+    cat.store.put(images_key, tables.to_parquet_bytes(tables.frame_to_table(rows, tables.IMAGES_SCHEMA)))
+    manifest: Manifest = replace(cat.manifest, version=version, run_id=run_id, parent=cat.manifest_key,
+                                 created_at=datetime.now(UTC).isoformat(timespec="seconds"), images=images_key,
+                                 categorizer=categorizer_key, rolled_back_from=None)
+    commit_manifest(cat.store, manifest, etag)
+    counts = rows["category"].value_counts().to_dict() if len(rows) else {}
+    return ApplyReport(version=version, rows=len(rows), rows_per_s=len(rows) / elapsed if elapsed > 0 else 0.0,
+                       counts={str(k): int(v) for k, v in counts.items()})
+
+
+def suggest_clusters(cat: Catalog, k: int, *, samples_per_cluster: int = 5, seed: int = 0) -> pd.DataFrame:
+    """FAISS k-means over the stored embeddings: per cluster, its size and the keys
+    nearest its centre, as a starting point for labelling."""
+    ids, vectors = cat.embeddings()
+    if len(vectors) < k:
+        raise ValueError(f"cannot make {k} clusters of {len(vectors)} images; pass a smaller --k")
+    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=25, seed=seed, spherical=True, verbose=False)
+    kmeans.train(np.ascontiguousarray(vectors))
+    distances, assignment = kmeans.index.search(np.ascontiguousarray(vectors), 1)
+    keys = cat.images.set_index("image_id").loc[ids]
+    frame = pd.DataFrame({"cluster": assignment[:, 0], "score": distances[:, 0], "key": keys["key"].to_numpy(),
+                          "page": keys["page"].to_numpy()})
+    sizes = frame["cluster"].value_counts()
+    frame["cluster_size"] = frame["cluster"].map(sizes)
+    picked = (frame.sort_values(["cluster", "score"], ascending=[True, False])
+              .groupby("cluster").head(samples_per_cluster).reset_index(drop=True))
+    return picked[["cluster", "cluster_size", "key", "page", "score"]]
+
+
+def write_suggestions(cat: Catalog, frame: pd.DataFrame, k: int) -> str:
+    key = f"tables/category_suggestions/v{cat.manifest.version:06d}-k{k}.parquet"
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    cat.store.put(key, buf.getvalue())
+    return key
+
+
+def fit_from_catalog(catalog: str, labels: pd.DataFrame, *, endpoint_url: str | None = None,
+                     source: str | None = None, embed_missing=None, **fit_kwargs) -> tuple[Categorizer, str, int]:
+    """Fit on the catalogue's embeddings of the labelled keys, save, activate.
+    Returns (categoriser, its key, how many labelled images had to be embedded now)."""
+    from tasks.catalog import open_catalog
+
+    cat = open_catalog(catalog, endpoint_url=endpoint_url)
+    source_store = cached_store(source or cat.manifest.source, endpoint_url)
+    vectors, names, embedded_now = labelled_embeddings(cat, labels, source=source_store, embed_missing=embed_missing)
+    categorizer = fit_categorizer(vectors, names, model=cat.manifest.model,
+                                  weights_sha256=cat.manifest.weights_sha256, **fit_kwargs)
+    key = save_categorizer(cat.store, categorizer)
+    return categorizer, key, embedded_now
