@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -73,10 +73,24 @@ class Manifest:
     failures: str  # key of the failures snapshot
     embeddings: list[str]  # embedding parts that hold at least one live vector
     index: str
-    index_type: str
+    index_type: str  # flat | ivf-flat | ivf-pq ("flat-ip" in versions written before IVF)
     counts: dict[str, int] = field(default_factory=dict)
     rolled_back_from: int | None = None  # set on a version made by `batchsight rollback`
+    categorizer: str | None = None  # key of the categoriser whose labels are in `images.category`
     format: int = FORMAT_VERSION
+    # The index in detail (defaults describe the exact flat index of older versions).
+    index_factory: str = "IDMap2,Flat"
+    index_trained_n: int = 0  # catalogue size when the index was last trained (0: untrained flat)
+    index_nlist: int = 0
+    index_nprobe: int = 0  # tuned to reach index_recall_target; searches use it
+    index_recall_at_10: float | None = None  # vs exact search, on held-out indexed vectors
+    index_recall_target: float | None = None
+    index_recall_queries: int = 0
+
+    @property
+    def index_state(self) -> faiss_index.IndexState:
+        return faiss_index.IndexState(kind=faiss_index.index_kind(self.index_type), factory=self.index_factory,
+                                      trained_n=self.index_trained_n, nlist=self.index_nlist)
 
     @property
     def fingerprint(self) -> str:
@@ -174,21 +188,35 @@ class Catalog:
         """A private copy of the index, to build the next version from."""
         return faiss_index.deserialize(self.store.get(self.manifest.index))
 
+    def embedding_blocks(self) -> LiveEmbeddings:
+        """The live vectors one part at a time (for catalogues larger than memory)."""
+        return LiveEmbeddings(self.store, self.images)
+
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(image_ids, vectors) of the live images, in the order of `images`."""
-        live = set(zip(self.images["image_id"].tolist(), self.images["run_id"].tolist(), strict=True))
-        ids_out, vecs_out = [], []
-        for part in self.manifest.embeddings:
-            ids, runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(self.store.get(part)))
-            keep = np.fromiter(((i, r) in live for i, r in zip(ids.tolist(), runs, strict=True)), bool, len(ids))
-            ids_out.append(ids[keep])
-            vecs_out.append(vectors[keep])
-        if not ids_out:
+        blocks = list(self.embedding_blocks())
+        if not blocks:
             return np.empty(0, np.int64), np.empty((0, self.manifest.embedding_dim), np.float32)
-        ids, vectors = np.concatenate(ids_out), np.concatenate(vecs_out)
+        ids, vectors = np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
         order = pd.Index(ids).get_indexer(self.images["image_id"].to_numpy())
         assert (order >= 0).all(), "every live image must have exactly one embedding"
         return ids[order], vectors[order]
+
+
+class LiveEmbeddings:
+    """Re-iterable (image_ids, vectors) blocks, one per embeddings part, holding
+    only the vectors live in `images` (a part may also hold superseded ones)."""
+
+    def __init__(self, store: ObjectStore, images: pd.DataFrame) -> None:
+        self.store = store
+        self.parts = sorted(set(images["embedding_part"].dropna().tolist()))
+        self.live = set(zip(images["image_id"].tolist(), images["run_id"].tolist(), strict=True))
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for part in self.parts:
+            ids, runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(self.store.get(part)))
+            keep = np.fromiter(((i, r) in self.live for i, r in zip(ids.tolist(), runs, strict=True)), bool, len(ids))
+            yield ids[keep], vectors[keep]
 
 
 def open_catalog(url: str, *, endpoint_url: str | None = None, version: int | None = None) -> Catalog:
@@ -321,7 +349,8 @@ class BuildStats:
 def build_next_version(store: ObjectStore, previous: Catalog | None, plan: ChangePlan,
                        shard_results: Sequence[ShardResult], *, run_id: str, source: str, model: str,
                        weights: str, weights_source: str, weights_sha256: str, embedding_dim: int,
-                       reembed_all: bool) -> tuple[Manifest, BuildStats]:
+                       reembed_all: bool, index_settings: faiss_index.IndexSettings | None = None,
+                       ) -> tuple[Manifest, BuildStats]:
     """Apply one run's changes to the previous version and write the new
     version's snapshot tables and index (not yet committed)."""
     version = (previous.manifest.version if previous else 0) + 1
@@ -330,32 +359,24 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
 
     if previous is None or reembed_all:
         kept = tables.empty_frame(tables.IMAGES_SCHEMA)
-        index = faiss_index.new_flat_index(embedding_dim)
         prev_failures = tables.empty_frame(tables.FAILURES_SCHEMA)
     else:
         kept = previous.images
-        index = previous.load_index()
         prev_failures = previous.failures
     gone = kept[kept["key"].isin(removed_keys)]
     kept = kept[~kept["key"].isin(removed_keys)]
-
-    t_index = time.perf_counter()
-    removed = faiss_index.remove_ids(index, gone["image_id"].to_numpy(np.int64))
-    assert removed == len(gone), f"index held {removed} of {len(gone)} vectors to remove"
-    added = 0
     new_rows = [r.rows for r in shard_results if len(r.rows)]
-    for result in shard_results:
-        if result.embedding_part is None:
-            continue
-        ids, _runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(store.get(result.embedding_part)))
-        faiss_index.add_vectors(index, ids, vectors)
-        added += len(ids)
-    index_s = time.perf_counter() - t_index
-
     images = pd.concat([kept, *new_rows], ignore_index=True) if new_rows else kept.reset_index(drop=True)
     images = images.sort_values("key", kind="stable").reset_index(drop=True)
     duplicated = images["image_id"].duplicated()
     assert not duplicated.any(), f"image ids collide for keys {images.loc[duplicated, 'key'].tolist()[:5]}"
+
+    t_index = time.perf_counter()
+    built = _next_index(store, None if reembed_all else previous, images, gone["image_id"].to_numpy(np.int64),
+                        [r.embedding_part for r in shard_results if r.embedding_part is not None],
+                        dim=embedding_dim, settings=index_settings or faiss_index.IndexSettings(), seed=version)
+    index = built.index
+    index_s = time.perf_counter() - t_index
     assert index.ntotal == len(images), f"index holds {index.ntotal} vectors for {len(images)} rows"
 
     failures = _next_failures(prev_failures, plan, shard_results, run_id=run_id, now=now)
@@ -378,10 +399,58 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
         weights_source=weights_source, weights_sha256=weights_sha256, embedding_dim=embedding_dim,
         images=images_key, failures=failures_key,
         embeddings=sorted(set(images["embedding_part"].dropna().tolist())),
-        index=index_key, index_type="flat-ip",
+        index=index_key, index_type=built.state.kind,
         counts={"images": len(images), "failures": len(failures), "vectors": int(index.ntotal)},
+        index_factory=built.state.factory, index_trained_n=built.state.trained_n, index_nlist=built.state.nlist,
+        index_nprobe=built.recall.nprobe, index_recall_at_10=built.recall.recall_at_10,
+        index_recall_target=built.recall.target, index_recall_queries=built.recall.queries,
     )
-    return manifest, BuildStats(added=added, removed=removed, index_s=index_s, write_s=write_s)
+    return manifest, BuildStats(added=sum(len(r) for r in new_rows), removed=len(gone), index_s=index_s,
+                                write_s=write_s)
+
+
+@dataclass
+class IndexBuild:
+    index: faiss.Index
+    state: faiss_index.IndexState
+    recall: faiss_index.RecallReport
+
+
+def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFrame, gone_ids: np.ndarray,
+                new_parts: Sequence[str], *, dim: int, settings: faiss_index.IndexSettings, seed: int) -> IndexBuild:
+    """The index of the next version: the previous one updated by id (remove the
+    gone, add the new parts) while it still suits the catalogue, else a new one
+    trained on a sample of the live vectors. Then recall is measured and nprobe tuned."""
+    n = len(images)
+    choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors)
+    reason = faiss_index.retrain_reason(previous.manifest.index_state if previous else None, choice, n)
+    blocks = LiveEmbeddings(store, images)
+    rng = np.random.default_rng(seed)
+    query_ids, train_ids = faiss_index.split_sample(images["image_id"].to_numpy(np.int64),
+                                                    min(faiss_index.RECALL_QUERIES, n), choice, rng)
+    if reason is None:
+        index = previous.load_index()
+        removed = faiss_index.remove_ids(index, gone_ids)
+        assert removed == len(gone_ids), f"index held {removed} of {len(gone_ids)} vectors to remove"
+        for part in new_parts:
+            ids, _runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(store.get(part)))
+            faiss_index.add_vectors(index, ids, vectors)
+        state = previous.manifest.index_state
+        queries = faiss_index.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
+    else:
+        log.info("building a new %s index for %s vectors: %s", choice.factory, n, reason)
+        queries = training = None
+        if choice.kind != "flat":
+            sample = faiss_index.gather_vectors(blocks, np.concatenate([query_ids, train_ids]), dim)
+            queries, training = sample[:len(query_ids)], sample[len(query_ids):]
+        index = faiss_index.build_index(choice, dim, training, blocks)
+        state = faiss_index.IndexState(kind=choice.kind, factory=choice.factory,
+                                       trained_n=n if choice.kind != "flat" else 0, nlist=choice.nlist)
+    if queries is None:
+        recall = faiss_index.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
+    else:
+        recall = faiss_index.measure_recall(index, queries, query_ids, blocks, target=settings.recall_target)
+    return IndexBuild(index=index, state=state, recall=recall)
 
 
 def _next_failures(previous: pd.DataFrame, plan: ChangePlan, shard_results: Sequence[ShardResult], *,
