@@ -180,36 +180,52 @@ def search(
     key: Annotated[str | None, typer.Option(help="A catalogued key to find look-alikes of.")] = None,
     image: Annotated[Path | None, typer.Option(help="An image file to find look-alikes of.", exists=True,
                                                dir_okay=False)] = None,
+    queries: Annotated[Path | None, typer.Option(help="Many queries: a folder of images, or a CSV with a 'key' "
+                                                      "and/or 'image' column.", exists=True)] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=10_000, help="How many neighbours.")] = 10,
+    prefix: Annotated[str | None, typer.Option(help="Only return images whose key starts with this.")] = None,
+    category: Annotated[str | None, typer.Option(help="Only return images of this category.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the results to a .csv or .parquet file.")] = None,
     weights: Annotated[str | None, typer.Option(help="Where the catalogue's weights file lives now "
                                                      "(checked against its recorded sha256).")] = None,
     endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON records.")] = False,
 ) -> None:
-    """Print the images most similar to --key or --image."""
-    from flows.search import similar_images
+    """Print (or write) the images most similar to --key, --image, or each of --queries."""
+    from flows.search import results_format, search_queries, similar_images, write_results
 
-    if (key is None) == (image is None):
-        raise _fail(ValueError("pass exactly one of --key KEY or --image FILE"))
+    if sum(q is not None for q in (key, image, queries)) != 1:
+        raise _fail(ValueError("pass exactly one of --key KEY or --image FILE (or --queries FOLDER|CSV for many)"))
     try:
-        result = similar_images(catalog, key=key, image=image, k=k, endpoint_url=endpoint_url, weights=weights)
+        if out is not None:
+            results_format(out)  # a bad name fails before any embedding work
+        filters = {"k": k, "prefix": prefix, "category": category, "endpoint_url": endpoint_url, "weights": weights}
+        if queries is not None:
+            result = search_queries(catalog, queries, **filters)
+        else:
+            result = similar_images(catalog, key=key, image=image, **filters)
+        if out is not None:
+            write_results(result, out)
     except _user_errors() as exc:
         raise _fail(exc) from None
-    if as_json:
+    if out is not None:
+        console.print(f"wrote {len(result)} results to {out}", highlight=False)
+    elif as_json:
         sys.stdout.write(result.to_json(orient="records") + "\n")
-        return
-    t = Table(title=f"nearest to {key or image}", title_justify="left")
-    for col in ("rank", "key", "score", "top class"):
-        t.add_column(col, justify="right" if col in ("rank", "score") else "left")
-    for row in result.itertuples():
-        t.add_row(str(row.rank), row.key, f"{row.score:.4f}", str(row.top_class))
-    console.print(t)
+    else:
+        t = Table(title=f"nearest to {key or image or queries}", title_justify="left")
+        columns = (["query"] if "query" in result else []) + ["rank", "key", "score", "top_class"]
+        for col in columns:
+            t.add_column(col.replace("_", " "), justify="right" if col in ("rank", "score") else "left")
+        for row in result[columns].itertuples(index=False):
+            t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        console.print(t)
 
 
 @app.command()
 def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Print the live version of a catalogue, the run that made it, and its counts."""
+    """Print the live version of a catalogue, the run that made it, its counts and its index's recall."""
     from tasks.catalog import list_versions, open_catalog, read_runs
 
     try:
@@ -221,10 +237,14 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
     m = cat.manifest
     made_by = runs[runs["run_id"] == m.run_id]
     last = runs.iloc[-1] if len(runs) else None
+    index = {"kind": m.index_state.kind, "factory": m.index_factory, "vectors": m.counts.get("vectors"),
+             "trained_n": m.index_trained_n, "nlist": m.index_nlist, "nprobe": m.index_nprobe,
+             "recall_at_10": m.index_recall_at_10, "recall_target": m.index_recall_target,
+             "recall_queries": m.index_recall_queries}
     info = {
         "version": m.version, "run_id": m.run_id, "created_at": m.created_at, "model": m.model,
         "weights": m.weights, "weights_sha256": m.weights_sha256, "counts": m.counts, "index_type": m.index_type,
-        "rolled_back_from": m.rolled_back_from, "versions": [v.version for v in history],
+        "index": index, "rolled_back_from": m.rolled_back_from, "versions": [v.version for v in history],
         "run": _run_info(made_by.iloc[0]) if len(made_by) else None,
         "last_run": _run_info(last) if last is not None else None,
     }
@@ -239,7 +259,7 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
     t.add_row("model", f"{m.model}, weights {m.weights} ({m.weights_source}, sha256 {m.weights_sha256[:16]}...)")
     t.add_row("images", str(m.counts.get("images")))
     t.add_row("failures", str(m.counts.get("failures")))
-    t.add_row("index", f"{m.index_type}, {m.counts.get('vectors')} vectors")
+    t.add_row("index", _index_line(index))
     for label, run_row in (("made by", info["run"]), ("last run", info["last_run"])):
         if run_row:
             t.add_row(label, f"{run_row['run_id']} {run_row['status']}: {run_row['new']} new, {run_row['changed']} "
@@ -247,6 +267,50 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
                              f"{run_row['images_per_s']:.1f} images/s")
     t.add_row("history", ", ".join(f"v{v.version}" for v in history))
     console.print(t)
+
+
+def _index_line(index: dict) -> str:
+    line = f"{index['kind']} ({index['factory']}), {index['vectors']} vectors"
+    if index["nlist"]:
+        line += f", {index['nlist']} lists, nprobe {index['nprobe']}, trained at {index['trained_n']} vectors"
+    if index["recall_at_10"] is None:
+        return line + ", recall not measured (version written before recall was)"
+    line += f"; recall@10 {index['recall_at_10']:.3f} (target {index['recall_target']:g})"
+    if index["recall_at_10"] < index["recall_target"]:
+        line += ": below target, the index's codes limit it; raise the index memory budget"
+    return line
+
+
+@app.command()
+def duplicates(
+    catalog: CatalogOpt,
+    threshold: Annotated[float, typer.Option(min=-1.0, max=0.9999, help="Cosine similarity above which two images "
+                                             "are near-identical (about 0.95 for pretrained ResNet embeddings).")]
+    = 0.95,
+    endpoint_url: EndpointOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every group member as JSON.")] = False,
+) -> None:
+    """Find groups of near-identical images in the live version; write them as a `duplicates` table."""
+    from flows.search import find_duplicates
+
+    try:
+        report = find_duplicates(catalog, threshold=threshold, endpoint_url=endpoint_url)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    if as_json:
+        console.print_json(json.dumps({"version": report.version, "threshold": threshold, "table": report.key,
+                                       "groups": report.n_groups, "images": len(report.groups),
+                                       "members": report.groups.to_dict(orient="records")}))
+        return
+    t = Table(title=f"{report.n_groups} groups of near-identical images ({len(report.groups)} images) in "
+                    f"version {report.version}, cosine > {threshold:g}", title_justify="left")
+    for col in ("group", "size", "keys"):
+        t.add_column(col)
+    for group_id, members in report.groups.groupby("group_id", sort=False):
+        keys = members["key"].tolist()
+        t.add_row(str(group_id), str(len(keys)), ", ".join(keys[:4]) + (f", ... (+{len(keys) - 4})" if len(keys) > 4 else ""))
+    console.print(t)
+    console.print(f"written to {report.key}", highlight=False)
 
 
 def _run_info(row) -> dict:

@@ -1,24 +1,34 @@
-"""Similar images, by catalogued key or by an image file; one call, one DataFrame.
+"""Similar images by catalogued key, by image file, or for a whole folder or CSV
+of queries; near-duplicate groups. Each is one call that returns a DataFrame.
 
-    >>> from flows.search import similar_images
+    >>> from flows.search import similar_images, search_queries, find_duplicates
     >>> similar_images("s3://inventory/catalog", key="photos/sku-123.jpg", k=10)
+    >>> search_queries("./catalog", "queries/", k=5, prefix="photos/")
+    >>> find_duplicates("./catalog", threshold=0.95).groups
 
-Search is interactive, so it is a plain function (no Prefect server to start).
+Search is interactive, so these are plain functions (no Prefect server to start).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from models.engine import EmbedderSettings, get_embedder
+from tasks import duplicates as dups
 from tasks import index as faiss_index
+from tasks import tables
 from tasks.catalog import Catalog, open_catalog
-from tasks.decode import decode_image
+from tasks.decode import DecodeError, decode_image, has_image_extension
 
 RESULT_COLUMNS = ["rank", "key", "score", "top_class", "image_id"]
+QUERY_RESULT_COLUMNS = ["query", *RESULT_COLUMNS]
+EMBED_BATCH = 32
 
 
 def query_embedder_settings(cat: Catalog, *, weights: str | None = None, device: str = "auto") -> EmbedderSettings:
@@ -30,45 +40,185 @@ def query_embedder_settings(cat: Catalog, *, weights: str | None = None, device:
                             device=device)
 
 
+def _catalog(catalog: str | Catalog, endpoint_url: str | None) -> Catalog:
+    return catalog if isinstance(catalog, Catalog) else open_catalog(catalog, endpoint_url=endpoint_url)
+
+
 def similar_images(catalog: str | Catalog, *, key: str | None = None, image: str | Path | bytes | None = None,
-                   k: int = 10, endpoint_url: str | None = None, weights: str | None = None) -> pd.DataFrame:
+                   k: int = 10, prefix: str | None = None, category: str | None = None,
+                   endpoint_url: str | None = None, weights: str | None = None) -> pd.DataFrame:
     """The `k` catalogued images nearest to `key` (a catalogued object) or
-    `image` (a file path or bytes), best first: rank, key, score (cosine), top_class, image_id."""
+    `image` (a file path or bytes), best first: rank, key, score (cosine),
+    top_class, image_id. `prefix` and `category` restrict what is returned."""
     if (key is None) == (image is None):
         raise ValueError("pass exactly one of key= (a catalogued object) or image= (a file)")
+    _check_k(k)
+    cat = _catalog(catalog, endpoint_url)
+    allowed = allowed_ids(cat, prefix=prefix, category=category)
+    query = vectors_for_keys(cat, [key]) if key is not None else embed_images(cat, [image], weights=weights)
+    return neighbours(cat, query, k, allowed_ids=allowed)[RESULT_COLUMNS]
+
+
+def search_queries(catalog: str | Catalog, queries: str | Path, *, k: int = 10, prefix: str | None = None,
+                   category: str | None = None, endpoint_url: str | None = None,
+                   weights: str | None = None) -> pd.DataFrame:
+    """Neighbours of many queries at once: every image in a folder, or the rows
+    of a CSV with a `key` column (catalogued objects) and/or an `image` column
+    (files, relative to the CSV). One row per (query, neighbour): query, rank,
+    key, score, top_class, image_id."""
+    _check_k(k)
+    keys, files = read_queries(Path(queries))
+    cat = _catalog(catalog, endpoint_url)
+    allowed = allowed_ids(cat, prefix=prefix, category=category)
+    vectors = [vectors_for_keys(cat, keys)] if keys else []
+    if files:
+        vectors.append(embed_images(cat, files, weights=weights))
+    labels = np.array(keys + [str(f) for f in files], dtype=object)
+    found = neighbours(cat, np.concatenate(vectors), k, allowed_ids=allowed)
+    return found.assign(query=labels[found["query_index"].to_numpy()])[QUERY_RESULT_COLUMNS]
+
+
+def _check_k(k: int) -> None:
     if k < 1:
         raise ValueError(f"k must be at least 1, not {k}")
-    cat = catalog if isinstance(catalog, Catalog) else open_catalog(catalog, endpoint_url=endpoint_url)
-    if key is not None:
-        query = vector_for_key(cat, key)
-    else:
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        query = embed_query_bytes(cat, data, weights=weights)
-    return neighbours(cat, query, k)
 
 
-def vector_for_key(cat: Catalog, key: str) -> np.ndarray:
-    rows = cat.images.loc[cat.images["key"] == key, "image_id"]
-    if rows.empty:
-        raise KeyError(f"{key!r} is not in the catalogue (version {cat.manifest.version}); "
-                       "check the key, or search by --image FILE")
-    return faiss_index.reconstruct(cat.index, int(rows.iloc[0]))
+def read_queries(path: Path) -> tuple[list[str], list[Path]]:
+    """(catalogued keys, image files) named by a folder of images or a CSV."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and has_image_extension(p.name))
+        if not files:
+            raise ValueError(f"no image files under {path} (looked for .jpg, .png, ... in every subfolder)")
+        return [], files
+    if path.suffix.lower() != ".csv":
+        raise ValueError(f"queries {path} must be a folder of images or a .csv file")
+    if not path.exists():
+        raise FileNotFoundError(f"queries file {path} does not exist")
+    frame = pd.read_csv(path, dtype=str)
+    if not {"key", "image"} & set(frame.columns):
+        raise ValueError(f"{path} needs a 'key' column (catalogued objects) or an 'image' column (files); "
+                         f"it has {', '.join(frame.columns)}")
+    keys = frame["key"].dropna().tolist() if "key" in frame else []
+    files = [path.parent / f for f in frame["image"].dropna()] if "image" in frame else []
+    if not keys and not files:
+        raise ValueError(f"{path} lists no queries")
+    return keys, files
 
 
-def embed_query_bytes(cat: Catalog, data: bytes, *, weights: str | None = None) -> np.ndarray:
+def allowed_ids(cat: Catalog, *, prefix: str | None = None, category: str | None = None) -> np.ndarray | None:
+    """Ids of the images a filtered search may return (None: no filter)."""
+    if prefix is None and category is None:
+        return None
+    images = cat.images
+    keep = np.ones(len(images), bool)
+    if prefix is not None:
+        keep &= images["key"].str.startswith(prefix).to_numpy()
+    if category is not None:
+        known = sorted(images["category"].dropna().unique())
+        if not known:
+            raise ValueError(f"catalogue version {cat.manifest.version} has no categories (its category column "
+                             "is empty); search without --category")
+        if category not in known:
+            raise ValueError(f"no image has category {category!r}; categories are {', '.join(known[:20])}")
+        keep &= (images["category"] == category).to_numpy()
+    if not keep.any():
+        raise ValueError(f"no catalogued image matches prefix {prefix!r} and category {category!r} "
+                         f"(version {cat.manifest.version})")
+    return images["image_id"].to_numpy(np.int64)[keep]
+
+
+def vectors_for_keys(cat: Catalog, keys: Sequence[str]) -> np.ndarray:
+    """The stored embeddings of catalogued `keys` (a document's first page), read
+    from their parts: exact whatever the index keeps (IVF-PQ holds approximations)."""
+    images = cat.images
+    if "page" in images:  # a multi-page document is found by its first page
+        images = images.sort_values(["key", "page"]).drop_duplicates("key")
+    rows = images.set_index("key").reindex(keys)
+    missing = [k for k, i in zip(keys, rows["image_id"], strict=True) if pd.isna(i)]
+    if missing:
+        raise KeyError(f"{missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
+                       f"not in the catalogue (version {cat.manifest.version}); check the key, or search by "
+                       "--image FILE")
+    out = np.empty((len(keys), cat.manifest.embedding_dim), np.float32)
+    positions = pd.Series(np.arange(len(keys)))
+    for part, group in positions.groupby(rows["embedding_part"].to_numpy()):
+        ids, _runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(cat.store.get(part)))
+        row_of = pd.Index(ids).get_indexer(rows["image_id"].to_numpy(np.int64)[group.to_numpy()])
+        out[group.to_numpy()] = vectors[row_of]
+    return out
+
+
+def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights: str | None = None) -> np.ndarray:
+    """Embed query images with the catalogue's own model and weights, in batches."""
     embedder = get_embedder(query_embedder_settings(cat, weights=weights))
-    decoded = decode_image(data, min_side=embedder.preprocessing.resize_size)
-    return embedder.embed(embedder.preprocess(decoded.image).unsqueeze(0)).embeddings[0]
+    out = []
+    for start in range(0, len(images), EMBED_BATCH):
+        batch = []
+        for image in images[start:start + EMBED_BATCH]:
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            try:
+                decoded = decode_image(data, min_side=embedder.preprocessing.resize_size)
+            except DecodeError as exc:
+                name = "query bytes" if isinstance(image, bytes) else str(image)
+                raise ValueError(f"query image {name} cannot be read ({exc}); remove it or fix the file") from None
+            batch.append(embedder.preprocess(decoded.image))
+        out.append(embedder.embed(torch.stack(batch)).embeddings)
+    return np.concatenate(out)
 
 
-def neighbours(cat: Catalog, query: np.ndarray, k: int) -> pd.DataFrame:
-    scores, ids = faiss_index.search(cat.index, query, k)
-    by_id = cat.images.set_index("image_id")
-    rows = []
-    for rank, (score, image_id) in enumerate(zip(scores[0], ids[0], strict=True), start=1):
-        if image_id < 0:
-            continue
-        row = by_id.loc[image_id]
-        rows.append({"rank": rank, "key": row["key"], "score": float(score), "top_class": row["top_class"],
-                     "image_id": int(image_id)})
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+def neighbours(cat: Catalog, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per (query, neighbour), best first: query_index, rank, key, score,
+    top_class, image_id. Searches with the nprobe the catalogue was tuned to."""
+    scores, ids = faiss_index.search(cat.index, queries, k, nprobe=cat.manifest.index_nprobe or None,
+                                     allowed_ids=allowed_ids)
+    query_index, rank = np.nonzero(ids >= 0)
+    found = ids[query_index, rank]
+    rows = cat.images.set_index("image_id").loc[found]
+    return pd.DataFrame({"query_index": query_index, "rank": rank + 1, "key": rows["key"].to_numpy(),
+                         "score": scores[query_index, rank].astype(float), "top_class": rows["top_class"].to_numpy(),
+                         "image_id": found})
+
+
+def results_format(path: Path) -> str:
+    """'csv' or 'parquet', from the file name."""
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"results file {path} must end in .csv or .parquet")
+    return fmt
+
+
+def write_results(frame: pd.DataFrame, path: Path) -> None:
+    if results_format(path) == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+
+
+@dataclass
+class DuplicatesReport:
+    groups: pd.DataFrame  # group_id, image_id, key, group_size, best_score
+    key: str | None  # where it was written in the catalogue (None: not written)
+    version: int
+    threshold: float
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.groups["group_id"].nunique())
+
+
+def find_duplicates(catalog: str | Catalog, *, threshold: float = 0.95, endpoint_url: str | None = None,
+                    write: bool = True) -> DuplicatesReport:
+    """Groups of near-identical images in the live version (cosine above
+    `threshold`), written as `tables/duplicates/<version>/threshold-T.parquet`."""
+    cat = _catalog(catalog, endpoint_url)
+    m = cat.manifest
+    pairs = dups.similar_pairs(cat.index, cat.embedding_blocks(), threshold, n_images=len(cat.images),
+                               nprobe=m.index_nprobe or None)
+    groups = dups.duplicates_frame(dups.group_pairs(pairs), cat.images)
+    key = None
+    if write:
+        key = dups.duplicates_key(m.version, m.run_id, threshold)
+        cat.store.put(key, dups.duplicates_parquet(groups, manifest_key=cat.manifest_key, version=m.version,
+                                                   threshold=threshold, index_factory=m.index_factory,
+                                                   nprobe=m.index_nprobe))
+    return DuplicatesReport(groups=groups, key=key, version=m.version, threshold=threshold)

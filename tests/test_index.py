@@ -1,0 +1,310 @@
+"""The index: which kind a catalogue gets (pinned table), when it is retrained,
+and real FAISS indexes on tens of thousands of clustered synthetic vectors:
+remove and re-add by id, save, load, and recall against exact search."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.search import similar_images
+from tasks import index as fi
+from tasks.catalog import Catalog, ChangePlan, ShardResult, build_next_version, commit_manifest, read_pointer
+from tasks.storage import LocalStore, ObjectInfo
+from tasks.synthetic_vectors import ClusteredVectors
+from tasks.tables import embeddings_table, to_parquet_bytes
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """The machine is shared; FAISS would otherwise take every core."""
+    with fi.faiss_threads(1):
+        yield
+
+
+@pytest.mark.parametrize("n,dim,budget,kind,factory", [
+    (0, 512, GiB, "flat", "IDMap2,Flat"),
+    (1_000, 512, GiB, "flat", "IDMap2,Flat"),
+    (49_999, 2048, 16 * GiB, "flat", "IDMap2,Flat"),
+    (50_000, 2048, 16 * GiB, "ivf-flat", "IVF1024,Flat"),
+    (100_000, 2048, 16 * GiB, "ivf-flat", "IVF1024,Flat"),
+    (1_000_000, 2048, 16 * GiB, "ivf-flat", "IVF4096,Flat"),
+    (1_000_000, 512, 4 * GiB, "ivf-flat", "IVF4096,Flat"),
+    # IVF-Flat does not fit: the largest PQ code that does (at most d/4 bytes)
+    (1_000_000, 2048, 4 * GiB, "ivf-pq", "IVF4096,PQ512x8np"),
+    (1_000_000, 512, GiB, "ivf-pq", "IVF4096,PQ128x8np"),
+    # 16 dims a code byte: OPQ rotates (and trims) the space first
+    (1_000_000, 2048, 256 * MiB, "ivf-pq", "OPQ128_896,IVF4096,PQ128x8np"),
+    (10_000_000, 512, GiB, "ivf-pq", "OPQ48_336,IVF16384,PQ48x8np"),
+    # a small catalogue whose flat index does not fit the budget
+    (40_000, 2048, 100 * MiB, "ivf-pq", "IVF1024,PQ512x8np"),
+])
+def test_choose_index(n, dim, budget, kind, factory):
+    choice = fi.choose_index(n, dim, budget)
+    assert (choice.kind, choice.factory) == (kind, factory)
+    assert choice.estimated_bytes <= budget
+
+
+def test_choose_index_refuses_a_budget_nothing_fits():
+    with pytest.raises(ValueError, match=r"no index for 20,000 vectors of dimension 64 fits in 1,048,576 bytes "
+                                         r"\(the smallest needs about 1,133,184\); raise --index-memory"):
+        fi.choose_index(20_000, 64, MiB)
+
+
+@pytest.mark.parametrize("n,nlist", [(1, 1), (1_000, 25), (12_000, 307), (50_000, 1024), (1_000_000, 4096),
+                                     (10_000_000, 16384)])
+def test_nlist_is_about_4_sqrt_n_with_39_training_points_a_list(n, nlist):
+    assert fi.ivf_nlist(n) == nlist
+    assert n // nlist >= fi.MIN_POINTS_PER_CENTROID or nlist == 1
+
+
+IVF_60K = fi.IndexState(kind="ivf-flat", factory="IVF1024,Flat", trained_n=60_000, nlist=1024)
+
+
+@pytest.mark.parametrize("previous,n,budget,reason", [
+    (None, 10, GiB, "no index to update"),
+    (fi.IndexState("flat", "IDMap2,Flat", 0), 49_000, 16 * GiB, None),
+    (fi.IndexState("flat-ip", "IDMap2,Flat", 0), 30, GiB, None),  # versions written before IVF
+    (fi.IndexState("flat", "IDMap2,Flat", 0), 50_000, 16 * GiB, "the index kind changes from flat to ivf-flat"),
+    (IVF_60K, 240_000, 16 * GiB, None),
+    (IVF_60K, 61_000, 16 * GiB, None),
+    (IVF_60K, 240_001, 16 * GiB,
+     "the catalogue grew to 240001 vectors, past 4x the 60000 the index was trained at"),
+    (IVF_60K, 200_000, 100 * MiB, "the index kind changes from ivf-flat to ivf-pq"),
+    (IVF_60K, 20_000, 16 * GiB, "the index kind changes from ivf-flat to flat"),
+])
+def test_retrain_only_when_the_kind_changes_or_the_catalogue_outgrows_the_training(previous, n, budget, reason):
+    assert fi.retrain_reason(previous, fi.choose_index(n, 2048, budget), n) == reason
+
+
+@pytest.mark.parametrize("text,size", [("16G", 16 * GiB), ("512MiB", 512 * MiB), ("2.5GB", int(2.5 * GiB)),
+                                       ("1000", 1000), ("64k", 65536)])
+def test_parse_memory_size(text, size):
+    assert fi.parse_memory_size(text) == size
+
+
+def test_bad_memory_size_and_recall_target_are_refused():
+    with pytest.raises(ValueError, match="memory size 'lots' is not a size"):
+        fi.parse_memory_size("lots")
+    with pytest.raises(ValueError, match=r"recall target must be in \(0, 1\], not 1.5"):
+        fi.IndexSettings(recall_target=1.5)
+
+
+def brute_force(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :k]]
+
+
+def independent_recall(index, queries, query_ids, vectors, ids, nprobe: int) -> float:
+    """recall@10 (self excluded) computed here with numpy, not with the code under test."""
+    truth = brute_force(vectors, ids, queries, 11)
+    _, found = fi.search(index, queries, 11, nprobe=nprobe)
+    hits = 0
+    for t, f, own in zip(truth, found, query_ids, strict=True):
+        hits += len(set(t[t != own][:10]) & set(f[f != own][:10]))
+    return hits / (10 * len(queries))
+
+
+def build(data: ClusteredVectors, choice: fi.IndexChoice, n_queries: int, seed: int = 0):
+    ids, vectors = data.all()
+    query_ids, train_ids = fi.split_sample(ids, n_queries, choice, np.random.default_rng(seed))
+    index = fi.build_index(choice, data.dim, fi.gather_vectors(data, train_ids, data.dim), data)
+    return index, ids, vectors, query_ids, fi.gather_vectors(data, query_ids, data.dim)
+
+
+def test_ivf_flat_on_30k_vectors_updates_by_id_survives_save_load_and_keeps_recall():
+    data = ClusteredVectors(30_000, 64, clusters=100, seed=1, block_size=4096)
+    choice = fi.ivf_flat_choice(data.n, data.dim)
+    index, ids, vectors, query_ids, queries = build(data, choice, n_queries=500)
+    assert set(query_ids).isdisjoint(fi.split_sample(ids, 500, choice, np.random.default_rng(0))[1])
+
+    report = fi.measure_recall(index, queries, query_ids, data, target=0.95)
+    assert report.recall_at_10 >= 0.95 and report.nprobe > 1  # one list is not enough on clustered data
+    assert report.curve[0][1] < 0.95 and [p for p, _ in report.curve] == [2 ** i for i in range(len(report.curve))]
+    assert independent_recall(index, queries, query_ids, vectors, ids, report.nprobe) == \
+        pytest.approx(report.recall_at_10)
+
+    # nightly update: 2,000 images deleted, 1,000 changed (same ids, new vectors)
+    rng = np.random.default_rng(7)
+    pick = rng.choice(len(ids), 3000, replace=False)
+    deleted, changed = ids[pick[:2000]], ids[pick[2000:]]
+    assert fi.remove_ids(index, np.concatenate([deleted, changed])) == 3000
+    new_vectors = ClusteredVectors(1000, 64, clusters=100, seed=99).all()[1]
+    fi.add_vectors(index, changed, new_vectors)
+    assert index.ntotal == 28_000
+    with pytest.raises(RuntimeError):
+        index.reconstruct(int(deleted[0]))
+    np.testing.assert_array_equal(index.reconstruct_batch(changed[:50]), new_vectors[:50])
+
+    restored = fi.deserialize(fi.serialize(index))
+    assert faiss.extract_index_ivf(restored).nprobe == report.nprobe
+    _, top = fi.search(restored, new_vectors[:200], 1)
+    np.testing.assert_array_equal(top[:, 0], changed[:200])  # a changed image is found by its new vector
+    _, hits = fi.search(restored, vectors[pick[:2000]], 10)
+    assert not np.isin(hits, deleted).any()  # deleted images are never returned
+
+    live = ~np.isin(ids, np.concatenate([deleted, changed]))
+    now_ids = np.concatenate([ids[live], changed])
+    now_vectors = np.concatenate([vectors[live], new_vectors])
+    sample = rng.choice(len(now_ids), 300, replace=False)
+    assert independent_recall(restored, now_vectors[sample], now_ids[sample], now_vectors, now_ids,
+                              report.nprobe) >= 0.95
+
+
+def test_ivf_pq_measures_the_recall_its_codes_allow_and_removes_by_id():
+    data = ClusteredVectors(12_000, 32, clusters=50, seed=2)
+    choice = fi.choose_index(data.n, data.dim, MiB, flat_max_vectors=1000)
+    assert choice.factory == "IVF307,PQ8x8np"
+    index, ids, vectors, query_ids, queries = build(data, choice, n_queries=300)
+    report = fi.measure_recall(index, queries, query_ids, data, target=0.95)
+    assert independent_recall(index, queries, query_ids, vectors, ids, report.nprobe) == \
+        pytest.approx(report.recall_at_10)
+    assert 0.5 < report.recall_at_10 < 0.95  # PQ codes cap recall: tuning stopped on the plateau
+    assert report.curve[-1][1] - report.curve[-2][1] < fi.RECALL_PLATEAU
+    assert fi.remove_ids(index, ids[:100]) == 100 and index.ntotal == 11_900
+    _, top = fi.search(index, vectors[:100], 10, nprobe=report.nprobe)
+    assert not np.isin(top, ids[:100]).any()
+
+
+def test_opq_index_supports_the_same_operations():
+    data = ClusteredVectors(3000, 32, clusters=20, seed=3)
+    choice = fi.choose_index(data.n, data.dim, 200_000, flat_max_vectors=1000)
+    assert choice.opq and choice.factory == "OPQ4_28,IVF76,PQ4x8np"
+    index, ids, vectors, *_ = build(data, choice, n_queries=0)
+    assert fi.remove_ids(index, ids[:10]) == 10
+    restored = fi.deserialize(fi.serialize(index))
+    assert restored.reconstruct(int(ids[20])).shape == (32,)
+    _, top = fi.search(restored, vectors[20:21], 5, nprobe=76)
+    assert ids[20] in top[0] and not np.isin(top, ids[:10]).any()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
+def test_filtered_search_returns_only_allowed_ids(kind):
+    data = ClusteredVectors(5000, 32, clusters=20, seed=4)
+    choice = fi.flat_choice(data.n, data.dim) if kind == "flat" else fi.ivf_flat_choice(data.n, data.dim)
+    index, ids, vectors, *_ = build(data, choice, n_queries=0)
+    allowed = ids[ids % 3 == 0]
+    scores, found = fi.search(index, vectors[:20], 5, nprobe=choice.nlist, allowed_ids=allowed)
+    assert np.isin(found, allowed).all()
+    exact = brute_force(vectors[ids % 3 == 0], allowed, vectors[:20], 5)
+    np.testing.assert_array_equal(found, exact)
+
+
+def test_exact_neighbours_over_blocks_equal_brute_force():
+    data = ClusteredVectors(3000, 16, clusters=10, seed=5, block_size=700)
+    ids, vectors = data.all()
+    _, found = fi.exact_neighbours(vectors[:50], data, 7)
+    np.testing.assert_array_equal(found, brute_force(vectors, ids, vectors[:50], 7))
+
+
+def test_flat_recall_is_exact_without_measuring():
+    data = ClusteredVectors(500, 16, seed=6)
+    index, *_ = build(data, fi.flat_choice(data.n, data.dim), n_queries=0)
+    report = fi.measure_recall(index, np.empty((0, 16), np.float32), np.empty(0, np.int64), data, target=0.95)
+    assert (report.recall_at_10, report.nprobe) == (1.0, 0)
+
+
+class SyntheticCatalogue:
+    """Versions committed through the real build and commit code, with synthetic
+    embeddings parts instead of model runs (the index step reads only parts and rows)."""
+
+    def __init__(self, root, dim: int, settings: fi.IndexSettings) -> None:
+        self.store = LocalStore(root, create=True)
+        self.dim, self.settings = dim, settings
+        self.runs = 0
+
+    def catalog(self) -> Catalog | None:
+        return Catalog.open(self.store) if read_pointer(self.store)[0] else None
+
+    def commit(self, new_keys: list[str], vectors: np.ndarray, *, changed: list[str] = (),
+               deleted: list[str] = ()) -> Catalog:
+        from tasks.tables import image_id_for
+
+        self.runs += 1
+        run_id = f"run{self.runs:03d}"
+        previous = self.catalog()
+        part = f"tables/embeddings/{run_id}/shard-00000.parquet"
+        ids = np.array([image_id_for(k) for k in new_keys], np.int64)
+        self.store.put(part, to_parquet_bytes(embeddings_table(ids, run_id, vectors)))
+        rows = pd.DataFrame({"image_id": ids, "key": new_keys, "etag": run_id, "size": 1, "run_id": run_id,
+                             "top_class": "thing", "embedding_part": part})
+        plan = ChangePlan(changed=[ObjectInfo(k, run_id, 1) for k in changed], deleted=list(deleted))
+        manifest, _ = build_next_version(
+            self.store, previous, plan, [ShardResult(0, rows, part, [], {})], run_id=run_id, source="synthetic",
+            model="synthetic", weights="none", weights_source="random", weights_sha256="0" * 64,
+            embedding_dim=self.dim, reembed_all=False, index_settings=self.settings)
+        commit_manifest(self.store, manifest, read_pointer(self.store)[1])
+        return Catalog.open(self.store)
+
+
+def assert_index_matches_tables(cat: Catalog) -> None:
+    ids, vectors = cat.embeddings()
+    assert cat.index.ntotal == len(cat.images) == len(ids)
+    np.testing.assert_allclose(cat.index.reconstruct_batch(ids), vectors, atol=1e-6)
+
+
+def test_catalogue_index_goes_flat_to_ivf_updates_in_place_and_retrains_past_the_growth_factor(tmp_path):
+    dim = 32
+    cat = SyntheticCatalogue(tmp_path / "cat", dim, fi.IndexSettings(flat_max_vectors=2000, memory_budget_bytes=GiB))
+    pool = ClusteredVectors(16_000, dim, clusters=40, seed=8)
+    _, vectors = pool.all()
+    keys = [f"photos/item-{i:05d}.jpg" for i in range(pool.n)]
+
+    v1 = cat.commit(keys[:1500], vectors[:1500])
+    m = v1.manifest
+    assert (m.index_type, m.index_factory, m.index_recall_at_10, m.index_nprobe) == ("flat", "IDMap2,Flat", 1.0, 0)
+
+    v2 = cat.commit(keys[1500:3000], vectors[1500:3000])  # 3,000 vectors: past flat_max, becomes IVF
+    m = v2.manifest
+    assert (m.index_type, m.index_factory, m.index_trained_n, m.index_nlist) == ("ivf-flat", "IVF76,Flat", 3000, 76)
+    assert m.index_recall_at_10 >= 0.95 and m.index_recall_target == 0.95 and m.index_nprobe >= 1
+    assert m.index_recall_queries == 1000
+    assert_index_matches_tables(v2)
+
+    # nightly: 100 changed, 100 deleted, 500 new -> updated in place, no retraining
+    changed, deleted = keys[:100], keys[100:200]
+    fresh = ClusteredVectors(100, dim, clusters=40, seed=9).all()[1]
+    v3 = cat.commit(changed + keys[3000:3500], np.concatenate([fresh, vectors[3000:3500]]),
+                    changed=changed, deleted=deleted)
+    m = v3.manifest
+    assert (m.index_type, m.index_factory, m.index_trained_n) == ("ivf-flat", "IVF76,Flat", 3000)
+    assert m.counts["images"] == 3400 and m.index_recall_at_10 >= 0.95
+    assert_index_matches_tables(v3)
+    assert not set(deleted) & set(v3.images["key"])
+    hits = similar_images(v3, key=changed[0], k=3)
+    assert hits.iloc[0]["key"] == changed[0] and hits.iloc[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+    v4 = cat.commit(keys[3500:12_500], vectors[3500:12_500])  # 12,400 > 4 x 3,000: retrained
+    m = v4.manifest
+    assert (m.index_type, m.index_trained_n, m.index_nlist) == ("ivf-flat", 12_400, 317)
+    assert m.index_factory == "IVF317,Flat" and m.index_recall_at_10 >= 0.95
+    assert_index_matches_tables(v4)
+    assert Catalog.open(cat.store, version=3).index.ntotal == 3400  # the old version is untouched
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", "--catalog", str(tmp_path / "cat"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)["index"]
+    assert info["kind"] == "ivf-flat" and info["trained_n"] == 12_400 and info["nprobe"] == m.index_nprobe
+    assert info["recall_at_10"] == pytest.approx(m.index_recall_at_10)
+    text = runner.invoke(app, ["status", "--catalog", str(tmp_path / "cat")]).output
+    assert f"recall@10 {m.index_recall_at_10:.3f} (target 0.95)" in " ".join(text.split())
+
+
+def test_manifests_written_before_ivf_still_load(tmp_path):
+    cat = SyntheticCatalogue(tmp_path / "cat", 8, fi.IndexSettings())
+    v1 = cat.commit(["a.jpg", "b.jpg"], np.eye(2, 8, dtype=np.float32))
+    raw = json.loads(v1.manifest.to_json())
+    for field in [f for f in raw if f.startswith("index_") and f != "index_type"]:
+        del raw[field]
+    raw["index_type"] = "flat-ip"
+    old = type(v1.manifest).from_json(json.dumps(raw).encode())
+    assert old.index_state == fi.IndexState("flat", "IDMap2,Flat", 0, 0)
+    assert old.index_recall_at_10 is None
