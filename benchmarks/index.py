@@ -1,0 +1,180 @@
+"""Index benchmark: each index kind on clustered synthetic unit vectors.
+
+For each size and kind (flat, ivf-flat, ivf-pq as `choose_index` would configure
+them): build seconds (train + add), resident memory the index added, single-query
+and batched queries per second at k=10, and recall@10 against exact search on a
+held-out sample of the indexed vectors, at the nprobe tuned to --recall-target.
+Vectors are generated block by block, so only the index itself (and a training
+sample) is ever held: 1M x 2048-d needs about 8 GiB for flat or IVF-Flat. Prints a
+table and writes JSON. Not a test: nothing here asserts a time.
+
+    python benchmarks/index.py --sizes 20000 --threads 1              # a quick look
+    python benchmarks/index.py --sizes 100000,1000000                 # the real run (2048-d)
+    python benchmarks/index.py --sizes 1000000 --kinds ivf-pq --pq-m 128 --opq off
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks import index as fi  # noqa: E402
+from tasks.synthetic_vectors import ClusteredVectors  # noqa: E402
+
+SINGLE_QUERIES = 200
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def configure(kind: str, n: int, dim: int, args: argparse.Namespace) -> fi.IndexChoice:
+    """The choice `choose_index` would make for `kind`, with optional PQ overrides."""
+    if kind == "flat":
+        return fi.flat_choice(n, dim)
+    if kind == "ivf-flat":
+        return fi.ivf_flat_choice(n, dim)
+    if kind != "ivf-pq":
+        raise SystemExit(f"unknown kind {kind!r}; use flat, ivf-flat or ivf-pq")
+    opq = None if args.opq == "auto" else args.opq == "on"
+    if args.pq_m:
+        choice = fi.ivf_pq_for_code(n, dim, args.pq_m, opq=opq)
+        if choice is None:
+            raise SystemExit(f"PQ{args.pq_m} does not suit dimension {dim}: at most d/{fi.PQ_MIN_DIMS_PER_CODE} "
+                             "bytes, and without OPQ a divisor of d")
+        return choice
+    budget = fi.parse_memory_size(args.pq_memory) if args.pq_memory else fi.ivf_flat_choice(n, dim).estimated_bytes // 16
+    choice = fi.ivf_pq_choice(n, dim, budget)
+    if choice is None:
+        raise SystemExit(f"no IVF-PQ for {n} x {dim} fits in {budget:,} bytes; pass --pq-memory or --pq-m")
+    return fi.ivf_pq_for_code(n, dim, choice.pq_m, opq=opq) if opq is not None else choice
+
+
+def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
+               args: argparse.Namespace) -> dict:
+    choice = configure(kind, data.n, data.dim, args)
+    print(f"[{data.n:,} x {data.dim}] {kind}: {choice.factory} ...", flush=True)
+    gc.collect()
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    training = None
+    if choice.kind != "flat":
+        rng = np.random.default_rng(args.seed + 1)
+        pool = np.setdiff1d(np.arange(data.n, dtype=np.int64), query_ids)  # held out: queries never train
+        train_ids = rng.choice(pool, min(choice.train_size, len(pool)), replace=False)
+        training = fi.gather_vectors(data, train_ids, data.dim)
+    t_sample = time.perf_counter()
+    index = fi.trained_index(choice, data.dim, training)
+    del training
+    t_train = time.perf_counter()
+    for ids, vectors in data:
+        fi.add_vectors(index, ids, vectors)
+    t_add = time.perf_counter()
+    gc.collect()
+    memory = rss_bytes() - rss0
+
+    if choice.kind == "flat":
+        _, found = fi.search(index, queries, truth.shape[1] + 1)
+        report = fi.RecallReport(recall_at_10=fi.recall_at_k(fi.drop_self(found, query_ids, truth.shape[1]), truth),
+                                 nprobe=0, queries=len(queries), target=args.recall_target)
+    else:
+        report = fi.tune_nprobe(index, queries, query_ids, truth, args.recall_target)
+    nprobe = report.nprobe or None
+
+    t = time.perf_counter()
+    for q in queries[:SINGLE_QUERIES]:
+        fi.search(index, q[None], 10, nprobe=nprobe)
+    single_qps = min(SINGLE_QUERIES, len(queries)) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    fi.search(index, queries, 10, nprobe=nprobe)
+    batch_qps = len(queries) / (time.perf_counter() - t)
+    row = {
+        "n": data.n, "dim": data.dim, "kind": kind, "factory": choice.factory, "nlist": choice.nlist,
+        "sample_s": t_sample - t0, "train_s": t_train - t_sample, "add_s": t_add - t_train,
+        "build_s": t_add - t0, "memory_bytes": memory, "estimated_bytes": choice.estimated_bytes,
+        "peak_rss_bytes": peak_rss_bytes(), "single_qps": single_qps, "batch_qps": batch_qps,
+        "recall_at_10": report.recall_at_10, "nprobe": report.nprobe, "recall_curve": report.curve,
+        "queries": len(queries),
+    }
+    del index
+    gc.collect()
+    return row
+
+
+def bench_size(n: int, args: argparse.Namespace) -> list[dict]:
+    data = ClusteredVectors(n, args.dim, clusters=args.clusters or max(10, n // 1000), spread=args.spread,
+                            seed=args.seed, block_size=args.block_size)
+    query_ids = np.sort(np.random.default_rng(args.seed).choice(n, min(args.queries, n), replace=False)).astype(np.int64)
+    print(f"[{n:,} x {args.dim}] gathering {len(query_ids)} queries and their exact neighbours ...", flush=True)
+    queries = fi.gather_vectors(data, query_ids, args.dim)
+    t = time.perf_counter()
+    _, truth = fi.exact_neighbours(queries, data, fi.RECALL_K + 1)
+    print(f"[{n:,} x {args.dim}] ground truth in {time.perf_counter() - t:.1f} s", flush=True)
+    truth = fi.drop_self(truth, query_ids, fi.RECALL_K)
+    return [bench_kind(kind, data, queries, query_ids, truth, args) for kind in args.kinds.split(",")]
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'n':>9} {'kind':9} {'factory':32} {'build s':>8} {'train s':>8} {'memory MB':>10} "
+            f"{'1-query/s':>10} {'batch q/s':>10} {'nprobe':>6} {'recall@10':>9}")
+    print("\n" + head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['n']:>9,} {r['kind']:9} {r['factory']:32} {r['build_s']:8.1f} {r['train_s']:8.1f} "
+              f"{r['memory_bytes'] / 2**20:10.0f} {r['single_qps']:10.0f} {r['batch_qps']:10.0f} "
+              f"{r['nprobe']:>6} {r['recall_at_10']:9.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000", help="vector counts, comma-separated")
+    parser.add_argument("--dim", type=int, default=2048, help="2048 = ResNet-50 embeddings")
+    parser.add_argument("--kinds", default="flat,ivf-flat,ivf-pq")
+    parser.add_argument("--clusters", type=int, default=0, help="cluster centres (default: one per 1,000 vectors)")
+    parser.add_argument("--spread", type=float, default=1.0, help="noise norm relative to a centre's")
+    parser.add_argument("--queries", type=int, default=fi.RECALL_QUERIES, help="held-out queries for recall and q/s")
+    parser.add_argument("--recall-target", type=float, default=fi.DEFAULT_RECALL_TARGET)
+    parser.add_argument("--pq-memory", default="", help="IVF-PQ budget, e.g. 512M (default: 1/16 of IVF-Flat's size)")
+    parser.add_argument("--pq-m", type=int, default=0, help="force the PQ code size in bytes")
+    parser.add_argument("--opq", default="auto", choices=["auto", "on", "off"], help="override the OPQ rule")
+    parser.add_argument("--threads", type=int, default=0, help="FAISS threads (default: all cores)")
+    parser.add_argument("--block-size", type=int, default=20_000, help="vectors generated at a time")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "index.json"))
+    args = parser.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        rows.extend(bench_size(n, args))
+        print_table(rows)
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "faiss_threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__},
+               "args": vars(args), "runs": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
