@@ -224,7 +224,7 @@ class SyntheticCatalogue:
         return Catalog.open(self.store) if read_pointer(self.store)[0] else None
 
     def commit(self, new_keys: list[str], vectors: np.ndarray, *, changed: list[str] = (),
-               deleted: list[str] = ()) -> Catalog:
+               deleted: list[str] = (), categories: list[str] | None = None) -> Catalog:
         from tasks.tables import image_id_for
 
         self.runs += 1
@@ -234,7 +234,7 @@ class SyntheticCatalogue:
         ids = np.array([image_id_for(k) for k in new_keys], np.int64)
         self.store.put(part, to_parquet_bytes(embeddings_table(ids, run_id, vectors)))
         rows = pd.DataFrame({"image_id": ids, "key": new_keys, "etag": run_id, "size": 1, "run_id": run_id,
-                             "top_class": "thing", "embedding_part": part})
+                             "top_class": "thing", "embedding_part": part, "category": categories})
         plan = ChangePlan(changed=[ObjectInfo(k, run_id, 1) for k in changed], deleted=list(deleted))
         manifest, _ = build_next_version(
             self.store, previous, plan, [ShardResult(0, rows, part, [], {})], run_id=run_id, source="synthetic",
@@ -308,3 +308,89 @@ def test_manifests_written_before_ivf_still_load(tmp_path):
     old = type(v1.manifest).from_json(json.dumps(raw).encode())
     assert old.index_state == fi.IndexState("flat", "IDMap2,Flat", 0, 0)
     assert old.index_recall_at_10 is None
+
+
+@pytest.fixture
+def two_kinds_catalogue(tmp_path):
+    """600 synthetic vectors, 300 under photos/ (category 'shoe') and 300 under docs/ ('invoice')."""
+    cat = SyntheticCatalogue(tmp_path / "cat", 16, fi.IndexSettings())
+    _, vectors = ClusteredVectors(600, 16, clusters=12, seed=10).all()
+    keys = [f"photos/item-{i:03d}.jpg" for i in range(300)] + [f"docs/page-{i:03d}.png" for i in range(300)]
+    cat.commit(keys, vectors, categories=["shoe"] * 300 + ["invoice"] * 300)
+    return tmp_path / "cat", Catalog.open(cat.store)
+
+
+def test_batch_search_by_keys_from_a_csv_filters_inside_the_search_and_writes_files(two_kinds_catalogue, tmp_path):
+    root, cat = two_kinds_catalogue
+    queries = ["photos/item-007.jpg", "docs/page-011.png", "docs/page-200.png"]
+    pd.DataFrame({"key": queries}).to_csv(tmp_path / "q.csv", index=False)
+    runner = CliRunner()
+    result = runner.invoke(app, ["search", "--catalog", str(root), "--queries", str(tmp_path / "q.csv"), "-k", "5",
+                                 "--prefix", "photos/", "--out", str(tmp_path / "r.parquet")])
+    assert result.exit_code == 0 and "wrote 15 results" in result.output, result.output
+    found = pd.read_parquet(tmp_path / "r.parquet")
+    assert list(found.columns) == ["query", "rank", "key", "score", "top_class", "image_id"]
+    assert found.groupby("query")["rank"].apply(list).to_dict() == {q: [1, 2, 3, 4, 5] for q in queries}
+    assert found["key"].str.startswith("photos/").all()  # k results, all from the prefix, even for docs queries
+
+    ids, vectors = cat.embeddings()
+    photos = cat.images["key"].str.startswith("photos/").to_numpy()
+    by_key = dict(zip(cat.images["key"], range(len(ids)), strict=True))
+    for q in queries:
+        exact = brute_force(vectors[photos], ids[photos], vectors[[by_key[q]]], 5)[0]
+        assert found.loc[found["query"] == q, "image_id"].tolist() == exact.tolist()
+
+    result = runner.invoke(app, ["search", "--catalog", str(root), "--key", "docs/page-011.png", "-k", "3",
+                                 "--category", "invoice", "--json"])
+    hits = json.loads(result.output)
+    assert hits[0]["key"] == "docs/page-011.png" and all(h["key"].startswith("docs/") for h in hits)
+    result = runner.invoke(app, ["search", "--catalog", str(root), "--queries", str(tmp_path / "q.csv"), "-k", "2",
+                                 "--out", str(tmp_path / "r.csv")])
+    assert result.exit_code == 0 and len(pd.read_csv(tmp_path / "r.csv")) == 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--key", "photos/item-001.jpg", "--out", "r.txt"], "results file r.txt must end in .csv or .parquet"),
+    (["--key", "photos/nope.jpg"], "'photos/nope.jpg' not in the catalogue (version 1)"),
+    (["--key", "photos/item-001.jpg", "--category", "boat"], "no image has category 'boat'; categories are invoice, shoe"),
+    (["--key", "photos/item-001.jpg", "--prefix", "videos/"], "no catalogued image matches prefix 'videos/'"),
+    (["--queries", "bad.csv"], "bad.csv needs a 'key' column (catalogued objects) or an 'image' column (files)"),
+    (["--key", "photos/item-001.jpg", "--image", "q.csv"], "pass exactly one of --key KEY or --image FILE"),
+])
+def test_search_mistakes_exit_2_with_a_message(two_kinds_catalogue, tmp_path, monkeypatch, args, message):
+    root, _ = two_kinds_catalogue
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"sku": ["a"]}).to_csv("bad.csv", index=False)
+    pd.DataFrame({"key": ["a"]}).to_csv("q.csv", index=False)
+    result = CliRunner().invoke(app, ["search", "--catalog", str(root), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_folder_and_a_csv_of_query_images_find_their_originals(tmp_path, resnet18_weights):
+    from flows.nightly import catalog_images
+    from flows.search import search_queries
+    from tasks.sample_data import generate_samples, reencoded_copy, write_samples
+
+    photos = generate_samples(10, seed=5, document_fraction=0.0, broken=False)
+    write_samples(LocalStore(tmp_path / "bucket", create=True), photos)
+    catalog_images(source=str(tmp_path / "bucket"), output=str(tmp_path / "cat"), model="resnet18",
+                   weights=str(resnet18_weights), device="cpu", precision="fp32", batch_size=8)
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for o in photos[:3]:
+        (folder / o.key.replace("photos/", "copy-")).write_bytes(reencoded_copy(o.data, scale=0.7, quality=70))
+
+    found = search_queries(str(tmp_path / "cat"), folder, k=3)
+    assert found.groupby("query").size().tolist() == [3, 3, 3]
+    for o in photos[:3]:
+        assert o.key in found.loc[found["query"].str.endswith(o.key.replace("photos/", "copy-")), "key"].tolist()
+
+    pd.DataFrame({"image": [f"queries/{o.key.replace('photos/', 'copy-')}" for o in photos[:2]],
+                  "key": [photos[5].key, photos[6].key]}).to_csv(tmp_path / "mixed.csv", index=False)
+    found = search_queries(str(tmp_path / "cat"), tmp_path / "mixed.csv", k=1)
+    assert found.set_index("query")["key"].to_dict() == {
+        photos[5].key: photos[5].key, photos[6].key: photos[6].key,
+        str(tmp_path / "queries" / photos[0].key.replace("photos/", "copy-")): photos[0].key,
+        str(tmp_path / "queries" / photos[1].key.replace("photos/", "copy-")): photos[1].key}
