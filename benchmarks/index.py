@@ -52,8 +52,8 @@ def configure(kind: str, n: int, dim: int, args: argparse.Namespace) -> fi.Index
         return fi.flat_choice(n, dim)
     if kind == "ivf-flat":
         return fi.ivf_flat_choice(n, dim)
-    if kind != "ivf-pq":
-        raise SystemExit(f"unknown kind {kind!r}; use flat, ivf-flat or ivf-pq")
+    if kind not in fi.KINDS:
+        raise SystemExit(f"unknown kind {kind!r}; use {', '.join(fi.KINDS)}")
     opq = None if args.opq == "auto" else args.opq == "on"
     if args.pq_m:
         choice = fi.ivf_pq_for_code(n, dim, args.pq_m, opq=opq)

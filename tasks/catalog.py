@@ -439,11 +439,14 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
         queries = faiss_index.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
     else:
         log.info("building a new %s index for %s vectors: %s", choice.factory, n, reason)
-        queries = training = None
-        if choice.kind != "flat":
+        queries = sample = None
+        if choice.kind != "flat":  # one pass for the held-out queries and the training sample
             sample = faiss_index.gather_vectors(blocks, np.concatenate([query_ids, train_ids]), dim)
-            queries, training = sample[:len(query_ids)], sample[len(query_ids):]
-        index = faiss_index.build_index(choice, dim, training, blocks)
+            queries = sample[:len(query_ids)].copy()
+        index = faiss_index.trained_index(choice, dim, None if sample is None else sample[len(query_ids):])
+        del sample  # 2 GB at 1M x 2048-d: not held while every vector is added
+        for ids, vectors in blocks:
+            faiss_index.add_vectors(index, ids, vectors)
         state = faiss_index.IndexState(kind=choice.kind, factory=choice.factory,
                                        trained_n=n if choice.kind != "flat" else 0, nlist=choice.nlist)
     if queries is None:

@@ -28,13 +28,15 @@ KINDS = ("flat", "ivf-flat", "ivf-pq")
 LEGACY_KINDS = {"flat-ip": "flat"}  # index_type written before IVF existed
 
 # Below this many vectors exact search wins outright: a flat scan of 50k x 2048-d
-# is ~100M multiply-adds (tens of ms) a query, recall is exactly 1, and an IVF
-# would need ~40k training points for barely shorter lists.
+# is ~100M multiply-adds, about 15 ms a query on one core (20k x 2048 measured at
+# 165 queries/s), recall is exactly 1, and an IVF would need ~40k training points
+# for lists that save little.
 FLAT_MAX_VECTORS = 50_000
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
 TRAIN_POINTS_PER_CENTROID = 64  # better centroids than the minimum; faiss subsamples past 256
 PQ_NBITS = 8
-PQ_TRAIN_POINTS = (1 << PQ_NBITS) * TRAIN_POINTS_PER_CENTROID  # each sub-quantizer has 256 centroids
+PQ_CENTROIDS = 1 << PQ_NBITS  # per sub-quantizer; its k-means needs at least this many points
+PQ_TRAIN_POINTS = PQ_CENTROIDS * TRAIN_POINTS_PER_CENTROID
 PQ_M_CHOICES = (512, 256, 128, 64, 48, 32, 24, 16, 8, 4)
 PQ_MIN_DIMS_PER_CODE = 4  # more than d/4 bytes a vector costs memory for little recall over d/4
 OPQ_MIN_DIMS_PER_CODE = 8  # OPQ's rotation pays off when each sub-quantizer squeezes 8+ dims into a byte
@@ -43,7 +45,7 @@ OPQ_MIN_DIMS_PER_CODE = 8  # OPQ's rotation pays off when each sub-quantizer squ
 # has doubled and each list is 4x longer than planned (slower probes, staler centroids).
 GROWTH_FACTOR = 4
 ID_BYTES = 8
-DIRECT_MAP_BYTES = 40  # hashtable entry (id -> list, offset), measured ~36 bytes
+ID_MAP_BYTES = 40  # an id -> position hashtable entry (IDMap2's rev_map, an IVF's direct map); ~36 measured
 RECALL_K = 10
 RECALL_QUERIES = 1000
 DEFAULT_RECALL_TARGET = 0.95
@@ -88,7 +90,10 @@ class IndexSettings:
         if self.memory_budget_bytes is not None:
             return self.memory_budget_bytes
         if os.environ.get(MEMORY_ENV):
-            return parse_memory_size(os.environ[MEMORY_ENV])
+            try:
+                return parse_memory_size(os.environ[MEMORY_ENV])
+            except ValueError as exc:
+                raise ValueError(f"${MEMORY_ENV}: {exc}") from None
         return default_memory_budget()
 
 
@@ -141,12 +146,13 @@ def ivf_nlist(n_vectors: int) -> int:
 
 
 def flat_choice(n_vectors: int, dim: int) -> IndexChoice:
-    return IndexChoice(kind="flat", factory="IDMap2,Flat", estimated_bytes=n_vectors * (4 * dim + ID_BYTES))
+    return IndexChoice(kind="flat", factory="IDMap2,Flat",
+                       estimated_bytes=n_vectors * (4 * dim + ID_BYTES + ID_MAP_BYTES))
 
 
 def ivf_flat_choice(n_vectors: int, dim: int) -> IndexChoice:
     nlist = ivf_nlist(n_vectors)
-    size = n_vectors * (4 * dim + ID_BYTES + DIRECT_MAP_BYTES) + nlist * dim * 4
+    size = n_vectors * (4 * dim + ID_BYTES + ID_MAP_BYTES) + nlist * dim * 4
     return IndexChoice(kind="ivf-flat", factory=f"IVF{nlist},Flat", nlist=nlist,
                        train_size=min(n_vectors, TRAIN_POINTS_PER_CENTROID * nlist),
                        min_train_size=min(n_vectors, MIN_POINTS_PER_CENTROID * nlist), estimated_bytes=size)
@@ -154,11 +160,15 @@ def ivf_flat_choice(n_vectors: int, dim: int) -> IndexChoice:
 
 def ivf_pq_choice(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexChoice | None:
     """The largest PQ code (best recall) whose index fits the budget, or None."""
-    for m in PQ_M_CHOICES:
-        choice = ivf_pq_for_code(n_vectors, dim, m)
-        if choice is not None and choice.estimated_bytes <= memory_budget_bytes:
-            return choice
-    return None
+    fitting = [c for c in _pq_codes(n_vectors, dim) if c.estimated_bytes <= memory_budget_bytes]
+    return fitting[0] if fitting else None
+
+
+def _pq_codes(n_vectors: int, dim: int) -> list[IndexChoice]:
+    """Every IVF-PQ that suits `dim`, largest code first (none below PQ_CENTROIDS vectors)."""
+    if n_vectors < PQ_CENTROIDS:
+        return []
+    return [c for m in PQ_M_CHOICES if (c := ivf_pq_for_code(n_vectors, dim, m))]
 
 
 def ivf_pq_for_code(n_vectors: int, dim: int, m: int, *, opq: bool | None = None) -> IndexChoice | None:
@@ -172,13 +182,13 @@ def ivf_pq_for_code(n_vectors: int, dim: int, m: int, *, opq: bool | None = None
     # autofaiss's OPQ output: a multiple of m a little above min(d, 6m), so little is lost
     d_out = (min(dim // m, 6) + 1) * m if opq else dim
     nlist = ivf_nlist(n_vectors)
-    size = (n_vectors * (m + ID_BYTES + DIRECT_MAP_BYTES) + nlist * d_out * 4
-            + (1 << PQ_NBITS) * d_out * 4 + (dim * d_out * 4 if opq else 0))
+    size = (n_vectors * (m + ID_BYTES + ID_MAP_BYTES) + nlist * d_out * 4
+            + PQ_CENTROIDS * d_out * 4 + (dim * d_out * 4 if opq else 0))
     prefix = f"OPQ{m}_{d_out}," if opq else ""
     return IndexChoice(kind="ivf-pq", factory=f"{prefix}IVF{nlist},PQ{m}x{PQ_NBITS}np", nlist=nlist, pq_m=m,
                        pq_nbits=PQ_NBITS, opq=opq, opq_dim=d_out if opq else 0,
                        train_size=min(n_vectors, max(TRAIN_POINTS_PER_CENTROID * nlist, PQ_TRAIN_POINTS)),
-                       min_train_size=min(n_vectors, max(MIN_POINTS_PER_CENTROID * nlist, 1 << PQ_NBITS)),
+                       min_train_size=min(n_vectors, max(MIN_POINTS_PER_CENTROID * nlist, PQ_CENTROIDS)),
                        estimated_bytes=size)
 
 
@@ -197,10 +207,9 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int, *,
     ivf = ivf_flat_choice(n_vectors, dim)
     if ivf.estimated_bytes <= memory_budget_bytes:
         return ivf
-    pq = ivf_pq_choice(n_vectors, dim, memory_budget_bytes) if n_vectors >= 1 << PQ_NBITS else None
+    pq = ivf_pq_choice(n_vectors, dim, memory_budget_bytes)
     if pq is None:
-        smallest = [c.estimated_bytes for m in PQ_M_CHOICES if (c := ivf_pq_for_code(n_vectors, dim, m))]
-        need = min([flat.estimated_bytes, *smallest]) if n_vectors >= 1 << PQ_NBITS else flat.estimated_bytes
+        need = min(c.estimated_bytes for c in [flat, *_pq_codes(n_vectors, dim)])
         raise ValueError(f"no index for {n_vectors:,} vectors of dimension {dim} fits in {memory_budget_bytes:,} "
                          f"bytes (the smallest needs about {need:,}); raise --index-memory")
     return pq
@@ -329,10 +338,6 @@ def range_search(index: faiss.Index, queries: np.ndarray, threshold: float, *,
     return index.range_search(queries, float(threshold), params=_search_params(index, nprobe, None))
 
 
-def reconstruct(index: faiss.Index, image_id: int) -> np.ndarray:
-    return index.reconstruct(int(image_id))
-
-
 def split_sample(ids: np.ndarray, n_queries: int, choice: IndexChoice,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(query ids, training ids): queries for measuring recall are held out of
@@ -388,18 +393,20 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 def tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
                 target: float) -> RecallReport:
-    """Raise nprobe 1, 2, 4, ... until recall@k reaches `target`. Where the codes
-    cap recall below it (IVF-PQ), stop when doubling gains under RECALL_PLATEAU
-    and keep the smallest nprobe within that of the best."""
+    """Raise nprobe 1, 2, 4, ... until recall@k reaches `target`. IVF-Flat always
+    gets there (at nprobe = nlist it is exact). Where PQ codes cap recall below
+    the target, stop when doubling gains under RECALL_PLATEAU and keep the
+    smallest nprobe within that of the best."""
     k = truth.shape[1]
-    nlist = faiss.extract_index_ivf(index).nlist
+    ivf = faiss.extract_index_ivf(index)
+    nlist, exact_codes = ivf.nlist, ivf.code_size == 4 * ivf.d  # IVF-Flat stores the float32 vectors
     curve: list[tuple[int, float]] = []
     nprobe = 1
     while True:
         _, found = search(index, queries, k + 1, nprobe=nprobe)
         curve.append((nprobe, recall_at_k(drop_self(found, query_ids, k), truth)))
         reached = curve[-1][1] >= target
-        flat_out = len(curve) > 1 and curve[-1][1] - curve[-2][1] < RECALL_PLATEAU
+        flat_out = not exact_codes and len(curve) > 1 and curve[-1][1] - curve[-2][1] < RECALL_PLATEAU
         if reached or flat_out or nprobe >= nlist:
             break
         nprobe = min(2 * nprobe, nlist)
