@@ -155,6 +155,8 @@ def run(
                                                   "images (compiling takes 10-20 s, then ~1.6x on CPU).")]
     = Compile.auto,
     gpu_decode: Annotated[bool, typer.Option("--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG).")] = False,
+    pdf_dpi: Annotated[int, typer.Option(min=36, max=600, help="Resolution PDF pages are rendered at.")] = 150,
+    max_pages: Annotated[int, typer.Option(min=1, help="Pages read from one PDF or TIFF at most.")] = 50,
     endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
@@ -163,7 +165,8 @@ def run(
         summary = run_catalog(source, output, show_progress=not as_json, model=model, weights=weights,
                               weights_sha256=weights_sha256, batch_size=batch_size, device=device.value,
                               precision=precision.value, limit=limit, shard_size=shard_size, io_workers=io_workers,
-                              compile=compile.value, gpu_decode=gpu_decode, endpoint_url=endpoint_url)
+                              compile=compile.value, gpu_decode=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages,
+                              endpoint_url=endpoint_url)
     except _user_errors() as exc:
         raise _fail(exc) from None
     if as_json:
@@ -444,6 +447,98 @@ def demo(
     console.print(t)
     console.print(f"\nTry: .venv/bin/batchsight search --catalog {output} --key {query} -k 10\n"
                   f"     .venv/bin/batchsight status --catalog {output}", soft_wrap=True)
+
+
+categories_app = typer.Typer(help="Sort images into your own categories, learned from a few labelled examples.",
+                             no_args_is_help=True)
+app.add_typer(categories_app, name="categories")
+
+
+@categories_app.command("fit")
+def categories_fit(
+    catalog: CatalogOpt,
+    labels: Annotated[Path | None, typer.Option(help="CSV with columns key,label.", exists=True, dir_okay=False)]
+    = None,
+    labels_prefix: Annotated[str | None, typer.Option(help="A folder or s3:// prefix with one sub-folder per "
+                                                           "category, e.g. SRC/labelled/.")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.05, max=0.5, help="Share of each category held out.")] = 0.25,
+    target_precision: Annotated[float, typer.Option(min=0.5, max=1.0, help="Calibrate the confidence threshold "
+                                                                           "so accepted answers are this precise on "
+                                                                           "the held-out split.")] = 0.95,
+    apply: Annotated[bool, typer.Option("--apply", help="Also re-categorise the whole catalogue now.")] = False,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Train a categoriser on stored embeddings, report held-out metrics, save and activate it."""
+    from flows.categorize import apply_categories, fit_categories
+
+    try:
+        categorizer, key, embedded_now = fit_categories(
+            catalog, labels_csv=str(labels) if labels else None, labels_prefix=labels_prefix,
+            endpoint_url=endpoint_url, val_fraction=val_fraction, target_precision=target_precision)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    r = categorizer.report
+    console.print(f"trained on {r.n_train} examples, checked on {r.n_val} held out "
+                  f"({embedded_now} labelled images embedded now)")
+    console.print(f"accuracy {r.accuracy:.3f} (always answering the most common label: {r.majority_baseline:.3f}); "
+                  f"threshold {r.threshold:.3f}: {r.uncertain_rate:.1%} uncertain, "
+                  f"accuracy when certain {r.accuracy_when_certain:.3f}")
+    t = Table(title="per class (held out)", title_justify="left")
+    for col in ("category", "precision", "recall", "support"):
+        t.add_column(col, justify="left" if col == "category" else "right")
+    for name, m in r.per_class.items():
+        t.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", str(m["support"]))
+    console.print(t)
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    cm.add_column("")
+    for name in categorizer.labels:
+        cm.add_column(name, justify="right")
+    for name, row in zip(categorizer.labels, r.confusion, strict=True):
+        cm.add_row(name, *map(str, row))
+    console.print(cm)
+    console.print(f"saved and activated {key}; nightly runs now categorise new images", highlight=False)
+    if apply:
+        _print_apply(apply_categories(catalog, endpoint_url=endpoint_url))
+    else:
+        console.print(f"re-categorise existing rows: batchsight categories apply --catalog {catalog}", soft_wrap=True)
+
+
+def _print_apply(report) -> None:
+    mix = ", ".join(f"{k} {v}" for k, v in report.counts.items())
+    console.print(f"version {report.version}: categorised {report.rows} rows at {report.rows_per_s:,.0f} rows/s ({mix})")
+
+
+@categories_app.command("apply")
+def categories_apply(catalog: CatalogOpt, endpoint_url: EndpointOpt = None) -> None:
+    """Re-categorise every row with the active categoriser, from stored embeddings (no CNN)."""
+    from flows.categorize import apply_categories
+
+    try:
+        _print_apply(apply_categories(catalog, endpoint_url=endpoint_url))
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+
+
+@categories_app.command("suggest")
+def categories_suggest(
+    catalog: CatalogOpt,
+    k: Annotated[int, typer.Option("--k", "-k", min=2, max=1000, help="How many clusters.")] = 8,
+    samples: Annotated[int, typer.Option(min=1, max=100, help="Sample keys per cluster.")] = 5,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Cluster the catalogue (FAISS k-means) and list sample keys per cluster, to start labelling."""
+    from flows.categorize import suggest_categories
+
+    try:
+        frame, key = suggest_categories(catalog, k=k, samples_per_cluster=samples, endpoint_url=endpoint_url)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    t = Table(title=f"{k} clusters (written to {key})", title_justify="left")
+    for col in ("cluster", "size", "key", "page", "score"):
+        t.add_column(col)
+    for row in frame.itertuples():
+        t.add_row(str(row.cluster), str(row.cluster_size), row.key, str(row.page), f"{row.score:.3f}")
+    console.print(t)
 
 
 def main() -> None:

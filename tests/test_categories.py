@@ -152,3 +152,21 @@ def test_labels_need_two_examples_of_two_categories():
         fit_categorizer(np.zeros((4, 3)), ["a"] * 4, model="m", weights_sha256="s")
     with pytest.raises(ValueError, match="at least 2 labelled examples"):
         fit_categorizer(np.zeros((3, 3)), ["a", "a", "b"], model="m", weights_sha256="s")
+
+
+def test_categories_commands(labelled_catalog):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, out, labels = labelled_catalog
+    runner = CliRunner()
+    fit = runner.invoke(app, ["categories", "fit", "--catalog", out, "--labels", str(labels), "--apply"])
+    assert fit.exit_code == 0, fit.output
+    assert "accuracy" in fit.output and "confusion matrix" in fit.output and "rows/s" in fit.output
+    for kind in KINDS:
+        assert kind in fit.output
+    suggest = runner.invoke(app, ["categories", "suggest", "--catalog", out, "--k", "3"])
+    assert suggest.exit_code == 0 and "3 clusters" in suggest.output
+    bad = runner.invoke(app, ["categories", "fit", "--catalog", out])
+    assert bad.exit_code == 2 and "exactly one of --labels FILE or --labels-prefix" in bad.output
