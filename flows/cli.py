@@ -157,6 +157,11 @@ def run(
     gpu_decode: Annotated[bool, typer.Option("--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG).")] = False,
     pdf_dpi: Annotated[int, typer.Option(min=36, max=600, help="Resolution PDF pages are rendered at.")] = 150,
     max_pages: Annotated[int, typer.Option(min=1, help="Pages read from one PDF or TIFF at most.")] = 50,
+    index_memory: Annotated[str | None, typer.Option(
+        envvar="BATCHSIGHT_INDEX_MEMORY", help="Memory the FAISS index may use, e.g. 8GiB (default: half of RAM); "
+                                              "decides flat, IVF-Flat or IVF-PQ.")] = None,
+    recall_target: Annotated[float, typer.Option(min=0.5, max=1.0, help="recall@10 the search setting (nprobe) "
+                                                                        "is tuned to reach.")] = 0.95,
     endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
@@ -166,7 +171,7 @@ def run(
                               weights_sha256=weights_sha256, batch_size=batch_size, device=device.value,
                               precision=precision.value, limit=limit, shard_size=shard_size, io_workers=io_workers,
                               compile=compile.value, gpu_decode=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages,
-                              endpoint_url=endpoint_url)
+                              index_memory=index_memory, recall_target=recall_target, endpoint_url=endpoint_url)
     except _user_errors() as exc:
         raise _fail(exc) from None
     if as_json:

@@ -19,6 +19,7 @@ from models.engine import EmbedderSettings, default_batch_size, get_embedder, sh
 from tasks import catalog as cat
 from tasks.categories import active_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, has_image_extension
+from tasks.index import DEFAULT_RECALL_TARGET, IndexSettings, parse_memory_size
 from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, current_progress, process_shard
 from tasks.storage import ObjectInfo, cached_store
 
@@ -107,6 +108,8 @@ def catalog_images(
     gpu_decode: bool = False,
     pdf_dpi: int = DEFAULT_PDF_DPI,
     max_pages: int = DEFAULT_MAX_PAGES,
+    index_memory: str | None = None,
+    recall_target: float = DEFAULT_RECALL_TARGET,
     max_attempts: int = 3,
     endpoint_url: str | None = None,
 ) -> RunSummary:
@@ -115,6 +118,8 @@ def catalog_images(
     logger = get_run_logger()
     started = time.perf_counter()
     run_id = cat.new_run_id()
+    index_settings = IndexSettings(
+        memory_budget_bytes=parse_memory_size(index_memory) if index_memory else None, recall_target=recall_target)
     settings = EmbedderSettings(model=model, weights=weights, weights_sha256=weights_sha256, device=device,
                                 precision=precision, endpoint_url=endpoint_url)
     embedder = get_embedder(settings)  # fail fast on a bad model or weights, before any listing
@@ -174,7 +179,7 @@ def catalog_images(
             categorizer_key,
             run_id=run_id, source=source, model=embedder.spec.name, weights=embedder.weights.spec,
             weights_source=embedder.weights.source, weights_sha256=embedder.weights.sha256,
-            embedding_dim=embedder.embedding_dim, reembed_all=reembed_all)
+            embedding_dim=embedder.embedding_dim, reembed_all=reembed_all, index_settings=index_settings)
         times = StageTimes()
         for r in results:
             times.add(StageTimes(**{k.removesuffix("_s"): v for k, v in r.times.items() if k != "write_s"}))

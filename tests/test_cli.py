@@ -64,6 +64,7 @@ def test_run_then_search_and_status(bucket, tmp_path, resnet18_weights):
     (["--model", "resnet34"], "do not fit resnet34"),
     (["--model", "resnet18", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["--model", "resnet18", "--device", "tpu"], "Invalid value for '--device'"),
+    (["--model", "resnet18", "--index-memory", "lots"], "lots"),
 ])
 def test_bad_flags_exit_non_zero_with_a_message(bucket, tmp_path, resnet18_weights, args, message):
     code, text = invoke("run", "--source", bucket, "--output", tmp_path / "out", "--weights", resnet18_weights, *args)
