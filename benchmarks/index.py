@@ -1,7 +1,7 @@
 """Index benchmark: each index kind on clustered synthetic unit vectors.
 
 For each size and kind (flat, ivf-flat, ivf-pq as `choose_index` would configure
-them): build seconds (train + add), resident memory the index added, single-query
+them): build seconds (train + add), resident memory the built index added, single-query
 and batched queries per second at k=10, and recall@10 against exact search on a
 held-out sample of the indexed vectors, at the nprobe tuned to --recall-target.
 Vectors are generated block by block, so only the index itself (and a training
@@ -88,6 +88,7 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
     for ids, vectors in data:
         fi.add_vectors(index, ids, vectors)
     t_add = time.perf_counter()
+    del ids, vectors  # the last block is not the index's memory
     gc.collect()
     memory = rss_bytes() - rss0
 

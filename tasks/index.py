@@ -69,7 +69,7 @@ class IndexChoice:
     opq_dim: int = 0  # output dimension of the OPQ rotation
     train_size: int = 0  # vectors to train on (0: no training)
     min_train_size: int = 0  # fewer than this and faiss trains badly
-    estimated_bytes: int = 0
+    estimated_bytes: int = 0  # as loaded; while adding, IVF lists grow by doubling (measured ~1.3x at 20k)
 
 
 @dataclass(frozen=True)
