@@ -318,7 +318,7 @@ def duplicates(
         keys = members["key"].tolist()
         t.add_row(str(group_id), str(len(keys)), ", ".join(keys[:4]) + (f", ... (+{len(keys) - 4})" if len(keys) > 4 else ""))
     console.print(t)
-    console.print(f"written to {report.key}", highlight=False)
+    console.print(f"written to {report.key}", highlight=False, soft_wrap=True)
 
 
 def _run_info(row) -> dict:

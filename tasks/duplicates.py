@@ -61,8 +61,9 @@ def similar_pairs(index: faiss.Index, blocks: faiss_index.Blocks, threshold: flo
         found_s.append(scores[keep])
         total += int(keep.sum())
         if total > MAX_PAIRS_PER_IMAGE * max(n_images, 1):
-            raise ValueError(f"threshold {threshold} matches more than {total:,} pairs among {n_images:,} images: "
-                             "that is similarity, not duplication; use a higher threshold (0.9 or more)")
+            raise ValueError(f"threshold {threshold} already matches {total:,} pairs among {n_images:,} images (more than "
+                             f"{MAX_PAIRS_PER_IMAGE} an image): that is similarity, not duplication; use a higher "
+                             "threshold")
     if not found_a:
         return SimilarPairs(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
     return SimilarPairs(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s))
