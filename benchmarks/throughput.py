@@ -160,7 +160,7 @@ def e2e(model: str, source: str, device: str, batch_size: int | None, compile_mo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="resnet50,resnet18")
+    parser.add_argument("--models", default="resnet50,resnet18", help="comma-separated, or none (RSS runs only)")
     parser.add_argument("--images", type=int, default=1000, help="images per end-to-end run")
     parser.add_argument("--rss-images", default="", help="e.g. 1000,5000: extra resnet50 local runs for peak RSS")
     parser.add_argument("--naive-images", type=int, default=256)
@@ -212,7 +212,7 @@ def main() -> None:
             boto3.client("s3").create_bucket(Bucket="bench")
             write_set(S3Store("bench", "images", endpoint_url=env["AWS_ENDPOINT_URL"]), pool, args.images)
         try:
-            for model in args.models.split(","):
+            for model in [m for m in args.models.split(",") if m and m != "none"]:
                 print(f"[{model}] model only ...", flush=True)
                 r = {"model_only": model_only(model, args.device, batch_size, compile_model, pool)}
                 print(f"[{model}] naive loop ...", flush=True)

@@ -26,7 +26,7 @@ from tasks import tables
 from tasks.catalog import Catalog, open_catalog
 from tasks.decode import DecodeError, decode_image, has_image_extension
 
-RESULT_COLUMNS = ["rank", "key", "score", "top_class", "image_id"]
+RESULT_COLUMNS = ["rank", "key", "page", "score", "top_class", "category", "image_id"]
 QUERY_RESULT_COLUMNS = ["query", *RESULT_COLUMNS]
 EMBED_BATCH = 32
 
@@ -48,8 +48,8 @@ def similar_images(catalog: str | Catalog, *, key: str | None = None, image: str
                    k: int = 10, prefix: str | None = None, category: str | None = None,
                    endpoint_url: str | None = None, weights: str | None = None) -> pd.DataFrame:
     """The `k` catalogued images nearest to `key` (a catalogued object) or
-    `image` (a file path or bytes), best first: rank, key, score (cosine),
-    top_class, image_id. `prefix` and `category` restrict what is returned."""
+    `image` (a file path or bytes), best first: rank, key, page, score (cosine),
+    top_class, category, image_id. `prefix` and `category` restrict what is returned."""
     if (key is None) == (image is None):
         raise ValueError("pass exactly one of key= (a catalogued object) or image= (a file)")
     _check_k(k)
@@ -167,15 +167,16 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
 
 
 def neighbours(cat: Catalog, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per (query, neighbour), best first: query_index, rank, key, score,
-    top_class, image_id. Searches with the nprobe the catalogue was tuned to."""
+    """One row per (query, neighbour), best first: query_index, rank, key, page,
+    score, top_class, category, image_id. Searches with the nprobe the catalogue was tuned to."""
     scores, ids = faiss_index.search(cat.index, queries, k, nprobe=cat.manifest.index_nprobe or None,
                                      allowed_ids=allowed_ids)
     query_index, rank = np.nonzero(ids >= 0)
     found = ids[query_index, rank]
     rows = cat.images.set_index("image_id").loc[found]
     return pd.DataFrame({"query_index": query_index, "rank": rank + 1, "key": rows["key"].to_numpy(),
-                         "score": scores[query_index, rank].astype(float), "top_class": rows["top_class"].to_numpy(),
+                         "page": rows["page"].to_numpy(), "score": scores[query_index, rank].astype(float),
+                         "top_class": rows["top_class"].to_numpy(), "category": rows["category"].to_numpy(),
                          "image_id": found})
 
 

@@ -117,8 +117,13 @@ class Pointer:
         return json.dumps({"version": self.version, "manifest": self.manifest}).encode()
 
 
+def version_stem(version: int, run_id: str) -> str:
+    """What every file of one version is named by: `v000042-<run_id>`."""
+    return f"v{version:06d}-{run_id}"
+
+
 def manifest_key(version: int, run_id: str) -> str:
-    return f"manifests/v{version:06d}-{run_id}.json"
+    return f"manifests/{version_stem(version, run_id)}.json"
 
 
 def read_pointer(store: ObjectStore) -> tuple[Pointer | None, str | None]:
@@ -214,9 +219,10 @@ class LiveEmbeddings:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for part in self.parts:
-            ids, runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(self.store.get(part)))
-            keep = np.fromiter(((i, r) in self.live for i, r in zip(ids.tolist(), runs, strict=True)), bool, len(ids))
-            yield ids[keep], vectors[keep]
+            for ids, runs, vectors in tables.iter_embedding_batches(self.store.get(part)):
+                keep = np.fromiter(((i, r) in self.live for i, r in zip(ids.tolist(), runs, strict=True)), bool,
+                                   len(ids))
+                yield ids[keep], vectors[keep]
 
 
 def open_catalog(url: str, *, endpoint_url: str | None = None, version: int | None = None) -> Catalog:
@@ -382,7 +388,7 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
     failures = _next_failures(prev_failures, plan, shard_results, run_id=run_id, now=now)
 
     t_write = time.perf_counter()
-    stem = f"v{version:06d}-{run_id}"
+    stem = version_stem(version, run_id)
     images_key = f"tables/images/{stem}.parquet"
     failures_key = f"tables/failures/{stem}.parquet"
     index_key = f"index/{stem}.faiss"
@@ -433,8 +439,8 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
         removed = faiss_index.remove_ids(index, gone_ids)
         assert removed == len(gone_ids), f"index held {removed} of {len(gone_ids)} vectors to remove"
         for part in new_parts:
-            ids, _runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(store.get(part)))
-            faiss_index.add_vectors(index, ids, vectors)
+            for ids, _runs, vectors in tables.iter_embedding_batches(store.get(part)):
+                faiss_index.add_vectors(index, ids, vectors)
         state = previous.manifest.index_state
         queries = faiss_index.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
     else:
@@ -500,6 +506,10 @@ def rollback(store: ObjectStore, to_version: int) -> Manifest:
     return restored
 
 
+ALWAYS_KEPT_PREFIXES = ("tables/runs/", "categorizers/")
+VERSION_REPORT_PREFIXES = ("tables/duplicates/", "tables/category_suggestions/")
+
+
 @dataclass
 class GcReport:
     kept_versions: list[int]
@@ -511,10 +521,12 @@ class GcReport:
 def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min_age_s: float = 6 * 3600,
                     dry_run: bool = False, now: float | None = None) -> GcReport:
     """Delete what no retained version references: parts of crashed or losing runs,
-    and (with `keep_versions`) the files of versions older than the newest N.
+    and (with `keep_versions`) the files and reports of versions older than the newest N.
 
-    Objects younger than `min_age_s` are left alone, so gc never deletes the
-    parts of a run that is still writing them.
+    Never deleted: the runs log and categorisers (small, and the audit trail of
+    what categorised which rows). Reports named by a retained version (duplicates,
+    category suggestions) stay with it. Objects younger than `min_age_s` are left
+    alone, so gc never deletes the parts of a run that is still writing them.
     """
     versions = list_versions(store)
     if keep_versions is not None:
@@ -522,12 +534,15 @@ def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min
             raise ValueError(f"keep_versions must be at least 1, not {keep_versions}")
         versions = versions[:keep_versions]
     referenced = {POINTER_KEY}
+    kept_prefixes = list(ALWAYS_KEPT_PREFIXES)
     for m in versions:
         referenced |= {manifest_key(m.version, m.run_id), m.images, m.failures, m.index, *m.embeddings}
+        kept_prefixes += [f"{p}{version_stem(m.version, m.run_id)}/" for p in VERSION_REPORT_PREFIXES]
+    kept_prefixes = tuple(kept_prefixes)
     now = time.time() if now is None else now
     report = GcReport(kept_versions=[m.version for m in versions], deleted=[], bytes_freed=0, skipped_recent=0)
     for obj in store.list():
-        if obj.key in referenced or obj.key.startswith("tables/runs/"):
+        if obj.key in referenced or obj.key.startswith(kept_prefixes):
             continue
         if now - obj.modified < min_age_s:
             report.skipped_recent += 1

@@ -21,7 +21,7 @@ import pandas as pd
 
 from models.categorizer import Categorizer, fit_categorizer
 from tasks import tables
-from tasks.catalog import Catalog, Manifest, commit_manifest, new_run_id, read_pointer
+from tasks.catalog import Catalog, Manifest, commit_manifest, new_run_id, read_pointer, version_stem
 from tasks.storage import ObjectNotFound, ObjectStore, PreconditionFailed, cached_store
 
 ACTIVE_KEY = "categorizers/ACTIVE"
@@ -190,7 +190,7 @@ def suggest_clusters(cat: Catalog, k: int, *, samples_per_cluster: int = 5, seed
 
 
 def write_suggestions(cat: Catalog, frame: pd.DataFrame, k: int) -> str:
-    key = f"tables/category_suggestions/v{cat.manifest.version:06d}-k{k}.parquet"
+    key = f"tables/category_suggestions/{version_stem(cat.manifest.version, cat.manifest.run_id)}/k{k}.parquet"
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     cat.store.put(key, buf.getvalue())

@@ -301,8 +301,10 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
         ivf.nprobe = nprobe
 
 
-def serialize(index: faiss.Index) -> bytes:
-    return faiss.serialize_index(index).tobytes()
+def serialize(index: faiss.Index) -> memoryview:
+    """The index as bytes, as a view over faiss's own buffer: an index of 1M
+    2048-d vectors is 8 GB, and a `.tobytes()` copy would double that."""
+    return memoryview(faiss.serialize_index(index))
 
 
 def deserialize(data: bytes) -> faiss.Index:

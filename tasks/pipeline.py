@@ -222,9 +222,13 @@ def default_io_workers() -> int:
 
 def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *, batch_size: int | None = None,
               workers: int | None = None, decode: DecodeOptions = DecodeOptions(),
+              on_batch: Callable[[ProcessedBatch], None] | None = None,
               on_progress: Callable[[int], None] | None = None) -> ShardOutput:
     """Fetch, decode, batch and embed `items` (every page of a document is its own
-    input); a bad object becomes an `ImageFailure` and never stops the rest of its batch."""
+    input); a bad object becomes an `ImageFailure` and never stops the rest of its batch.
+
+    Each embedded batch goes to `on_batch` when given (and is not kept), else into
+    the returned `ShardOutput.batches`."""
     batch_size = batch_size or default_batch_size(embedder.device.type)
     out = ShardOutput()
     batch: list[_Page] = []
@@ -248,8 +252,12 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
                 embed([p])
             return
         out.times.model += time.perf_counter() - t0
-        out.batches.append(ProcessedBatch([(p.info, p.width, p.height, p.page) for p in pages],
-                                          result.embeddings, result.class_ids, result.class_probs))
+        processed = ProcessedBatch([(p.info, p.width, p.height, p.page) for p in pages],
+                                   result.embeddings, result.class_ids, result.class_probs)
+        if on_batch is not None:
+            on_batch(processed)
+        else:
+            out.batches.append(processed)
 
     def flush() -> None:
         if not batch:
@@ -306,28 +314,39 @@ class ShardSpec:
 
 
 def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None = None) -> ShardResult:
-    """Run one shard end to end and write its embeddings part; returns the rows."""
+    """Run one shard end to end and write its embeddings part; returns the rows.
+
+    Vectors go into the part batch by batch (one Parquet row group each) and are
+    not kept, so a shard holds its compressed part, not its raw vectors."""
     source = cached_store(spec.source, spec.endpoint_url)
     output = cached_store(spec.output, spec.endpoint_url, create=True)
     embedder = get_embedder(spec.embedder)
     if spec.compile:
         embedder.enable_compile()
-    out = run_shard(list(spec.items), source, embedder, batch_size=spec.batch_size, workers=spec.workers,
-                    decode=spec.decode, on_progress=on_progress)
-
-    t0 = time.perf_counter()
+    categorizer = load_categorizer(output, spec.categorizer) if spec.categorizer else None
     part_key = f"tables/embeddings/{spec.run_id}/shard-{spec.index:05d}.parquet"
-    rows = images_rows(out.batches, embedder, run_id=spec.run_id, embedding_part=part_key)
-    if len(rows):
-        vectors = np.concatenate([b.embeddings for b in out.batches])
-        if spec.categorizer:
-            rows = categorize_rows(rows, vectors, load_categorizer(output, spec.categorizer))
-        part = tables.embeddings_table(rows["image_id"].to_numpy(np.int64), spec.run_id, vectors)
-        output.put(part_key, tables.to_parquet_bytes(part))
+    part = tables.EmbeddingsPartWriter(spec.run_id, embedder.embedding_dim)
+    row_frames: list[pd.DataFrame] = []
+    write_s = 0.0
+
+    def keep(batch: ProcessedBatch) -> None:
+        nonlocal write_s
+        t0 = time.perf_counter()
+        rows = images_rows([batch], embedder, run_id=spec.run_id, embedding_part=part_key)
+        row_frames.append(categorize_rows(rows, batch.embeddings, categorizer))
+        part.write(rows["image_id"].to_numpy(np.int64), batch.embeddings)
+        write_s += time.perf_counter() - t0
+
+    out = run_shard(list(spec.items), source, embedder, batch_size=spec.batch_size, workers=spec.workers,
+                    decode=spec.decode, on_batch=keep, on_progress=on_progress)
+    t0 = time.perf_counter()
+    if part.rows:
+        output.put(part_key, part.finish())
         crash_point(f"after-shard-{spec.index}")
+        rows = pd.concat(row_frames, ignore_index=True)
     else:
-        part_key = None
-    times = out.times.as_dict() | {"write_s": time.perf_counter() - t0}
+        part_key, rows = None, tables.empty_frame(tables.IMAGES_SCHEMA)
+    times = out.times.as_dict() | {"write_s": write_s + time.perf_counter() - t0}
     failures = [asdict(f) for f in out.failures]
     return ShardResult(shard=spec.index, rows=rows, embedding_part=part_key, failures=failures, times=times)
 

@@ -17,11 +17,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+
+# bytes, or a buffer such as a memoryview over a numpy array (written without a copy)
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 class StorageError(RuntimeError):
@@ -83,9 +88,9 @@ class ObjectStore(ABC):
         """Return the object's info, or None when absent."""
 
     @abstractmethod
-    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+    def put(self, key: str, data: Buffer, *, if_match: str | None = None,
             if_none_match: bool = False) -> str:
-        """Write `data` and return its ETag.
+        """Write `data` (any bytes-like object) and return its ETag.
 
         `if_match=ETAG` writes only if the current object has that ETag;
         `if_none_match=True` writes only if no object exists. A lost condition
@@ -169,7 +174,7 @@ class LocalStore(ObjectStore):
     def _content_etag(self, key: str) -> str:
         return hashlib.md5(self._path(key).read_bytes()).hexdigest()
 
-    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+    def put(self, key: str, data: Buffer, *, if_match: str | None = None,
             if_none_match: bool = False) -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,8 +287,10 @@ class S3Store(ObjectStore):
             raise
         return ObjectInfo(key, resp["ETag"].strip('"'), int(resp["ContentLength"]), resp["LastModified"].timestamp())
 
-    def put(self, key: str, data: bytes, *, if_match: str | None = None,
+    def put(self, key: str, data: Buffer, *, if_match: str | None = None,
             if_none_match: bool = False) -> str:
+        if not isinstance(data, bytes | bytearray):
+            data = bytes(data)  # botocore takes bytes or files, not arbitrary buffers
         kwargs: dict[str, str] = {}
         if if_match is not None:
             kwargs["IfMatch"] = f'"{if_match}"'

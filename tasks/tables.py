@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -123,6 +124,37 @@ def embeddings_table(image_ids: np.ndarray, run_id: str, vectors: np.ndarray) ->
         "run_id": pa.array([run_id] * len(image_ids), type=pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
     })
+
+
+EMBEDDING_READ_ROWS = 1024
+
+
+class EmbeddingsPartWriter:
+    """An embeddings part written a batch at a time (a row group each) into an
+    in-memory Parquet file: the raw vectors of a batch are dropped once written."""
+
+    def __init__(self, run_id: str, dim: int) -> None:
+        self.run_id = run_id
+        self.rows = 0
+        self._sink = io.BytesIO()
+        schema = embeddings_table(np.empty(0, np.int64), run_id, np.empty((0, dim), np.float32)).schema
+        self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd")
+
+    def write(self, image_ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._writer.write_table(embeddings_table(image_ids, self.run_id, vectors))
+        self.rows += len(image_ids)
+
+    def finish(self) -> memoryview:
+        self._writer.close()
+        return self._sink.getbuffer()
+
+
+def iter_embedding_batches(data: bytes, rows: int = EMBEDDING_READ_ROWS
+                           ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(image_ids, run_ids, vectors) of an embeddings part, `rows` at a time, so
+    reading a part back never holds more than one batch of decoded vectors."""
+    for batch in pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=rows):
+        yield embeddings_from_table(pa.Table.from_batches([batch]))
 
 
 def embeddings_from_table(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -90,7 +90,7 @@ def test_search_by_key_finds_itself_first(catalogued):
     _, cat, _ = catalogued
     key = cat.images["key"].iloc[7]
     result = similar_images(cat, key=key, k=5)
-    assert list(result.columns) == ["rank", "key", "score", "top_class", "image_id"]
+    assert list(result.columns) == ["rank", "key", "page", "score", "top_class", "category", "image_id"]
     assert result.iloc[0]["key"] == key
     assert result.iloc[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert len(result) == 5 and result["score"].is_monotonic_decreasing

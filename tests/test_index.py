@@ -329,7 +329,7 @@ def test_batch_search_by_keys_from_a_csv_filters_inside_the_search_and_writes_fi
                                  "--prefix", "photos/", "--out", str(tmp_path / "r.parquet")])
     assert result.exit_code == 0 and "wrote 15 results" in result.output, result.output
     found = pd.read_parquet(tmp_path / "r.parquet")
-    assert list(found.columns) == ["query", "rank", "key", "score", "top_class", "image_id"]
+    assert list(found.columns) == ["query", "rank", "key", "page", "score", "top_class", "category", "image_id"]
     assert found.groupby("query")["rank"].apply(list).to_dict() == {q: [1, 2, 3, 4, 5] for q in queries}
     assert found["key"].str.startswith("photos/").all()  # k results, all from the prefix, even for docs queries
 

@@ -280,7 +280,15 @@ def test_gc_keeps_what_versions_reference(tmp_path, resnet18_weights):
     c = open_cat(out)
     assert collect_garbage(c.store, min_age_s=3600).deleted == []  # too recent: left alone
     assert collect_garbage(c.store, min_age_s=0).deleted == []  # everything is referenced by v1 or v2
+    # reports and categorisers are not version data but must survive gc with their version
+    v1, v2 = list_versions(c.store)[::-1]
+    c.store.put(f"tables/duplicates/{cat.version_stem(v2.version, v2.run_id)}/threshold-0.9900.parquet", b"r2")
+    c.store.put(f"tables/duplicates/{cat.version_stem(v1.version, v1.run_id)}/threshold-0.9900.parquet", b"r1")
+    c.store.put("categorizers/20261129T000000Z-abcdef.json", b"{}")
     report = collect_garbage(c.store, keep_versions=1, min_age_s=0)
     assert any(k.startswith("index/v000001") for k in report.deleted)
+    assert [k for k in report.deleted if k.startswith("tables/duplicates/")] == [
+        f"tables/duplicates/{cat.version_stem(v1.version, v1.run_id)}/threshold-0.9900.parquet"]
+    assert c.store.exists("categorizers/20261129T000000Z-abcdef.json")
     assert_exactly_once(open_cat(out), {s.key for s in samples})
     assert [v.version for v in list_versions(c.store)] == [2]
