@@ -234,30 +234,35 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
     batch: list[_Page] = []
     pin = embedder.device.type == "cuda"
 
+    # No closure here refers to itself: a self-referencing closure is a reference
+    # cycle, and it would keep `on_batch` (and the shard's part buffer and rows)
+    # alive after the shard until a full garbage collection.
     def embed(pages: list[_Page]) -> None:
-        t0 = time.perf_counter()
-        tensors = torch.stack([p.tensor for p in pages])
-        if pin and tensors.device.type == "cpu":
-            tensors = tensors.pin_memory()  # lets the host-to-device copy run without blocking
-        try:
-            result = embedder.embed(tensors, pad_to=batch_size)
-        except RuntimeError as exc:
-            # A model error on a whole batch (out of memory, say) is retried one by
-            # one so a single poison input cannot take its neighbours down with it.
-            if len(pages) == 1:
-                out.failures.append(_failure(pages[0].info, "model", type(exc).__name__, str(exc)))
-                return
-            log.warning("batch of %s failed in the model (%s); retrying image by image", len(pages), exc)
-            for p in pages:
-                embed([p])
-            return
-        out.times.model += time.perf_counter() - t0
-        processed = ProcessedBatch([(p.info, p.width, p.height, p.page) for p in pages],
-                                   result.embeddings, result.class_ids, result.class_probs)
-        if on_batch is not None:
-            on_batch(processed)
-        else:
-            out.batches.append(processed)
+        groups = [pages]
+        while groups:
+            group = groups.pop(0)
+            t0 = time.perf_counter()
+            tensors = torch.stack([p.tensor for p in group])
+            if pin and tensors.device.type == "cpu":
+                tensors = tensors.pin_memory()  # lets the host-to-device copy run without blocking
+            try:
+                result = embedder.embed(tensors, pad_to=batch_size)
+            except RuntimeError as exc:
+                # A model error on a whole batch (out of memory, say) is retried one by
+                # one so a single poison input cannot take its neighbours down with it.
+                if len(group) == 1:
+                    out.failures.append(_failure(group[0].info, "model", type(exc).__name__, str(exc)))
+                else:
+                    log.warning("batch of %s failed in the model (%s); retrying image by image", len(group), exc)
+                    groups.extend([p] for p in group)
+                continue
+            out.times.model += time.perf_counter() - t0
+            processed = ProcessedBatch([(p.info, p.width, p.height, p.page) for p in group],
+                                       result.embeddings, result.class_ids, result.class_probs)
+            if on_batch is not None:
+                on_batch(processed)
+            else:
+                out.batches.append(processed)
 
     def flush() -> None:
         if not batch:

@@ -80,3 +80,30 @@ def test_compile_mode_and_batch_size_defaults():
     with pytest.raises(ValueError, match="unknown compile mode 'always'"):
         should_compile("always", 1)
     assert default_batch_size("cpu") == 16
+
+
+def test_a_model_error_on_a_batch_is_retried_image_by_image(tmp_path, embedder):
+    """A model error cannot be provoked on demand here (it would be an OOM or a bad
+    kernel), so a thin wrapper over the real embedder raises for one poison input."""
+    from PIL import Image
+
+    store = LocalStore(tmp_path / "src", create=True)
+    write_samples(store, generate_samples(5, seed=29, broken=False))
+    store.put("poison.png", encode(Image.new("RGB", (300, 300), (0, 0, 0)), "PNG"))
+
+    class PoisonOnBlack:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def embed(self, batch, **kw):
+            if (batch.flatten(1).amax(dim=1) == 0).any():
+                raise RuntimeError("simulated kernel failure")
+            return self.inner.embed(batch, **kw)
+
+    out = run_shard(list(store.list()), store, PoisonOnBlack(embedder), batch_size=8)
+    embedded = [info.key for b in out.batches for info, *_ in b.records]
+    assert len(embedded) == 5 and "poison.png" not in embedded
+    assert [(f.key, f.stage, f.message) for f in out.failures] == [("poison.png", "model", "simulated kernel failure")]
