@@ -81,12 +81,10 @@ def process_shard_task(spec: ShardSpec) -> cat.ShardResult:
 
 @task(name="build-and-commit", cache_policy=NO_CACHE)
 def build_and_commit(output: str, endpoint_url: str | None, previous_key: str | None, pointer_etag: str | None,
-                     plan: cat.ChangePlan, results: list[cat.ShardResult], categorizer: str | None,
-                     **version_meta) -> tuple[cat.Manifest, cat.BuildStats]:
+                     plan: cat.ChangePlan, results: list[cat.ShardResult], **version_meta) -> tuple[cat.Manifest, cat.BuildStats]:
     store = cached_store(output, endpoint_url, create=True)
     previous = cat.Catalog(store, cat.Manifest.from_json(store.get(previous_key)), previous_key) if previous_key else None
     manifest, stats = cat.build_next_version(store, previous, plan, results, **version_meta)
-    manifest.categorizer = categorizer
     cat.commit_manifest(store, manifest, pointer_etag)
     return manifest, stats
 
@@ -176,10 +174,10 @@ def catalog_images(
 
         manifest, stats = build_and_commit(
             output, endpoint_url, previous.manifest_key if previous else None, pointer_etag, plan, results,
-            categorizer_key,
             run_id=run_id, source=source, model=embedder.spec.name, weights=embedder.weights.spec,
             weights_source=embedder.weights.source, weights_sha256=embedder.weights.sha256,
-            embedding_dim=embedder.embedding_dim, reembed_all=reembed_all, index_settings=index_settings)
+            embedding_dim=embedder.embedding_dim, reembed_all=reembed_all, index_settings=index_settings,
+            categorizer=categorizer_key)
         times = StageTimes()
         for r in results:
             times.add(StageTimes(**{k.removesuffix("_s"): v for k, v in r.times.items() if k != "write_s"}))

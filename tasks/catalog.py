@@ -356,7 +356,7 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
                        shard_results: Sequence[ShardResult], *, run_id: str, source: str, model: str,
                        weights: str, weights_source: str, weights_sha256: str, embedding_dim: int,
                        reembed_all: bool, index_settings: faiss_index.IndexSettings | None = None,
-                       ) -> tuple[Manifest, BuildStats]:
+                       categorizer: str | None = None) -> tuple[Manifest, BuildStats]:
     """Apply one run's changes to the previous version and write the new
     version's snapshot tables and index (not yet committed)."""
     version = (previous.manifest.version if previous else 0) + 1
@@ -405,7 +405,7 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
         weights_source=weights_source, weights_sha256=weights_sha256, embedding_dim=embedding_dim,
         images=images_key, failures=failures_key,
         embeddings=sorted(set(images["embedding_part"].dropna().tolist())),
-        index=index_key, index_type=built.state.kind,
+        index=index_key, index_type=built.state.kind, categorizer=categorizer,
         counts={"images": len(images), "failures": len(failures), "vectors": int(index.ntotal)},
         index_factory=built.state.factory, index_trained_n=built.state.trained_n, index_nlist=built.state.nlist,
         index_nprobe=built.recall.nprobe, index_recall_at_10=built.recall.recall_at_10,

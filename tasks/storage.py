@@ -11,6 +11,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import stat
 import tempfile
 import threading
 from abc import ABC, abstractmethod
@@ -149,7 +150,7 @@ class LocalStore(ObjectStore):
                 if not key.startswith(prefix):
                     continue
                 st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
-                if not os.path.isfile(os.path.join(dirpath, name)):
+                if not stat.S_ISREG(st.st_mode):  # links and special files are not objects
                     continue
                 found.append(ObjectInfo(key, self._stat_etag(st), st.st_size, st.st_mtime))
         yield from sorted(found, key=lambda o: o.key)

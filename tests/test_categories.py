@@ -123,18 +123,22 @@ def test_apply_and_nightly_runs_fill_the_category_columns(labelled_catalog, resn
     LocalStore(root / "src").put("inbox/late-receipt.jpg", make("receipt", rng))
     summary = catalog_images(source=str(root / "src"), output=out, model="resnet18", weights=str(resnet18_weights))
     assert summary.processed == 1
-    late = open_catalog(out).images.set_index("key").loc["inbox/late-receipt.jpg"]
+    live = open_catalog(out)
+    assert live.manifest.categorizer == active_categorizer(live.store)[1]  # the version names its categoriser
+    late = live.images.set_index("key").loc["inbox/late-receipt.jpg"]
     assert late["category"] in {*KINDS, UNCERTAIN} and late["category_confidence"] > 0
 
 
 def test_a_categoriser_of_other_embeddings_is_refused(labelled_catalog, tmp_path):
     root, out, labels = labelled_catalog
     fit_categories(out, labels_csv=str(labels))
+    before = open_catalog(out).manifest
     other = tmp_path / "other.pth"
     save_random_weights("resnet18", 99, other)
     with pytest.raises(CategorizerMismatch, match="trained on embeddings of resnet18@.*Fit a new one"):
         catalog_images(source=str(root / "src"), output=out, model="resnet18", weights=str(other))
-    assert open_catalog(out).manifest.weights_sha256 != ""  # the catalogue is untouched
+    after = open_catalog(out).manifest  # refused before any work: no new version, same embeddings
+    assert (after.version, after.weights_sha256) == (before.version, before.weights_sha256)
 
 
 def test_suggest_clusters_writes_sample_keys_per_cluster(labelled_catalog):

@@ -53,6 +53,14 @@ def open_cat(output, endpoint=None):
     return cat.open_catalog(output, endpoint_url=endpoint)
 
 
+def local_bucket(tmp_path, n: int, seed: int):
+    """A local source of `n` good generated images: (store, samples, source, output)."""
+    store = LocalStore(tmp_path / "src", create=True)
+    samples = generate_samples(n, seed=seed, broken=False)
+    write_samples(store, samples)
+    return store, samples, str(tmp_path / "src"), str(tmp_path / "out")
+
+
 def test_incremental_reruns_process_only_what_changed(s3_roots, resnet18_weights):
     store, source, output, endpoint = s3_roots
     samples = generate_samples(20, seed=21)  # with 3 broken files
@@ -246,14 +254,11 @@ def test_two_runs_started_together_one_commits(s3_roots, resnet18_weights):
 
 
 def test_rollback_restores_an_earlier_version_and_search_follows(tmp_path, resnet18_weights):
-    src, out = tmp_path / "src", str(tmp_path / "out")
-    store = LocalStore(src, create=True)
-    samples = generate_samples(10, seed=6, broken=False)
-    write_samples(store, samples)
-    run(str(src), out, resnet18_weights)
+    store, samples, src, out = local_bucket(tmp_path, 10, seed=6)
+    run(src, out, resnet18_weights)
     gone = samples[3]
     store.delete(gone.key)
-    run(str(src), out, resnet18_weights)
+    run(src, out, resnet18_weights)
     assert gone.key not in set(open_cat(out).images["key"])
 
     restored = rollback(open_cat(out).store, 1)
@@ -265,18 +270,15 @@ def test_rollback_restores_an_earlier_version_and_search_follows(tmp_path, resne
     assert restored.index == Catalog.open(live.store, version=1).manifest.index
     with pytest.raises(cat.CatalogError, match="not in the history"):
         rollback(live.store, 7)
-    nxt = run(str(src), out, resnet18_weights)  # the next night diffs against the restored content
+    nxt = run(src, out, resnet18_weights)  # the next night diffs against the restored content
     assert nxt.version == 4 and nxt.counts["deleted"] == 1 and nxt.processed == 0
 
 
 def test_gc_keeps_what_versions_reference(tmp_path, resnet18_weights):
-    src, out = tmp_path / "src", str(tmp_path / "out")
-    store = LocalStore(src, create=True)
-    samples = generate_samples(8, seed=9, broken=False)
-    write_samples(store, samples)
-    run(str(src), out, resnet18_weights)
+    store, samples, src, out = local_bucket(tmp_path, 8, seed=9)
+    run(src, out, resnet18_weights)
     store.put(samples[0].key, samples[1].data)
-    run(str(src), out, resnet18_weights)
+    run(src, out, resnet18_weights)
     c = open_cat(out)
     assert collect_garbage(c.store, min_age_s=3600).deleted == []  # too recent: left alone
     assert collect_garbage(c.store, min_age_s=0).deleted == []  # everything is referenced by v1 or v2
