@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.engine import Embedder, EmbedderSettings, default_batch_size  # noqa: E402
+from models.engine import Embedder, EmbedderSettings, default_batch_size, stack_images  # noqa: E402
 from tasks.decode import decode_image  # noqa: E402
 from tasks.sample_data import encode, make_document, make_product_photo  # noqa: E402
 from tasks.storage import LocalStore, S3Store  # noqa: E402
@@ -85,7 +85,7 @@ def model_only(model: str, device: str, batch_size: int, compile_model: bool, po
     if compile_model:
         emb.enable_compile()
     tensors = [emb.preprocess(decode_image(d, min_side=emb.preprocessing.resize_size).image) for _, d in pool[:64]]
-    batch = torch.stack((tensors * (batch_size // len(tensors) + 1))[:batch_size])
+    batch = stack_images((tensors * (batch_size // len(tensors) + 1))[:batch_size])
     if emb.device.type == "cuda":
         batch = batch.to(emb.device)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from prefect import flow
 
 from flows.search import query_embedder_settings
 from models.categorizer import Categorizer
-from models.engine import get_embedder
+from models.engine import get_embedder, stack_images
 from tasks.catalog import Catalog, open_catalog
 from tasks.categories import (ApplyReport, LabelsError, active_categorizer, apply_to_catalog, fit_from_catalog,
                               labels_from_prefix, read_labels_csv, suggest_clusters, write_suggestions)
@@ -27,8 +27,6 @@ from tasks.storage import ObjectStore, cached_store
 
 def embed_objects(cat: Catalog, store: ObjectStore, keys: list[str]) -> list[list[np.ndarray]]:
     """Embed objects the catalogue does not hold (every page), with its own model."""
-    import torch
-
     embedder = get_embedder(query_embedder_settings(cat))
     out = []
     for key in keys:
@@ -39,7 +37,7 @@ def embed_objects(cat: Catalog, store: ObjectStore, keys: list[str]) -> list[lis
                               "fix or drop it from the labels") from None
         except KeyError:
             raise LabelsError(f"labelled key {key!r} is neither in the catalogue nor at {store.url}") from None
-        batch = torch.stack([embedder.preprocess(p.image) for p in pages])
+        batch = stack_images([embedder.preprocess(p.image) for p in pages])
         out.append(list(embedder.embed(batch).embeddings))
     return out
 

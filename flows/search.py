@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from models.engine import EmbedderSettings, get_embedder
+from models.engine import EmbedderSettings, get_embedder, stack_images
 from tasks import duplicates as dups
 from tasks import index as faiss_index
 from tasks import tables
@@ -162,7 +161,7 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
                 name = "query bytes" if isinstance(image, bytes) else str(image)
                 raise ValueError(f"query image {name} cannot be read ({exc}); remove it or fix the file") from None
             batch.append(embedder.preprocess(decoded.image))
-        out.append(embedder.embed(torch.stack(batch)).embeddings)
+        out.append(embedder.embed(stack_images(batch)).embeddings)
     return np.concatenate(out)
 
 

@@ -14,17 +14,20 @@ from functools import cache
 import torch
 import torchvision.models as tvm
 from torchvision.models import WeightsEnum
+from torchvision.transforms import InterpolationMode
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes a model input: shorter side to `resize_size`,
-    centre crop to `crop_size`, scale to [0, 1], normalise by mean/std."""
+    """How an image becomes a model input: shorter side to `resize_size` (with
+    `interpolation`, antialiased), centre crop to `crop_size`, scale to [0, 1],
+    normalise by mean/std."""
 
     resize_size: int
     crop_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ModelSpec:
             crop_size=int(t.crop_size[0]),
             mean=tuple(t.mean),
             std=tuple(t.std),
+            interpolation=t.interpolation,
         )
 
 

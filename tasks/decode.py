@@ -63,7 +63,7 @@ def decode_image(data: bytes, *, min_side: int | None = None) -> DecodedImage:
                 if scale < 1:
                     im.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
             if im.mode != "RGB":
                 im = _to_rgb(im)
     except UnidentifiedImageError:

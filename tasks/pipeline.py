@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from models.engine import Embedder, EmbedderSettings, default_batch_size, get_embedder
+from models.engine import Embedder, EmbedderSettings, default_batch_size, get_embedder, stack_images
 from tasks import tables
 from tasks.catalog import ShardResult, crash_point
 from tasks.categories import categorize_rows, load_categorizer
@@ -242,7 +242,7 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
         while groups:
             group = groups.pop(0)
             t0 = time.perf_counter()
-            tensors = torch.stack([p.tensor for p in group])
+            tensors = stack_images([p.tensor for p in group])
             if pin and tensors.device.type == "cpu":
                 tensors = tensors.pin_memory()  # lets the host-to-device copy run without blocking
             try:

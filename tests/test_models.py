@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from models.engine import Embedder, EmbedderSettings, cpu_supports_bf16
+from models.engine import Embedder, EmbedderSettings, cpu_supports_bf16, preprocess_image, stack_images
 from models.registry import get_model_spec
 from models.weights import WeightsError, resolve_weights, save_random_weights, sha256_bytes
 from tasks.decode import decode_image
@@ -26,7 +26,39 @@ def test_unknown_model_is_named_with_suggestions():
 def test_preprocessing_comes_from_the_weights_metadata():
     prep = get_model_spec("resnet50").preprocessing
     assert (prep.resize_size, prep.crop_size) == (232, 224)
+    assert prep.interpolation == torchvision.transforms.InterpolationMode.BILINEAR
+    assert get_model_spec("efficientnet_b0").preprocessing.interpolation.value == "bicubic"
     assert len(get_model_spec("resnet18").categories) == 1000
+
+
+@pytest.mark.parametrize("model", ["resnet50", "efficientnet_b0"])
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (4000, 3000), (232, 300), (100, 60), (845, 1144)])
+def test_one_pass_resize_and_crop_matches_torchvisions_transforms(model, size):
+    """`preprocess_image` resizes only the cropped region; it must give the pixels
+    of the weights' own Resize + CenterCrop (bilinear and bicubic)."""
+    spec = get_model_spec(model)
+    image = make_product_photo(np.random.default_rng(sum(size)), size)
+    t = spec.default_weights.transforms()
+    ref = torchvision.transforms.v2.functional.pil_to_tensor(
+        torchvision.transforms.v2.functional.center_crop(
+            torchvision.transforms.v2.functional.resize(image, t.resize_size, interpolation=t.interpolation,
+                                                        antialias=True), t.crop_size))
+    ours = preprocess_image(image, spec.preprocessing)
+    assert ours.shape == ref.shape == (3, t.crop_size[0], t.crop_size[0]) and ours.dtype == torch.uint8
+    diff = (ours.int() - ref.int()).abs()
+    # Rounding of filter positions only: mostly exact, one level at most for bilinear,
+    # two for a bicubic upscale. A box off by one source pixel differs by 28-90
+    # levels somewhere and by 0.4-4 levels on average.
+    assert diff.max() <= 2 and diff.float().mean() < 0.2
+
+
+def test_batches_are_stacked_in_channels_last_memory():
+    prep = get_model_spec("resnet18").preprocessing
+    rng = np.random.default_rng(2)
+    images = [preprocess_image(make_product_photo(rng, (500, 375)), prep) for _ in range(3)]
+    batch = stack_images(images + [images[0].contiguous()])  # a plain CHW tensor too
+    assert batch.shape == (4, 3, 224, 224) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch[1], images[1]) and torch.equal(batch[3], images[0])
 
 
 def test_weights_file_sha256_is_recorded_and_checked(resnet18_weights):
