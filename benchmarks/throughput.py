@@ -32,8 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.engine import Embedder, EmbedderSettings, default_batch_size, stack_images  # noqa: E402
+from models.engine import Embedder, EmbedderSettings, cpu_supports_bf16, default_batch_size, stack_images  # noqa: E402
 from tasks.decode import decode_image  # noqa: E402
+from tasks.pipeline import bounded_map  # noqa: E402
 from tasks.sample_data import encode, make_document, make_product_photo  # noqa: E402
 from tasks.storage import LocalStore, S3Store  # noqa: E402
 
@@ -67,6 +68,17 @@ def write_set(store, pool: list[tuple[str, bytes]], n: int) -> None:
         store.put(f"{kind}/img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}", data)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _vm_hwm_kb(pid: int) -> int:
     """Peak resident memory of that one process so far (Linux VmHWM); the Prefect
     server and compile workers it starts are separate processes and not counted."""
@@ -81,6 +93,8 @@ def _vm_hwm_kb(pid: int) -> int:
 
 
 def model_only(model: str, device: str, batch_size: int, compile_model: bool, pool, seconds: float = 12.0) -> dict:
+    """Preloaded uint8 batches through the model streams, as the pipeline runs them
+    (`Embedder.stream_pool`, `streams + 1` batches in flight)."""
     emb = Embedder(EmbedderSettings(model=model, weights="random:0", device=device))
     if compile_model:
         emb.enable_compile()
@@ -88,18 +102,28 @@ def model_only(model: str, device: str, batch_size: int, compile_model: bool, po
     batch = stack_images((tensors * (batch_size // len(tensors) + 1))[:batch_size])
     if emb.device.type == "cuda":
         batch = batch.to(emb.device)
+
+    def run(b):
+        return emb.embed(b, pad_to=batch_size)
+
     t0 = time.perf_counter()
-    emb.embed(batch, pad_to=batch_size)  # compile / warm-up
-    emb.embed(batch, pad_to=batch_size)
+    emb.warm_up(batch_size)  # compile
+    list(emb.stream_pool().map(run, [batch] * emb.streams))
     warmup = time.perf_counter() - t0
+    deadline = time.perf_counter() + seconds
+
+    def batches():
+        while time.perf_counter() < deadline:
+            yield batch
+
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        emb.embed(batch, pad_to=batch_size)
+    for _ in bounded_map(emb.stream_pool(), run, batches(), max_in_flight=emb.streams + 1):
         n += batch_size
     if emb.device.type == "cuda":
         torch.cuda.synchronize()
     return {"images_per_s": n / (time.perf_counter() - t0), "warmup_s": warmup,
-            "dtype": str(emb.dtype).removeprefix("torch.")}
+            "dtype": str(emb.dtype).removeprefix("torch."), "streams": emb.streams,
+            "threads_per_stream": emb.stream_threads}
 
 
 def naive(model: str, pool, n: int) -> dict:
@@ -190,7 +214,7 @@ def main() -> None:
         sets[n] = str(folder)
     compile_model = args.compile == "on"
     batch_size = args.batch_size or default_batch_size(args.device)
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_bf16": cpu_supports_bf16(),
                            "torch": torch.__version__, "device": args.device},
                "mix": MIX, "batch_size": batch_size, "compile": compile_model, "models": {}}
 
@@ -243,8 +267,9 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     mix = ", ".join(f"{int(v * 100)}% {k}" for k, v in results["mix"].items())
+    machine = results["machine"]
     print(f"\nimage mix: {mix}; batch {results['batch_size']}; compile {results['compile']}; "
-          f"{results['machine']['cores']} cores, {results['machine']['device']}")
+          f"{machine['device']}, {machine['cores']} cores ({machine['cpu']})")
     head = f"{'model':10} {'path':10} {'img/s':>8} {'vs model':>9} {'vs naive':>9} {'rss MB':>8}  stages (s)"
     print(head)
     print("-" * len(head))

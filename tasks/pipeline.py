@@ -1,9 +1,10 @@
 """Inside one shard: a bounded streaming pipeline.
 
 Fetch + decode + resize run in a thread pool (S3 GETs wait on the network;
-Pillow releases the GIL while decoding and resizing), the model runs on the
-calling thread, and at most `max_in_flight` images are held at once, so memory
-does not grow with the shard size.
+Pillow releases the GIL while decoding and resizing), the calling thread
+assembles batches, and the embedder's model streams run them (on a CPU, one
+single-threaded stream per core). Every stage is bounded, so memory does not
+grow with the shard size.
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from models.engine import Embedder, EmbedderSettings, default_batch_size, get_embedder, stack_images
+from models.engine import EmbedResult, Embedder, EmbedderSettings, default_batch_size, get_embedder, stack_images
 from tasks import tables
 from tasks.catalog import ShardResult, crash_point
 from tasks.categories import categorize_rows, load_categorizer
@@ -33,6 +34,8 @@ from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode
 from tasks.storage import ObjectInfo, ObjectStore, cached_store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ProgressReporter(Protocol):
@@ -60,8 +63,9 @@ def reporting_progress(reporter: ProgressReporter | None) -> Iterator[None]:
 
 @dataclass
 class StageTimes:
-    """Seconds spent per stage, summed over worker threads (fetch, decode) or
-    wall time on the model thread (model, wait)."""
+    """Seconds spent per stage, summed over the threads that do it: decode threads
+    (fetch, decode), model streams (model); `wait` is the batching thread's time
+    waiting for decoded images."""
 
     fetch: float = 0.0
     decode: float = 0.0
@@ -202,10 +206,10 @@ def _decode_jpegs_on_device(batch: list[_Page], embedder: Embedder) -> tuple[lis
     return ready, failures
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[ObjectInfo], _Fetched], items: Iterable[ObjectInfo],
-                 max_in_flight: int) -> Iterator[_Fetched]:
-    """`pool.map` in order, but never more than `max_in_flight` submitted and unconsumed."""
-    pending: deque[Future[_Fetched]] = deque()
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], max_in_flight: int) -> Iterator[R]:
+    """`pool.map` in order, but never more than `max_in_flight` submitted and
+    unconsumed; `items` is pulled lazily, on the caller's thread."""
+    pending: deque[Future[R]] = deque()
     for item in items:
         pending.append(pool.submit(fn, item))
         if len(pending) >= max_in_flight:
@@ -220,6 +224,16 @@ def default_io_workers() -> int:
     return max(4, 2 * (os.cpu_count() or 1))
 
 
+@dataclass
+class _Embedded:
+    """One batch after the model: its result, or the error the model raised."""
+
+    pages: list[_Page]
+    result: EmbedResult | None
+    error: RuntimeError | None
+    seconds: float
+
+
 def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *, batch_size: int | None = None,
               workers: int | None = None, decode: DecodeOptions = DecodeOptions(),
               on_batch: Callable[[ProcessedBatch], None] | None = None,
@@ -227,75 +241,91 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
     """Fetch, decode, batch and embed `items` (every page of a document is its own
     input); a bad object becomes an `ImageFailure` and never stops the rest of its batch.
 
-    Each embedded batch goes to `on_batch` when given (and is not kept), else into
-    the returned `ShardOutput.batches`."""
+    Three stages run at once: decode threads, this thread assembling batches, and
+    the embedder's model streams (`Embedder.stream_pool`), each bounded, so memory
+    does not grow with the shard. Each embedded batch goes to `on_batch` on this
+    thread, in input order (and is not kept), else into `ShardOutput.batches`."""
     batch_size = batch_size or default_batch_size(embedder.device.type)
     out = ShardOutput()
-    batch: list[_Page] = []
     pin = embedder.device.type == "cuda"
 
     # No closure here refers to itself: a self-referencing closure is a reference
     # cycle, and it would keep `on_batch` (and the shard's part buffer and rows)
     # alive after the shard until a full garbage collection.
-    def embed(pages: list[_Page]) -> None:
-        groups = [pages]
-        while groups:
-            group = groups.pop(0)
-            t0 = time.perf_counter()
-            tensors = stack_images([p.tensor for p in group])
-            if pin and tensors.device.type == "cpu":
-                tensors = tensors.pin_memory()  # lets the host-to-device copy run without blocking
-            try:
-                result = embedder.embed(tensors, pad_to=batch_size)
-            except RuntimeError as exc:
-                # A model error on a whole batch (out of memory, say) is retried one by
-                # one so a single poison input cannot take its neighbours down with it.
-                if len(group) == 1:
-                    out.failures.append(_failure(group[0].info, "model", type(exc).__name__, str(exc)))
-                else:
-                    log.warning("batch of %s failed in the model (%s); retrying image by image", len(group), exc)
-                    groups.extend([p] for p in group)
-                continue
-            out.times.model += time.perf_counter() - t0
-            processed = ProcessedBatch([(p.info, p.width, p.height, p.page) for p in group],
+    def run_model(pages: list[_Page]) -> _Embedded:  # on a model stream
+        t0 = time.perf_counter()
+        tensors = stack_images([p.tensor for p in pages])
+        if pin and tensors.device.type == "cpu":
+            tensors = tensors.pin_memory()  # lets the host-to-device copy run without blocking
+        try:
+            return _Embedded(pages, embedder.embed(tensors, pad_to=batch_size), None, time.perf_counter() - t0)
+        except RuntimeError as exc:
+            return _Embedded(pages, None, exc, time.perf_counter() - t0)
+
+    def finish(done: _Embedded) -> None:
+        out.times.model += done.seconds
+        if done.error is not None:
+            # A model error on a whole batch (out of memory, say) is retried one by
+            # one so a single poison input cannot take its neighbours down with it.
+            if len(done.pages) == 1:
+                page = done.pages[0]
+                out.failures.append(_failure(page.info, "model", type(done.error).__name__, str(done.error)))
+            else:
+                log.warning("batch of %s failed in the model (%s); retrying image by image", len(done.pages),
+                            done.error)
+                for page in done.pages:
+                    finish(run_model([page]))
+                return
+        else:
+            result = done.result
+            processed = ProcessedBatch([(p.info, p.width, p.height, p.page) for p in done.pages],
                                        result.embeddings, result.class_ids, result.class_probs)
             if on_batch is not None:
                 on_batch(processed)
             else:
                 out.batches.append(processed)
 
-    def flush() -> None:
-        if not batch:
-            return
-        pages, failures = _decode_jpegs_on_device(batch, embedder) if decode.on_device else (list(batch), [])
-        batch.clear()
-        out.failures.extend(failures)
-        if pages:
-            embed(pages)
-        if on_progress:
-            on_progress(len({id(p.info) for p in pages}) + len(failures))
+    def batches() -> Iterator[list[_Page]]:
+        batch: list[_Page] = []
 
-    with ThreadPoolExecutor(max_workers=workers or default_io_workers(), thread_name_prefix="batchsight-io") as pool:
-        stream = _bounded_map(pool, lambda info: _fetch_and_decode(store, info, embedder, decode), items,
-                              max_in_flight=2 * batch_size + 8)
-        while True:
-            t_wait = time.perf_counter()
-            fetched = next(stream, None)
-            out.times.wait += time.perf_counter() - t_wait
-            if fetched is None:
-                break
-            out.times.fetch += fetched.fetch_s
-            out.times.decode += fetched.decode_s
-            if fetched.failure is not None:
-                out.failures.append(fetched.failure)
-                if on_progress:
-                    on_progress(1)
-                continue
-            for page in fetched.pages:
-                batch.append(page)
-                if len(batch) >= batch_size:
-                    flush()
-        flush()
+        def ready() -> Iterator[list[_Page]]:
+            pages, failures = _decode_jpegs_on_device(batch, embedder) if decode.on_device else (list(batch), [])
+            batch.clear()
+            out.failures.extend(failures)
+            if on_progress and failures:
+                on_progress(len(failures))
+            if pages:
+                yield pages
+
+        lookahead = (embedder.streams + 1) * batch_size + 8
+        with ThreadPoolExecutor(max_workers=workers or default_io_workers(), thread_name_prefix="batchsight-io") as pool:
+            stream = bounded_map(pool, lambda info: _fetch_and_decode(store, info, embedder, decode), items,
+                                 max_in_flight=lookahead)
+            while True:
+                t_wait = time.perf_counter()
+                fetched = next(stream, None)
+                out.times.wait += time.perf_counter() - t_wait
+                if fetched is None:
+                    break
+                out.times.fetch += fetched.fetch_s
+                out.times.decode += fetched.decode_s
+                if fetched.failure is not None:
+                    out.failures.append(fetched.failure)
+                    if on_progress:
+                        on_progress(1)
+                    continue
+                for page in fetched.pages:
+                    batch.append(page)
+                    if len(batch) >= batch_size:
+                        yield from ready()
+            if batch:
+                yield from ready()
+
+    with closing(batches()) as groups:
+        for done in bounded_map(embedder.stream_pool(), run_model, groups, max_in_flight=embedder.streams + 1):
+            finish(done)
+            if on_progress:
+                on_progress(len({id(p.info) for p in done.pages}))
     return out
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.engine import COMPILE_MIN_IMAGES, Embedder, EmbedderSettings, default_batch_size, should_compile
+from models.engine import (COMPILE_MIN_IMAGES, Embedder, EmbedderSettings, cpu_streams, default_batch_size,
+                           should_compile, stack_images)
 from tasks.decode import decode_image
 from tasks.pipeline import DecodeOptions, run_shard
 from tasks.sample_data import broken_files, encode, make_product_photo, write_samples, generate_samples
@@ -80,6 +81,30 @@ def test_compile_mode_and_batch_size_defaults():
     with pytest.raises(ValueError, match="unknown compile mode 'always'"):
         should_compile("always", 1)
     assert default_batch_size("cpu") == 16
+
+
+@pytest.mark.parametrize("cores,expected", [(1, (1, 1)), (2, (2, 1)), (8, (8, 1)), (12, (8, 1)), (16, (8, 2))])
+def test_cpu_cores_become_single_threaded_model_streams(cores, expected):
+    assert cpu_streams(cores) == expected
+
+
+def test_batches_from_several_model_streams_arrive_in_input_order_with_their_own_vectors(tmp_path, resnet18_weights):
+    embedder = Embedder(EmbedderSettings(model="resnet18", weights=str(resnet18_weights), device="cpu",
+                                         precision="fp32"))
+    embedder.streams = 3  # more streams than cores, so batches finish out of order
+    store = LocalStore(tmp_path / "src", create=True)
+    write_samples(store, generate_samples(23, seed=31, broken=False))
+    items = list(store.list())
+    seen = []
+    out = run_shard(items, store, embedder, batch_size=2, on_batch=seen.append)
+    assert out.batches == [] and len(seen) == 12
+    keys = [info.key for b in seen for info, *_ in b.records]
+    assert keys == [i.key for i in items]
+    side = embedder.preprocessing.resize_size
+    direct = embedder.embed(stack_images([embedder.preprocess(decode_image(store.get(k), min_side=side).image)
+                                          for k in keys])).embeddings
+    # fp32 sums may differ in the last digits between batch sizes and thread counts
+    np.testing.assert_allclose(np.concatenate([b.embeddings for b in seen]), direct, atol=1e-5)
 
 
 def test_a_model_error_on_a_batch_is_retried_image_by_image(tmp_path, embedder):
