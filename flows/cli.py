@@ -127,6 +127,8 @@ def print_summary(summary) -> None:
     t.add_row("throughput", f"{summary.images_per_s:.1f} images/s ({summary.elapsed_s:.1f} s in all)")
     if summary.stage_s:
         t.add_row("stages", ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in summary.stage_s.items()))
+    if summary.bottleneck:
+        t.add_row("bottleneck", summary.bottleneck)
     for reason, n in summary.failures_by_reason.items():
         t.add_row("failure", f"{n} x {reason}")
     t.add_row("", summary.message)

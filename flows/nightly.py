@@ -20,7 +20,7 @@ from tasks import catalog as cat
 from tasks.categories import active_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, has_image_extension
 from tasks.index import DEFAULT_RECALL_TARGET, IndexSettings, parse_memory_size
-from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, current_progress, process_shard
+from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, bottleneck, current_progress, process_shard
 from tasks.storage import ObjectInfo, cached_store
 
 DEFAULT_SHARD_SIZE = 2000
@@ -47,6 +47,7 @@ class RunSummary:
     images_per_s: float = 0.0
     elapsed_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)
+    bottleneck: str = ""  # what held the run back, from stage_s
     started_at: str = ""
     message: str = ""
 
@@ -192,6 +193,7 @@ def catalog_images(
         summary.failures_by_reason = _count(f"{f['stage']}:{f['error_type']}" for f in failures)
         summary.top_classes = dict(list(_count(c for r in results for c in r.rows["top_class"]).items())[:10])
         summary.images_per_s = (summary.processed + summary.failed) / shard_wall if shard_wall > 0 else 0.0
+        summary.bottleneck = bottleneck(summary.stage_s, shard_wall)
         summary.status, summary.version = "committed", manifest.version
         summary.message = f"committed version {manifest.version}"
         logger.info("run %s committed version %s: %s images, %s failures, %.1f images/s", run_id,
@@ -226,6 +228,8 @@ def _publish_artifact(summary: RunSummary) -> None:
     if summary.stage_s:
         lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k.removesuffix('_s')} | {v:.2f} |"
                                                           for k, v in summary.stage_s.items()]
+    if summary.bottleneck:
+        lines += ["", f"Bottleneck: {summary.bottleneck}"]
     if summary.failures_by_reason:
         lines += ["", "| failure | count |", "|---|---|"] + [f"| {k} | {v} |"
                                                           for k, v in summary.failures_by_reason.items()]

@@ -87,7 +87,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 def default_batch_size(device: str) -> int:
     """Images per model batch when --batch-size is not given.
 
-    Measured on a 2-core Sapphire Rapids (benchmarks/throughput.py): ResNet-50 bf16
+    Measured on the 2-core development machine (benchmarks/throughput.py): ResNet-50 bf16
     runs fastest at 8-16 images a batch (the activations of a batch stay in L2);
     at 64 it is 30% slower. GPUs want large batches to fill the card.
     """

@@ -82,6 +82,24 @@ class StageTimes:
         return {"fetch_s": self.fetch, "decode_s": self.decode, "model_s": self.model, "wait_s": self.wait}
 
 
+INPUT_BOUND_WAIT = 0.2  # batching idle this share of the time: the inputs are the wall
+
+
+def bottleneck(stage_s: dict[str, float], wall_s: float) -> str:
+    """One line that tells an operator what held a run back, from its stage times
+    and the wall time of its shards."""
+    if wall_s <= 0:
+        return ""
+    waited = min(1.0, stage_s.get("wait_s", 0.0) / wall_s)
+    if waited >= INPUT_BOUND_WAIT:
+        slower = "fetch" if stage_s.get("fetch_s", 0.0) > stage_s.get("decode_s", 0.0) else "decode"
+        return (f"input: batches waited for images {waited:.0%} of the time, mostly in {slower}; raise --io-workers"
+                + (", or move the catalogue job closer to the bucket" if slower == "fetch" else
+                   ", add cores, or use --gpu-decode on a GPU"))
+    return (f"model: it ran all the time (batches waited for images {waited:.0%} of the time); a GPU, "
+            "--compile on or a smaller model is what goes faster")
+
+
 @dataclass(frozen=True)
 class ImageFailure:
     key: str

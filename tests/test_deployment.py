@@ -69,6 +69,7 @@ def test_serve_registers_schedule_and_runs_a_triggered_night(tmp_path, resnet18_
             artifacts = client.read_artifacts()
             summary = [a for a in artifacts if a.key == "batchsight-run" and a.flow_run_id == flow_run.id]
             assert summary and "| 11 | 11 | 0 | 0 | 0 | 8 | 3 |" in summary[0].data
+            assert "| decode |" in summary[0].data and "Bottleneck: " in summary[0].data
     finally:
         server.send_signal(signal.SIGINT)
         try:

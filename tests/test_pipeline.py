@@ -11,7 +11,7 @@ import torch
 from models.engine import (COMPILE_MIN_IMAGES, Embedder, EmbedderSettings, cpu_streams, default_batch_size,
                            should_compile, stack_images)
 from tasks.decode import decode_image
-from tasks.pipeline import DecodeOptions, run_shard
+from tasks.pipeline import DecodeOptions, bottleneck, run_shard
 from tasks.sample_data import broken_files, encode, make_product_photo, write_samples, generate_samples
 from tasks.storage import LocalStore
 
@@ -81,6 +81,16 @@ def test_compile_mode_and_batch_size_defaults():
     with pytest.raises(ValueError, match="unknown compile mode 'always'"):
         should_compile("always", 1)
     assert default_batch_size("cpu") == 16
+
+
+def test_the_bottleneck_line_names_the_stage_that_held_the_run_back():
+    model_bound = {"fetch_s": 2.0, "decode_s": 12.0, "model_s": 29.0, "wait_s": 0.6}
+    assert bottleneck(model_bound, 15.0).startswith("model: it ran all the time (batches waited for images 4%")
+    decode_bound = {"fetch_s": 2.0, "decode_s": 40.0, "model_s": 8.0, "wait_s": 9.0}
+    assert bottleneck(decode_bound, 15.0).startswith("input: batches waited for images 60% of the time, mostly in decode")
+    fetch_bound = {"fetch_s": 90.0, "decode_s": 10.0, "model_s": 8.0, "wait_s": 12.0}
+    assert "mostly in fetch" in bottleneck(fetch_bound, 15.0)
+    assert bottleneck(model_bound, 0.0) == ""
 
 
 @pytest.mark.parametrize("cores,expected", [(1, (1, 1)), (2, (2, 1)), (8, (8, 1)), (12, (8, 1)), (16, (8, 2))])
