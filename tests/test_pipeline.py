@@ -4,6 +4,8 @@ CPU device: the same code path the GPU takes, minus nvJPEG itself)."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -101,17 +103,31 @@ def test_cpu_cores_become_single_threaded_model_streams(cores, expected):
 def test_batches_from_several_model_streams_arrive_in_input_order_with_their_own_vectors(tmp_path, resnet18_weights):
     embedder = Embedder(EmbedderSettings(model="resnet18", weights=str(resnet18_weights), device="cpu",
                                          precision="fp32"))
-    embedder.streams = 3  # more streams than cores, so batches finish out of order
+    embedder.streams = 3  # more streams than cores: batches may finish out of order
+    forward = embedder.embed
+    model_threads, batch_threads, seen = [], [], []
+
+    def recording_embed(batch, **kw):
+        model_threads.append(threading.current_thread().name)
+        return forward(batch, **kw)
+
+    def keep(batch):
+        batch_threads.append(threading.current_thread())
+        seen.append(batch)
+
+    embedder.embed = recording_embed
     store = LocalStore(tmp_path / "src", create=True)
     write_samples(store, generate_samples(23, seed=31, broken=False))
     items = list(store.list())
-    seen = []
-    out = run_shard(items, store, embedder, batch_size=2, on_batch=seen.append)
+    out = run_shard(items, store, embedder, batch_size=2, on_batch=keep)
     assert out.batches == [] and len(seen) == 12
+    # the model ran on the stream threads; batches were handed back on the caller's
+    assert len(model_threads) == 12 and all(name.startswith("batchsight-model") for name in model_threads)
+    assert set(batch_threads) == {threading.current_thread()}
     keys = [info.key for b in seen for info, *_ in b.records]
     assert keys == [i.key for i in items]
     side = embedder.preprocessing.resize_size
-    direct = embedder.embed(stack_images([embedder.preprocess(decode_image(store.get(k), min_side=side).image)
+    direct = forward(stack_images([embedder.preprocess(decode_image(store.get(k), min_side=side).image)
                                           for k in keys])).embeddings
     # fp32 sums may differ in the last digits between batch sizes and thread counts
     np.testing.assert_allclose(np.concatenate([b.embeddings for b in seen]), direct, atol=1e-5)
