@@ -23,7 +23,7 @@ from tasks import duplicates as dups
 from tasks import index as faiss_index
 from tasks import tables
 from tasks.catalog import Catalog, open_catalog
-from tasks.decode import DecodeError, decode_image, has_image_extension
+from tasks.decode import DecodeError, decode_pages, has_image_extension
 
 RESULT_COLUMNS = ["rank", "key", "page", "score", "top_class", "category", "image_id"]
 QUERY_RESULT_COLUMNS = ["query", *RESULT_COLUMNS]
@@ -129,10 +129,8 @@ def allowed_ids(cat: Catalog, *, prefix: str | None = None, category: str | None
 def vectors_for_keys(cat: Catalog, keys: Sequence[str]) -> np.ndarray:
     """The stored embeddings of catalogued `keys` (a document's first page), read
     from their parts: exact whatever the index keeps (IVF-PQ holds approximations)."""
-    images = cat.images
-    if "page" in images:  # a multi-page document is found by its first page
-        images = images.sort_values(["key", "page"]).drop_duplicates("key")
-    rows = images.set_index("key").reindex(keys)
+    # a multi-page document is found by its first page
+    rows = cat.images.sort_values(["key", "page"]).drop_duplicates("key").set_index("key").reindex(keys)
     missing = [k for k, i in zip(keys, rows["image_id"], strict=True) if pd.isna(i)]
     if missing:
         raise KeyError(f"{missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
@@ -148,7 +146,9 @@ def vectors_for_keys(cat: Catalog, keys: Sequence[str]) -> np.ndarray:
 
 
 def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights: str | None = None) -> np.ndarray:
-    """Embed query images with the catalogue's own model and weights, in batches."""
+    """Embed query images with the catalogue's own model and weights, in batches;
+    a document (PDF, multi-page TIFF) queries with its first page, the page by
+    which search finds a catalogued document."""
     embedder = get_embedder(query_embedder_settings(cat, weights=weights))
     out = []
     for start in range(0, len(images), EMBED_BATCH):
@@ -156,7 +156,7 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
         for image in images[start:start + EMBED_BATCH]:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             try:
-                decoded = decode_image(data, min_side=embedder.preprocessing.resize_size)
+                decoded = decode_pages(data, min_side=embedder.preprocessing.resize_size, max_pages=1)[0]
             except DecodeError as exc:
                 name = "query bytes" if isinstance(image, bytes) else str(image)
                 raise ValueError(f"query image {name} cannot be read ({exc}); remove it or fix the file") from None

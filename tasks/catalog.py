@@ -178,7 +178,10 @@ class Catalog:
 
     @cached_property
     def images(self) -> pd.DataFrame:
-        return tables.table_to_frame(tables.read_parquet_bytes(self.store.get(self.manifest.images)))
+        frame = tables.table_to_frame(tables.read_parquet_bytes(self.store.get(self.manifest.images)))
+        if "page" not in frame:  # written before documents had pages: every row is an image's only page
+            frame["page"] = np.ones(len(frame), np.int32)
+        return frame
 
     @cached_property
     def failures(self) -> pd.DataFrame:

@@ -95,8 +95,7 @@ def group_pairs(pairs: SimilarPairs) -> pd.DataFrame:
 def duplicates_frame(groups: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
     """The groups with each image's key (and page), in the table's column order."""
     rows = images.set_index("image_id").reindex(groups["image_id"])
-    pages = rows["page"].to_numpy() if "page" in rows else None
-    out = groups.assign(key=rows["key"].to_numpy(), page=pages)
+    out = groups.assign(key=rows["key"].to_numpy(), page=rows["page"].to_numpy())
     return out[DUPLICATES_SCHEMA.names]
 
 

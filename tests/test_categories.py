@@ -11,6 +11,7 @@ from PIL import Image
 
 from flows.categorize import apply_categories, fit_categories, suggest_categories
 from flows.nightly import catalog_images
+from flows.search import similar_images
 from models.categorizer import UNCERTAIN, CategorizerMismatch, fit_categorizer
 from models.weights import save_random_weights
 from tasks.catalog import open_catalog
@@ -62,6 +63,14 @@ def test_a_three_page_pdf_gives_three_rows(labelled_catalog):
     assert pdf["page"].tolist() == [1, 2, 3]
     assert pdf["image_id"].is_unique
     assert (pdf["height"] > pdf["width"]).all()  # rendered portrait pages
+
+
+def test_a_pdf_query_finds_the_catalogued_pdf_by_its_first_page(labelled_catalog):
+    root, out, _ = labelled_catalog
+    query = (root / "src" / "inbox" / "bundle.pdf").read_bytes()
+    best = similar_images(open_catalog(out), image=query, k=3).iloc[0]
+    assert (best["key"], best["page"]) == ("inbox/bundle.pdf", 1)
+    assert best["score"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_probe_beats_the_majority_baseline_by_a_wide_margin(labelled_catalog):

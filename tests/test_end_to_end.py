@@ -96,6 +96,19 @@ def test_search_by_key_finds_itself_first(catalogued):
     assert len(result) == 5 and result["score"].is_monotonic_decreasing
 
 
+def test_a_catalogue_written_before_pages_existed_still_searches(catalogued):
+    """Images tables written before documents had pages have no `page` column."""
+    from tasks import tables
+
+    _, cat, _ = catalogued
+    old = tables.read_parquet_bytes(cat.store.get(cat.manifest.images)).drop_columns(["page"])
+    cat.store.put(cat.manifest.images, tables.to_parquet_bytes(old))
+    reopened = Catalog.open(cat.store)
+    key = reopened.images["key"].iloc[3]
+    best = similar_images(reopened, key=key, k=2).iloc[0]
+    assert (best["key"], best["page"]) == (key, 1)
+
+
 def test_reencoded_resized_copy_finds_its_original(catalogued, samples):
     _, cat, _ = catalogued
     photos = [s for s in samples if s.kind == "product"][:4]
