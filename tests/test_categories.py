@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -142,12 +143,14 @@ def test_a_categoriser_of_other_embeddings_is_refused(labelled_catalog, tmp_path
     root, out, labels = labelled_catalog
     fit_categories(out, labels_csv=str(labels))
     before = open_catalog(out).manifest
+    parts_before = {o.key for o in open_catalog(out).store.list("tables/embeddings/")}
     other = tmp_path / "other.pth"
     save_random_weights("resnet18", 99, other)
     with pytest.raises(CategorizerMismatch, match="trained on embeddings of resnet18@.*Fit a new one"):
         catalog_images(source=str(root / "src"), output=out, model="resnet18", weights=str(other))
     after = open_catalog(out).manifest  # refused before any work: no new version, same embeddings
     assert (after.version, after.weights_sha256) == (before.version, before.weights_sha256)
+    assert {o.key for o in open_catalog(out).store.list("tables/embeddings/")} == parts_before  # nothing embedded
 
 
 def test_suggest_clusters_writes_sample_keys_per_cluster(labelled_catalog):
@@ -156,8 +159,8 @@ def test_suggest_clusters_writes_sample_keys_per_cluster(labelled_catalog):
     assert sorted(frame["cluster"].unique()) == [0, 1, 2, 3]
     assert (frame.groupby("cluster").size() <= 3).all()
     assert frame["cluster_size"].groupby(frame["cluster"]).first().sum() == len(open_catalog(out).images)
-    stored = open_catalog(out).store.get(key)
-    assert len(stored) > 0
+    stored = pd.read_parquet(io.BytesIO(open_catalog(out).store.get(key)))
+    pd.testing.assert_frame_equal(stored, frame.reset_index(drop=True), check_dtype=False)
 
 
 def test_labels_need_two_examples_of_two_categories():

@@ -64,7 +64,7 @@ def test_run_then_search_and_status(bucket, tmp_path, resnet18_weights):
     (["--model", "resnet34"], "do not fit resnet34"),
     (["--model", "resnet18", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["--model", "resnet18", "--device", "tpu"], "Invalid value for '--device'"),
-    (["--model", "resnet18", "--index-memory", "lots"], "lots"),
+    (["--model", "resnet18", "--index-memory", "lots"], "'lots' is not a size"),
 ])
 def test_bad_flags_exit_non_zero_with_a_message(bucket, tmp_path, resnet18_weights, args, message):
     code, text = invoke("run", "--source", bucket, "--output", tmp_path / "out", "--weights", resnet18_weights, *args)
@@ -94,7 +94,7 @@ def test_the_installed_command_runs_in_a_real_process(bucket, tmp_path, resnet18
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["status"] == "committed" and summary["processed"] == 12
-    assert summary["stage_s"]["compile_s"] > 0  # compiled once, before the shards, and reported
+    assert summary["stage_s"]["compile_s"] > 0.5  # compiled once, before the shards (seconds), and reported
     assert summary["bottleneck"].startswith(("model:", "input:"))
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--source", str(tmp_path / "missing"),
                           "--output", str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)

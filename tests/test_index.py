@@ -209,6 +209,8 @@ def test_flat_recall_is_exact_without_measuring():
     index, *_ = build(data, fi.flat_choice(data.n, data.dim), n_queries=0)
     report = fi.measure_recall(index, np.empty((0, 16), np.float32), np.empty(0, np.int64), data, target=0.95)
     assert (report.recall_at_10, report.nprobe) == (1.0, 0)
+    ids, vectors = data.all()  # and the 1.0 it reports unmeasured holds when measured here
+    assert independent_recall(index, vectors[:40], ids[:40], vectors, ids, nprobe=0) == 1.0
 
 
 class SyntheticCatalogue:
@@ -277,6 +279,10 @@ def test_catalogue_index_goes_flat_to_ivf_updates_in_place_and_retrains_past_the
     assert (m.index_type, m.index_factory, m.index_trained_n) == ("ivf-flat", "IVF76,Flat", 3000)
     assert m.counts["images"] == 3400 and m.index_recall_at_10 >= 0.95
     assert_index_matches_tables(v3)
+    ids, now = v3.embeddings()  # the recorded nprobe delivers the recorded recall, measured independently
+    sample = np.random.default_rng(0).choice(len(ids), 300, replace=False)
+    assert independent_recall(v3.index, now[sample], ids[sample], now, ids, m.index_nprobe) >= \
+        m.index_recall_at_10 - 0.03  # another sample of queries
     assert not set(deleted) & set(v3.images["key"])
     hits = similar_images(v3, key=changed[0], k=3)
     assert hits.iloc[0]["key"] == changed[0] and hits.iloc[0]["score"] == pytest.approx(1.0, abs=1e-5)
