@@ -7,6 +7,7 @@ them, picks the task runner and reports.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -190,8 +191,8 @@ def catalog_images(
         summary.processed = sum(len(r.rows) for r in results)
         failures = [f for r in results for f in r.failures]
         summary.failed = len(failures)
-        summary.failures_by_reason = _count(f"{f['stage']}:{f['error_type']}" for f in failures)
-        summary.top_classes = dict(list(_count(c for r in results for c in r.rows["top_class"]).items())[:10])
+        summary.failures_by_reason = dict(Counter(f"{f['stage']}:{f['error_type']}" for f in failures).most_common())
+        summary.top_classes = dict(Counter(c for r in results for c in r.rows["top_class"]).most_common(10))
         summary.images_per_s = (summary.processed + summary.failed) / shard_wall if shard_wall > 0 else 0.0
         summary.bottleneck = bottleneck(summary.stage_s, shard_wall)
         summary.status, summary.version = "committed", manifest.version
@@ -206,13 +207,6 @@ def catalog_images(
         summary.elapsed_s = time.perf_counter() - started
         cat.write_run_row(out_store, summary.run_row())
         _publish_artifact(summary)
-
-
-def _count(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _publish_artifact(summary: RunSummary) -> None:

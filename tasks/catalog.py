@@ -349,8 +349,6 @@ class ShardResult:
 
 @dataclass
 class BuildStats:
-    added: int
-    removed: int
     index_s: float
     write_s: float
 
@@ -414,8 +412,7 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
         index_nprobe=built.recall.nprobe, index_recall_at_10=built.recall.recall_at_10,
         index_recall_target=built.recall.target, index_recall_queries=built.recall.queries,
     )
-    return manifest, BuildStats(added=sum(len(r) for r in new_rows), removed=len(gone), index_s=index_s,
-                                write_s=write_s)
+    return manifest, BuildStats(index_s=index_s, write_s=write_s)
 
 
 @dataclass

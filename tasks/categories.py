@@ -22,7 +22,7 @@ import pandas as pd
 from models.categorizer import Categorizer, fit_categorizer
 from tasks import tables
 from tasks.catalog import Catalog, Manifest, commit_manifest, new_run_id, read_pointer, version_stem
-from tasks.storage import ObjectNotFound, ObjectStore, PreconditionFailed, cached_store
+from tasks.storage import ObjectNotFound, ObjectStore, cached_store
 
 ACTIVE_KEY = "categorizers/ACTIVE"
 
@@ -91,20 +91,11 @@ def save_categorizer(store: ObjectStore, categorizer: Categorizer) -> str:
     """Write a new categoriser version and make it the active one."""
     created = datetime.now(UTC)
     categorizer.created_at = created.isoformat(timespec="seconds")
-    key = f"categorizers/{created:%Y%m%dT%H%M%SZ}-{new_run_id()[-6:]}.json"
+    key = f"categorizers/{new_run_id(created)}.json"
     store.put(key, categorizer.to_json(), if_none_match=True)
-    try:
-        _, etag = store.get_with_etag(ACTIVE_KEY)
-    except ObjectNotFound:
-        etag = None
-    pointer = json.dumps({"categorizer": key}).encode()
-    try:
-        if etag is None:
-            store.put(ACTIVE_KEY, pointer, if_none_match=True)
-        else:
-            store.put(ACTIVE_KEY, pointer, if_match=etag)
-    except PreconditionFailed:
-        raise RuntimeError("another categoriser was activated at the same time; fit again") from None
+    # Nothing here depends on which categoriser was active before, so the pointer is
+    # simply overwritten: of two fits finishing together, the later one is active.
+    store.put(ACTIVE_KEY, json.dumps({"categorizer": key}).encode())
     return key
 
 
@@ -159,7 +150,7 @@ def apply_to_catalog(cat: Catalog, categorizer: Categorizer, categorizer_key: st
     elapsed = time.perf_counter() - t0
     run_id = f"categorize-{new_run_id()}"
     version = cat.manifest.version + 1
-    images_key = f"tables/images/v{version:06d}-{run_id}.parquet"
+    images_key = f"tables/images/{version_stem(version, run_id)}.parquet"
     cat.store.put(images_key, tables.to_parquet_bytes(tables.frame_to_table(rows, tables.IMAGES_SCHEMA)))
     manifest: Manifest = replace(cat.manifest, version=version, run_id=run_id, parent=cat.manifest_key,
                                  created_at=datetime.now(UTC).isoformat(timespec="seconds"), images=images_key,
