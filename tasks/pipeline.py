@@ -131,6 +131,7 @@ class _Page:
     jpeg: bytes | None
     width: int
     height: int
+    last: bool = True  # the object's last page: progress counts an object once, here
 
 
 @dataclass
@@ -178,7 +179,8 @@ def _fetch_and_decode(store: ObjectStore, info: ObjectInfo, embedder: Embedder, 
     try:
         decoded = decode_pages(data, min_side=embedder.preprocessing.resize_size, dpi=options.pdf_dpi,
                                max_pages=options.max_pages)
-        pages = [_Page(info, d.page, embedder.preprocess(d.image), None, d.width, d.height) for d in decoded]
+        pages = [_Page(info, d.page, embedder.preprocess(d.image), None, d.width, d.height, last=i == len(decoded) - 1)
+                 for i, d in enumerate(decoded)]
     except DecodeError as exc:
         return _Fetched(info, [], _failure(info, "decode", exc.reason, exc.message), t1 - t0,
                         time.perf_counter() - t1)
@@ -343,7 +345,7 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
         for done in bounded_map(embedder.stream_pool(), run_model, groups, max_in_flight=embedder.streams + 1):
             finish(done)
             if on_progress:
-                on_progress(len({id(p.info) for p in done.pages}))
+                on_progress(sum(p.last for p in done.pages))
     return out
 
 

@@ -133,6 +133,26 @@ def test_batches_from_several_model_streams_arrive_in_input_order_with_their_own
     np.testing.assert_allclose(np.concatenate([b.embeddings for b in seen]), direct, atol=1e-5)
 
 
+def test_progress_counts_each_object_once_however_many_pages_and_batches(tmp_path, embedder):
+    import io
+
+    from tasks.sample_data import make_document
+
+    rng = np.random.default_rng(37)
+    store = LocalStore(tmp_path / "src", create=True)
+    pages = [make_document(rng, "invoice") for _ in range(5)]
+    pdf = io.BytesIO()
+    pages[0].save(pdf, "PDF", save_all=True, append_images=pages[1:], resolution=60)
+    store.put("docs/bundle.pdf", pdf.getvalue())
+    store.put("photos/a.jpg", encode(make_product_photo(rng, (320, 240)), "JPEG"))
+    store.put("photos/b.jpg", encode(make_product_photo(rng, (320, 240)), "JPEG"))
+    store.put("photos/broken.jpg", b"not an image")
+    steps = []
+    out = run_shard(list(store.list()), store, embedder, batch_size=2, on_progress=steps.append)
+    assert sum(len(b.records) for b in out.batches) == 7  # five pages and two photos, across four batches
+    assert sum(steps) == 4  # objects, as the progress bar's total counts them
+
+
 def test_a_model_error_on_a_batch_is_retried_image_by_image(tmp_path, embedder):
     """A model error cannot be provoked on demand here (it would be an OOM or a bad
     kernel), so a thin wrapper over the real embedder raises for one poison input."""
