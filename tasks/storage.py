@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import io
 import os
 import stat
 import tempfile
@@ -22,6 +23,7 @@ from typing import Union
 from urllib.parse import urlparse
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -211,14 +213,51 @@ class LocalStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
 
 
+class _BufferReader(io.RawIOBase):
+    """A read-only, seekable file over a bytes-like object, without copying it."""
+
+    def __init__(self, data: Buffer) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
 class S3Store(ObjectStore):
-    """An S3 (or S3-compatible) prefix, through one cached boto3 client."""
+    """An S3 (or S3-compatible) prefix, through one cached boto3 client.
+
+    Unconditional puts from `multipart_threshold` bytes go up in parts, straight
+    from the caller's buffer: one PUT is capped at 5 GB, and a large index must
+    not be copied to be sent."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, check_bucket: bool = True, max_pool: int = 32,
-                 list_page_size: int = 1000) -> None:
+                 list_page_size: int = 1000, multipart_threshold: int = MULTIPART_THRESHOLD) -> None:
         self.bucket = bucket
         self.list_page_size = list_page_size
+        self.transfer = TransferConfig(multipart_threshold=multipart_threshold,
+                                       multipart_chunksize=max(multipart_threshold // 4, 5 * 1024 * 1024))
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -290,6 +329,10 @@ class S3Store(ObjectStore):
 
     def put(self, key: str, data: Buffer, *, if_match: str | None = None,
             if_none_match: bool = False) -> str:
+        conditional = if_match is not None or if_none_match
+        if not conditional and memoryview(data).nbytes >= self.transfer.multipart_threshold:
+            self.client.upload_fileobj(_BufferReader(data), self.bucket, self._full(key), Config=self.transfer)
+            return self.client.head_object(Bucket=self.bucket, Key=self._full(key))["ETag"].strip('"')
         if not isinstance(data, bytes | bytearray):
             data = bytes(data)  # botocore takes bytes or files, not arbitrary buffers
         kwargs: dict[str, str] = {}

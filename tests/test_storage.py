@@ -64,3 +64,19 @@ def test_missing_local_source_says_so(tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         open_store(str(tmp_path / "nope"))
     assert open_store(str(tmp_path / "made"), create=True).root.is_dir()
+
+
+def test_a_large_buffer_goes_up_in_parts_without_a_copy(new_bucket, moto_endpoint):
+    """A serialised index arrives as a memoryview; past the threshold it is sent as
+    a multipart upload (one PUT is capped at 5 GB), read straight from the buffer."""
+    import numpy as np
+
+    mib = 1024 * 1024
+    store = S3Store(new_bucket(), "cat", endpoint_url=moto_endpoint, multipart_threshold=5 * mib)
+    data = np.random.default_rng(0).integers(0, 255, 12 * mib + 3, dtype=np.uint8)
+    etag = store.put("indexes/v000001.faiss", memoryview(data))
+    assert etag.endswith("-3")  # S3's ETag of a three-part upload: 5 + 5 + 2 MiB
+    assert store.head("indexes/v000001.faiss").etag == etag
+    assert store.get("indexes/v000001.faiss") == data.tobytes()
+    small = store.put("CURRENT", memoryview(b"v1"), if_none_match=True)  # conditional: one PUT, as before
+    assert "-" not in small and store.get("CURRENT") == b"v1"
