@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from models.categorizer import Categorizer, fit_categorizer
+from tasks import index as faiss_index
 from tasks import tables
 from tasks.catalog import Catalog, Manifest, commit_manifest, new_run_id, read_pointer, version_stem
 from tasks.storage import ObjectNotFound, ObjectStore, cached_store
@@ -63,19 +64,18 @@ def labelled_embeddings(cat: Catalog, labels: pd.DataFrame, *, source: ObjectSto
                         embed_missing) -> tuple[np.ndarray, list[str], int]:
     """Vectors for the labelled keys: stored ones from the catalogue (every page of a
     document), the rest embedded now from `source` by `embed_missing(store, keys)`.
-    Returns (vectors, labels, how many were embedded now)."""
-    images = cat.images
-    ids, vectors = cat.embeddings()
-    row_of = {int(i): n for n, i in enumerate(ids)}
-    by_key = images.groupby("key")["image_id"].apply(list).to_dict()
-    vecs, names, missing = [], [], []
+    Returns (vectors, labels, how many were embedded now). Stored vectors are read
+    in one streaming pass over the parts, so the whole catalogue is never in memory."""
+    by_key = cat.images.groupby("key")["image_id"].apply(list).to_dict()
+    wanted, names, missing = [], [], []
     for key, label in zip(labels["key"], labels["label"], strict=True):
         if key in by_key:
-            for image_id in by_key[key]:
-                vecs.append(vectors[row_of[int(image_id)]])
-                names.append(label)
+            wanted.extend(by_key[key])
+            names.extend([label] * len(by_key[key]))
         else:
             missing.append((key, label))
+    vecs = list(faiss_index.gather_vectors(cat.embedding_blocks(), np.asarray(wanted, np.int64),
+                                           cat.manifest.embedding_dim)) if wanted else []
     if missing:
         fresh = embed_missing(source, [k for k, _ in missing])
         for (key, label), key_vecs in zip(missing, fresh, strict=True):
