@@ -217,14 +217,15 @@ class LiveEmbeddings:
 
     def __init__(self, store: ObjectStore, images: pd.DataFrame) -> None:
         self.store = store
-        self.parts = sorted(set(images["embedding_part"].dropna().tolist()))
-        self.live = set(zip(images["image_id"].tolist(), images["run_id"].tolist(), strict=True))
+        # A part is written by one run (its key names the run), so the ids live in a
+        # part are the rows that point at it.
+        self.live = {part: ids.to_numpy(np.int64) for part, ids in images.groupby("embedding_part")["image_id"]}
+        self.parts = sorted(self.live)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for part in self.parts:
-            for ids, runs, vectors in tables.iter_embedding_batches(self.store.get(part)):
-                keep = np.fromiter(((i, r) in self.live for i, r in zip(ids.tolist(), runs, strict=True)), bool,
-                                   len(ids))
+            for ids, _runs, vectors in tables.iter_embedding_batches(self.store.get(part)):
+                keep = np.isin(ids, self.live[part])
                 yield ids[keep], vectors[keep]
 
 
