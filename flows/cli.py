@@ -56,13 +56,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 EXIT_USER_ERROR = 2
 EXIT_LOST_COMMIT_RACE = 3  # another run committed first; rerun to continue from its version
+EXIT_DAMAGED = 4  # a file of the catalogue is missing or damaged; `status --verify` names it, rollback restores
 
 
 def _fail(exc: BaseException) -> typer.Exit:
-    from tasks.catalog import ConcurrentCommitError
+    from tasks.catalog import CatalogCorrupt, ConcurrentCommitError
 
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     err.print(f"[bold red]error:[/] {message}", highlight=False)
+    if isinstance(exc, CatalogCorrupt):
+        return typer.Exit(code=EXIT_DAMAGED)
     return typer.Exit(code=EXIT_LOST_COMMIT_RACE if isinstance(exc, ConcurrentCommitError) else EXIT_USER_ERROR)
 
 
@@ -92,9 +95,10 @@ def preflight(source: str, output: str, model: str, endpoint_url: str | None) ->
     """Check what can be checked in a second before Prefect starts: the model
     name and that both roots are reachable (a missing bucket fails here)."""
     from models.registry import get_model_spec
-    from tasks.storage import cached_store
+    from tasks.storage import cached_store, check_roots_apart
 
     get_model_spec(model)
+    check_roots_apart(source, output)
     cached_store(source, endpoint_url)
     cached_store(output, endpoint_url, create=True)
 
@@ -125,6 +129,8 @@ def print_summary(summary) -> None:
                       f"{c.get('unchanged', 0)} unchanged, {c.get('retry', 0)} retried")
     t.add_row("processed", f"{summary.processed} embedded, {summary.failed} failed")
     t.add_row("throughput", f"{summary.images_per_s:.1f} images/s ({summary.elapsed_s:.1f} s in all)")
+    if summary.batch_size:
+        t.add_row("batch size", str(summary.batch_size))
     if summary.stage_s:
         t.add_row("stages", ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in summary.stage_s.items()))
     if summary.bottleneck:
@@ -164,6 +170,12 @@ def run(
                                               "decides flat, IVF-Flat or IVF-PQ.")] = None,
     recall_target: Annotated[float, typer.Option(min=0.5, max=1.0, help="recall@10 the search setting (nprobe) "
                                                                         "is tuned to reach.")] = 0.95,
+    max_delete_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Refuse a run that would delete more "
+                                                    "than this share of the catalogue (a typo'd prefix lists "
+                                                    "nothing).")] = 0.2,
+    allow_mass_delete: Annotated[bool, typer.Option("--allow-mass-delete", help="Commit the deletions even past "
+                                                    "--max-delete-share (an emptied bucket, a big clean-up).")]
+    = False,
     endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
@@ -173,7 +185,9 @@ def run(
                               weights_sha256=weights_sha256, batch_size=batch_size, device=device.value,
                               precision=precision.value, limit=limit, shard_size=shard_size, io_workers=io_workers,
                               compile=compile.value, gpu_decode=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages,
-                              index_memory=index_memory, recall_target=recall_target, endpoint_url=endpoint_url)
+                              index_memory=index_memory, recall_target=recall_target,
+                              max_delete_share=max_delete_share, allow_mass_delete=allow_mass_delete,
+                              endpoint_url=endpoint_url)
     except _user_errors() as exc:
         raise _fail(exc) from None
     if as_json:
@@ -234,14 +248,18 @@ def search(
 
 @app.command()
 def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
+           verify: Annotated[bool, typer.Option("--verify", help="Read every file of the live version and check "
+                                                "its size and sha256 against the manifest (exit 4 if any is "
+                                                "damaged).")] = False,
            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print the live version of a catalogue, the run that made it, its counts and its index's recall."""
-    from tasks.catalog import list_versions, open_catalog, read_runs
+    from tasks.catalog import list_versions, open_catalog, read_runs, verify_version
 
     try:
         cat = open_catalog(catalog, endpoint_url=endpoint_url)
         history = list_versions(cat.store)
         runs = read_runs(cat.store)
+        checked = verify_version(cat.store, cat.manifest) if verify else None
     except _user_errors() as exc:
         raise _fail(exc) from None
     m = cat.manifest
@@ -258,8 +276,11 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
         "run": _run_info(made_by.iloc[0]) if len(made_by) else None,
         "last_run": _run_info(last) if last is not None else None,
     }
+    if checked is not None:
+        info["verify"] = {"files": checked.checked, "damaged": checked.problems, "unrecorded": checked.unrecorded}
     if as_json:
         console.print_json(json.dumps(info, default=str))
+        _exit_if_damaged(checked, catalog, history)
         return
     t = Table(title=f"catalogue {catalog}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -276,7 +297,22 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
                              f"changed, {run_row['deleted']} deleted, {run_row['failed']} failed, "
                              f"{run_row['images_per_s']:.1f} images/s")
     t.add_row("history", ", ".join(f"v{v.version}" for v in history))
+    if checked is not None:
+        t.add_row("verify", f"{checked.checked} files read, {len(checked.problems)} damaged"
+                  + (f", {checked.unrecorded} without a recorded checksum (older version)" if checked.unrecorded else ""))
     console.print(t)
+    _exit_if_damaged(checked, catalog, history)
+
+
+def _exit_if_damaged(checked, catalog: str, history) -> None:
+    if checked is None or not checked.problems:
+        return
+    for problem in checked.problems:
+        err.print(f"[bold red]damaged:[/] {problem}", highlight=False)
+    earlier = [v.version for v in history if v.version < checked.version]
+    err.print(f"version {checked.version} is damaged; restore those files, or make an earlier version live: "
+              f"batchsight rollback --catalog {catalog} --to {earlier[0] if earlier else 'N'}", highlight=False)
+    raise typer.Exit(code=EXIT_DAMAGED)
 
 
 def _index_line(index: dict) -> str:
@@ -334,11 +370,11 @@ def rollback(catalog: CatalogOpt,
              to: Annotated[int, typer.Option("--to", min=1, help="The version to make live again.")],
              endpoint_url: EndpointOpt = None) -> None:
     """Make an earlier version live again (recorded as a new version)."""
-    from tasks.catalog import open_catalog
     from tasks.catalog import rollback as rollback_catalog
+    from tasks.storage import cached_store
 
-    try:
-        restored = rollback_catalog(open_catalog(catalog, endpoint_url=endpoint_url).store, to)
+    try:  # not through open_catalog: rollback must work when the live version is the damaged one
+        restored = rollback_catalog(cached_store(catalog, endpoint_url), to)
     except _user_errors() as exc:
         raise _fail(exc) from None
     console.print(f"version {restored.version} is live: the content of version {to} "
@@ -349,8 +385,10 @@ def rollback(catalog: CatalogOpt,
 def gc(catalog: CatalogOpt,
        keep_versions: Annotated[int | None, typer.Option(min=1, help="Also delete versions older than the newest N "
                                                                      "(default: keep every version).")] = None,
-       min_age_hours: Annotated[float, typer.Option(min=0, help="Leave unreferenced files younger than this "
-                                                                "(a run may still be writing them).")] = 6.0,
+       min_age_hours: Annotated[float, typer.Option(min=0, help="Leave unreferenced files younger than this. "
+                                                                "Runs in progress are protected by their lease "
+                                                                "whatever their age; this guards other writers.")]
+       = 1.0,
        dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False,
        endpoint_url: EndpointOpt = None) -> None:
     """Delete files no retained version references (parts of crashed runs, old versions)."""
@@ -365,7 +403,8 @@ def gc(catalog: CatalogOpt,
     for key in report.deleted:
         console.print(f"{verb} {key}", highlight=False)
     console.print(f"{verb} {len(report.deleted)} files ({report.bytes_freed / 1e6:.1f} MB); kept versions "
-                  f"{', '.join(map(str, report.kept_versions))}; {report.skipped_recent} recent files left alone")
+                  f"{', '.join(map(str, report.kept_versions))}; {report.skipped_recent} recent files and "
+                  f"{report.skipped_running} files of runs in progress left alone")
 
 
 @app.command()

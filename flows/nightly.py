@@ -16,13 +16,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from models.engine import EmbedderSettings, default_batch_size, get_embedder, should_compile
+from models.engine import EmbedderSettings, get_embedder, should_compile
 from tasks import catalog as cat
 from tasks.categories import active_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, has_image_extension
 from tasks.index import DEFAULT_RECALL_TARGET, IndexSettings, parse_memory_size
 from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, bottleneck, current_progress, process_shard
-from tasks.storage import ObjectInfo, cached_store
+from tasks.storage import ObjectInfo, cached_store, check_roots_apart
 
 DEFAULT_SHARD_SIZE = 2000
 
@@ -48,6 +48,7 @@ class RunSummary:
     images_per_s: float = 0.0
     elapsed_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 0  # model batch size used (the smallest any shard ended with: halved on GPU out-of-memory)
     bottleneck: str = ""  # what held the run back, from stage_s
     started_at: str = ""
     message: str = ""
@@ -85,7 +86,7 @@ def process_shard_task(spec: ShardSpec) -> cat.ShardResult:
 def build_and_commit(output: str, endpoint_url: str | None, previous_key: str | None, pointer_etag: str | None,
                      plan: cat.ChangePlan, results: list[cat.ShardResult], **version_meta) -> tuple[cat.Manifest, cat.BuildStats]:
     store = cached_store(output, endpoint_url, create=True)
-    previous = cat.Catalog(store, cat.Manifest.from_json(store.get(previous_key)), previous_key) if previous_key else None
+    previous = cat.Catalog(store, cat.read_manifest(store, previous_key), previous_key) if previous_key else None
     manifest, stats = cat.build_next_version(store, previous, plan, results, **version_meta)
     cat.commit_manifest(store, manifest, pointer_etag)
     return manifest, stats
@@ -111,12 +112,15 @@ def catalog_images(
     index_memory: str | None = None,
     recall_target: float = DEFAULT_RECALL_TARGET,
     max_attempts: int = 3,
+    max_delete_share: float = cat.DEFAULT_MAX_DELETE_SHARE,
+    allow_mass_delete: bool = False,
     endpoint_url: str | None = None,
 ) -> RunSummary:
     """Catalogue `source` into `output`: embed new and changed images, drop
     deleted ones, and commit a new version atomically."""
     logger = get_run_logger()
     started = time.perf_counter()
+    check_roots_apart(source, output)
     run_id = cat.new_run_id()
     index_settings = IndexSettings(
         memory_budget_bytes=parse_memory_size(index_memory) if index_memory else None, recall_target=recall_target)
@@ -133,11 +137,18 @@ def catalog_images(
     summary = RunSummary(run_id=run_id, status="failed", version=None, source=source, output=output,
                          model=model, weights_sha256=embedder.weights.sha256,
                          started_at=datetime.now(UTC).isoformat())
+    lease = cat.RunLease(out_store, run_id)  # gc leaves this run's files alone while it lives
     try:
+        lease.__enter__()
         images, summary.skipped = list_source(source, endpoint_url)
         summary.listed = len(images)
         pointer, pointer_etag = cat.read_pointer(out_store)
         previous = cat.Catalog.open(out_store) if pointer else None
+        if previous is not None and (problems := previous.check_sizes()):
+            raise cat.CatalogCorrupt(
+                f"version {previous.manifest.version} of {output} is damaged ({'; '.join(problems[:3])}"
+                f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}); this run changed nothing. "
+                f"Restore the files, or {cat.ROLLBACK_HINT}")
         reembed_all = previous is not None and previous.manifest.fingerprint != embedder.fingerprint
         if reembed_all:
             logger.info("model or weights changed (%s -> %s): re-embedding every image",
@@ -149,6 +160,9 @@ def catalog_images(
             reembed_all=reembed_all, max_attempts=max_attempts, limit=limit)
         summary.counts = plan.counts()
         logger.info("listed %s images under %s: %s", summary.listed, source, summary.counts)
+        if previous is not None and not allow_mass_delete:
+            cat.check_deletions(plan, previous.images["key"].nunique() + previous.failures["key"].nunique(),
+                                source=source, max_share=max_delete_share, listed=summary.listed)
         if plan.is_empty:
             summary.status, summary.version = "no_changes", previous.manifest.version if previous else None
             summary.message = "nothing new, changed or deleted; no new version committed"
@@ -158,7 +172,7 @@ def catalog_images(
         progress = current_progress()
         if progress:
             progress.start(len(todo))
-        batch_size = batch_size or default_batch_size(embedder.device.type)
+        batch_size = batch_size or embedder.fitting_batch_size()
         compiled = should_compile(compile, len(todo))
         t_compile = time.perf_counter()
         if compiled:  # once, here, so shards in this process start warm (Dask workers compile on their first)
@@ -182,7 +196,9 @@ def catalog_images(
             categorizer=categorizer_key)
         times = StageTimes()
         for r in results:
-            times.add(StageTimes(**{k.removesuffix("_s"): v for k, v in r.times.items() if k != "write_s"}))
+            times.add(StageTimes(**{k.removesuffix("_s"): v for k, v in r.times.items()
+                                     if k not in ("write_s", "batch_size")}))
+        summary.batch_size = min((int(r.times.get("batch_size", batch_size)) for r in results), default=batch_size)
         summary.stage_s = times.as_dict() | {
             "write_s": sum(r.times["write_s"] for r in results) + stats.write_s,
             "index_s": stats.index_s,
@@ -204,6 +220,7 @@ def catalog_images(
         summary.message = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        lease.__exit__(None, None, None)
         summary.elapsed_s = time.perf_counter() - started
         cat.write_run_row(out_store, summary.run_row())
         _publish_artifact(summary)

@@ -139,7 +139,7 @@ def vectors_for_keys(cat: Catalog, keys: Sequence[str]) -> np.ndarray:
     out = np.empty((len(keys), cat.manifest.embedding_dim), np.float32)
     positions = pd.Series(np.arange(len(keys)))
     for part, group in positions.groupby(rows["embedding_part"].to_numpy()):
-        ids, _runs, vectors = tables.embeddings_from_table(tables.read_parquet_bytes(cat.store.get(part)))
+        ids, _runs, vectors = tables.embeddings_from_table(cat.read_table(part))
         row_of = pd.Index(ids).get_indexer(rows["image_id"].to_numpy(np.int64)[group.to_numpy()])
         out[group.to_numpy()] = vectors[row_of]
     return out

@@ -109,7 +109,17 @@ def _from_bytes(spec: str, source: str, data: bytes, name: str, expected: str | 
                 "never pickled code"
             ) from None
     state = _unwrap_checkpoint(state, spec)
+    _check_finite(state, spec)
     return ResolvedWeights(spec, source, digest, state_dict=state)
+
+
+def _check_finite(state: dict[str, torch.Tensor], spec: str) -> None:
+    """Refuse weights holding NaN or infinity: every embedding would be NaN, and a
+    version of them would commit and find nothing."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"weights {spec} hold NaN or infinite values in {len(bad)} tensors (e.g. "
+                           f"{', '.join(bad[:3])}); the file is corrupt or the training diverged: pass other weights")
 
 
 def _unwrap_checkpoint(obj: object, spec: str) -> dict[str, torch.Tensor]:

@@ -8,10 +8,13 @@ conditional put. Readers follow `CURRENT` and never see a half-written version.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +40,10 @@ class CatalogError(RuntimeError):
     """The output root holds no usable catalogue, or a version asked for is missing."""
 
 
+class CatalogCorrupt(CatalogError):
+    """A file the catalogue names is missing, truncated, altered or unreadable."""
+
+
 class ConcurrentCommitError(RuntimeError):
     """Another run moved `CURRENT` while this one was running; nothing was committed."""
 
@@ -53,6 +60,25 @@ def crash_point(name: str) -> None:
 def new_run_id(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{np.random.default_rng().integers(0, 1 << 24):06x}"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the manifest knows of one file it names, to tell a damaged copy."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes | memoryview) -> FileRecord:
+        return cls(size=memoryview(data).nbytes, sha256=hashlib.sha256(data).hexdigest())
+
+
+def put_recorded(store: ObjectStore, key: str, data: bytes | memoryview) -> FileRecord:
+    """Write an immutable catalogue file and return the record its manifest keeps."""
+    record = FileRecord.of(data)
+    store.put(key, data)
+    return record
 
 
 @dataclass
@@ -86,6 +112,13 @@ class Manifest:
     index_recall_at_10: float | None = None  # vs exact search, on held-out indexed vectors
     index_recall_target: float | None = None
     index_recall_queries: int = 0
+    # size and sha256 of every file named above (empty in versions written before checksums)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+
+    @property
+    def named_files(self) -> list[str]:
+        """Every file this version reads (the manifest itself aside)."""
+        return [self.images, self.failures, self.index, *self.embeddings]
 
     @property
     def index_state(self) -> faiss_index.IndexState:
@@ -100,12 +133,16 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        raw = json.loads(data)
-        if raw.get("format") != FORMAT_VERSION:
-            raise CatalogError(f"manifest format {raw.get('format')} is not supported by this batchsight "
-                               f"(expects {FORMAT_VERSION}); upgrade batchsight")
-        return cls(**raw)
+    def from_json(cls, data: bytes, key: str = "manifest") -> Manifest:
+        try:
+            raw = json.loads(data)
+            if raw.get("format") != FORMAT_VERSION:
+                raise CatalogError(f"manifest format {raw.get('format')} of {key} is not supported by this "
+                                   f"batchsight (expects {FORMAT_VERSION}); upgrade batchsight")
+            raw["files"] = {k: FileRecord(**v) for k, v in raw.get("files", {}).items()}
+            return cls(**raw)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+            raise CatalogCorrupt(f"manifest {key} is damaged ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)
@@ -126,19 +163,43 @@ def manifest_key(version: int, run_id: str) -> str:
     return f"manifests/{version_stem(version, run_id)}.json"
 
 
+ROLLBACK_HINT = ("`batchsight status --catalog OUT --verify` names every damaged file; "
+                 "`batchsight rollback --catalog OUT --to N` makes an earlier, whole version live again")
+
+
 def read_pointer(store: ObjectStore) -> tuple[Pointer | None, str | None]:
     """The live pointer and the ETag a commit must match, or (None, None) for an empty root."""
     try:
         data, etag = store.get_with_etag(POINTER_KEY)
     except ObjectNotFound:
         return None, None
-    raw = json.loads(data)
-    return Pointer(int(raw["version"]), str(raw["manifest"])), etag
+    return parse_pointer(store, data), etag
+
+
+def parse_pointer(store: ObjectStore, data: bytes) -> Pointer:
+    try:
+        raw = json.loads(data)
+        return Pointer(int(raw["version"]), str(raw["manifest"]))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CatalogCorrupt(f"{store.describe(POINTER_KEY)} is damaged ({type(exc).__name__}: {exc}); the "
+                             f"manifests hold versions up to {newest_listed_version(store)}: `batchsight rollback "
+                             "--catalog OUT --to N` makes one of them live") from None
+
+
+def read_manifest(store: ObjectStore, key: str) -> Manifest:
+    try:
+        data = store.get(key)
+    except ObjectNotFound:
+        raise CatalogCorrupt(f"manifest {store.describe(key)} is missing; {ROLLBACK_HINT}") from None
+    return Manifest.from_json(data, store.describe(key))
 
 
 def commit_manifest(store: ObjectStore, manifest: Manifest, expected_pointer_etag: str | None) -> Pointer:
     """Write the manifest, then move `CURRENT` to it with a conditional put: the
-    one commit point. Losing the condition means another run committed first."""
+    one commit point. Losing the condition means another run committed first.
+
+    When the put fails in any way, `CURRENT` is read back: a reply lost after S3
+    applied the put (botocore then retries and gets 412) is a commit all the same."""
     key = manifest_key(manifest.version, manifest.run_id)
     store.put(key, manifest.to_json(), if_none_match=True)
     crash_point("before-commit")
@@ -148,13 +209,28 @@ def commit_manifest(store: ObjectStore, manifest: Manifest, expected_pointer_eta
             store.put(POINTER_KEY, pointer.to_json(), if_none_match=True)
         else:
             store.put(POINTER_KEY, pointer.to_json(), if_match=expected_pointer_etag)
-    except PreconditionFailed:
-        raise ConcurrentCommitError(
-            f"another run committed to {store.url} while run {manifest.run_id} was running "
-            f"(the conditional put on CURRENT failed); this run committed nothing. "
-            "Run again: it will start from the newer version."
-        ) from None
+    except Exception as exc:
+        if _pointer_is(store, pointer):
+            log.warning("the reply to the commit of version %s was lost (%s), but CURRENT points at it: committed",
+                        manifest.version, type(exc).__name__)
+            return pointer
+        if isinstance(exc, PreconditionFailed):
+            raise ConcurrentCommitError(
+                f"another run committed to {store.url} while run {manifest.run_id} was running "
+                f"(the conditional put on CURRENT failed); this run committed nothing. "
+                "Run again: it will start from the newer version."
+            ) from None
+        raise
     return pointer
+
+
+def _pointer_is(store: ObjectStore, pointer: Pointer) -> bool:
+    """Whether `CURRENT` now holds exactly `pointer` (it names a manifest with this run's id)."""
+    try:
+        return store.get(POINTER_KEY) == pointer.to_json()
+    except Exception:  # unreadable now: the outcome stays unknown, and the original error is raised
+        log.warning("could not read CURRENT back after a failed commit", exc_info=True)
+        return False
 
 
 class Catalog:
@@ -174,18 +250,30 @@ class Catalog:
         key = pointer.manifest
         if version is not None and version != pointer.version:
             key = find_version(store, version, start=pointer.manifest)
-        return cls(store, Manifest.from_json(store.get(key)), key)
+        return cls(store, read_manifest(store, key), key)
+
+    def read(self, key: str) -> bytes:
+        """A file of this version, checked against the size and sha256 its manifest recorded."""
+        return read_verified(self.store, key, self.manifest.files.get(key))
+
+    def read_table(self, key: str) -> pa.Table:
+        data = self.read(key)
+        try:
+            return tables.read_parquet_bytes(data)
+        except (pa.ArrowException, OSError) as exc:
+            raise CatalogCorrupt(f"{self.store.describe(key)} is not a readable Parquet file "
+                                 f"({type(exc).__name__}: {exc}); {ROLLBACK_HINT}") from None
 
     @cached_property
     def images(self) -> pd.DataFrame:
-        frame = tables.table_to_frame(tables.read_parquet_bytes(self.store.get(self.manifest.images)))
+        frame = tables.table_to_frame(self.read_table(self.manifest.images))
         if "page" not in frame:  # written before documents had pages: every row is an image's only page
             frame["page"] = np.ones(len(frame), np.int32)
         return frame
 
     @cached_property
     def failures(self) -> pd.DataFrame:
-        return tables.table_to_frame(tables.read_parquet_bytes(self.store.get(self.manifest.failures)))
+        return tables.table_to_frame(self.read_table(self.manifest.failures))
 
     @cached_property
     def index(self) -> faiss.Index:
@@ -194,11 +282,22 @@ class Catalog:
 
     def load_index(self) -> faiss.Index:
         """A private copy of the index, to build the next version from."""
-        return faiss_index.deserialize(self.store.get(self.manifest.index))
+        data = self.read(self.manifest.index)
+        try:
+            return faiss_index.deserialize(data)
+        except RuntimeError as exc:  # faiss reports a bad file as a RuntimeError with its C++ trace
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+            raise CatalogCorrupt(f"index {self.store.describe(self.manifest.index)} cannot be read by faiss "
+                                 f"({first}); {ROLLBACK_HINT}") from None
 
     def embedding_blocks(self) -> LiveEmbeddings:
         """The live vectors one part at a time (for catalogues larger than memory)."""
-        return LiveEmbeddings(self.store, self.images)
+        return LiveEmbeddings(self.store, self.images, self.manifest.files)
+
+    def check_sizes(self) -> list[str]:
+        """Problems with this version's files found by one listing (missing or of the
+        wrong size): cheap enough to run before every build, unlike full checksums."""
+        return check_sizes(self.store, self.manifest)
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(image_ids, vectors) of the live images, in the order of `images`."""
@@ -215,8 +314,9 @@ class LiveEmbeddings:
     """Re-iterable (image_ids, vectors) blocks, one per embeddings part, holding
     only the vectors live in `images` (a part may also hold superseded ones)."""
 
-    def __init__(self, store: ObjectStore, images: pd.DataFrame) -> None:
+    def __init__(self, store: ObjectStore, images: pd.DataFrame, files: dict[str, FileRecord] | None = None) -> None:
         self.store = store
+        self.files = files or {}
         # A part is written by one run (its key names the run), so the ids live in a
         # part are the rows that point at it.
         self.live = {part: ids.to_numpy(np.int64) for part, ids in images.groupby("embedding_part")["image_id"]}
@@ -224,9 +324,74 @@ class LiveEmbeddings:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for part in self.parts:
-            for ids, _runs, vectors in tables.iter_embedding_batches(self.store.get(part)):
+            for ids, _runs, vectors in read_embedding_batches(self.store, part, self.files.get(part)):
                 keep = np.isin(ids, self.live[part])
                 yield ids[keep], vectors[keep]
+
+
+def read_verified(store: ObjectStore, key: str, record: FileRecord | None) -> bytes:
+    """`key`'s bytes, refused with `CatalogCorrupt` when missing or unlike `record`."""
+    try:
+        data = store.get(key)
+    except ObjectNotFound:
+        raise CatalogCorrupt(f"{store.describe(key)} is missing; {ROLLBACK_HINT}") from None
+    if record is not None:
+        problem = _mismatch(len(data), record) or (
+            None if hashlib.sha256(data).hexdigest() == record.sha256 else "its sha256 differs from the manifest's")
+        if problem:
+            raise CatalogCorrupt(f"{store.describe(key)} is damaged: {problem}; {ROLLBACK_HINT}")
+    return data
+
+
+def _mismatch(size: int, record: FileRecord) -> str | None:
+    return None if size == record.size else f"it is {size} bytes, the manifest recorded {record.size}"
+
+
+def read_embedding_batches(store: ObjectStore, key: str, record: FileRecord | None
+                           ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """An embeddings part, verified, a row group at a time; a damaged one names itself."""
+    data = read_verified(store, key, record)
+    try:
+        yield from tables.iter_embedding_batches(data)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CatalogCorrupt(f"embeddings part {store.describe(key)} cannot be read ({type(exc).__name__}: "
+                             f"{exc}); {ROLLBACK_HINT}") from None
+
+
+def check_sizes(store: ObjectStore, manifest: Manifest) -> list[str]:
+    """Missing or wrongly sized files of `manifest`, from one listing per top folder."""
+    listed: dict[str, int] = {}
+    for top in sorted({key.split("/", 1)[0] for key in manifest.named_files}):
+        listed.update((o.key, o.size) for o in store.list(f"{top}/"))
+    problems = []
+    for key in manifest.named_files:
+        if key not in listed:
+            problems.append(f"{key} is missing")
+        elif key in manifest.files and (why := _mismatch(listed[key], manifest.files[key])):
+            problems.append(f"{key}: {why}")
+    return problems
+
+
+@dataclass
+class VerifyReport:
+    version: int
+    checked: int  # files read and compared
+    problems: list[str]  # one line per damaged or missing file
+    unrecorded: int  # files named without a recorded checksum (versions written before checksums)
+
+
+def verify_version(store: ObjectStore, manifest: Manifest) -> VerifyReport:
+    """Read every file `manifest` names and compare it with its recorded size and
+    sha256; a file without a record is checked for existence only."""
+    problems, unrecorded = [], 0
+    for key in manifest.named_files:
+        record = manifest.files.get(key)
+        unrecorded += record is None
+        try:
+            read_verified(store, key, record)
+        except CatalogCorrupt as exc:
+            problems.append(str(exc).split("; ")[0])
+    return VerifyReport(manifest.version, len(manifest.named_files), problems, unrecorded)
 
 
 def open_catalog(url: str, *, endpoint_url: str | None = None, version: int | None = None) -> Catalog:
@@ -238,18 +403,45 @@ def open_catalog(url: str, *, endpoint_url: str | None = None, version: int | No
     return Catalog.open(store, version=version)
 
 
-def find_version(store: ObjectStore, version: int, *, start: str) -> str:
-    """Follow parent links from `start` back to `version`'s manifest key."""
+def find_version(store: ObjectStore, version: int, *, start: str | None) -> str:
+    """Follow parent links from `start` back to `version`'s manifest key. Where the
+    chain is broken (a damaged CURRENT or manifest), the manifests are listed
+    instead: of several for one version (runs that lost a race wrote theirs too),
+    the one a later manifest names as its parent."""
     key: str | None = start
-    while key is not None:
-        manifest = Manifest.from_json(store.get(key))
-        if manifest.version == version:
-            return key
-        if manifest.version < version:
-            break
-        key = manifest.parent
-    raise CatalogError(f"version {version} is not in the history of {store.url}; "
-                       "`batchsight status --catalog OUT` lists the versions")
+    try:
+        while key is not None:
+            manifest = read_manifest(store, key)
+            if manifest.version == version:
+                return key
+            if manifest.version < version:
+                raise CatalogError(f"version {version} is not in the history of {store.url}; "
+                                   "`batchsight status --catalog OUT` lists the versions")
+            key = manifest.parent
+    except CatalogCorrupt as exc:
+        log.warning("history is broken (%s); looking for version %s among the manifests", exc, version)
+    candidates = [o.key for o in store.list("manifests/") if o.key.startswith(f"manifests/v{version:06d}-")]
+    if len(candidates) > 1:
+        parents = set()
+        for o in store.list("manifests/"):
+            try:
+                parents.add(read_manifest(store, o.key).parent)
+            except CatalogCorrupt:
+                continue
+        candidates = [k for k in candidates if k in parents] or candidates
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise CatalogError(f"version {version} is not in the history of {store.url}; "
+                           "`batchsight status --catalog OUT` lists the versions")
+    raise CatalogError(f"version {version} has several manifests at {store.url} ({', '.join(candidates)}) and "
+                       "no later version says which was committed; restore CURRENT by hand to one of them")
+
+
+def newest_listed_version(store: ObjectStore) -> int:
+    """The highest version number among the manifests (0 when there are none)."""
+    stems = (o.key.removeprefix("manifests/v")[:6] for o in store.list("manifests/"))
+    return max((int(s) for s in stems if s.isdigit()), default=0)
 
 
 def list_versions(store: ObjectStore) -> list[Manifest]:
@@ -259,7 +451,7 @@ def list_versions(store: ObjectStore) -> list[Manifest]:
     key = pointer.manifest if pointer else None
     while key is not None:
         try:
-            manifest = Manifest.from_json(store.get(key))
+            manifest = Manifest.from_json(store.get(key), store.describe(key))
         except ObjectNotFound:
             break  # history older than a gc'd manifest
         out.append(manifest)
@@ -336,6 +528,30 @@ def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame, failed
     return plan
 
 
+class MassDeleteRefused(CatalogError):
+    """A plan would delete more of the catalogue than the run is allowed to."""
+
+
+DEFAULT_MAX_DELETE_SHARE = 0.2
+
+
+def check_deletions(plan: ChangePlan, catalogued: int, *, source: str, max_share: float = DEFAULT_MAX_DELETE_SHARE,
+                    listed: int) -> None:
+    """Refuse a plan that deletes more than `max_share` of the `catalogued` objects
+    (any deletion at all when the listing came back empty): a typo in a prefix, an
+    expired credential or a bucket emptied by mistake must not empty a catalogue."""
+    if not catalogued or not plan.deleted:
+        return
+    share = len(plan.deleted) / catalogued
+    if share <= max_share and listed:
+        return
+    raise MassDeleteRefused(
+        f"this run would delete {len(plan.deleted)} of the {catalogued} catalogued objects ({share:.0%}; the limit "
+        f"is --max-delete-share {max_share:.0%}) because the listing of {source} returned {listed} objects. Likely "
+        "causes: a typo in the source prefix, credentials that can list nothing, or objects moved or deleted by "
+        "mistake. Nothing was committed. If the deletions are meant, rerun with --allow-mass-delete.")
+
+
 @dataclass
 class ShardResult:
     """What one shard hands back to the flow: small rows, and the key of the
@@ -346,6 +562,7 @@ class ShardResult:
     embedding_part: str | None
     failures: list[dict]
     times: dict[str, float]
+    part_file: FileRecord | None = None  # size and sha256 of `embedding_part`
 
 
 @dataclass
@@ -381,8 +598,7 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
 
     t_index = time.perf_counter()
     built = _next_index(store, None if reembed_all else previous, images, gone["image_id"].to_numpy(np.int64),
-                        [r.embedding_part for r in shard_results if r.embedding_part is not None],
-                        dim=embedding_dim, settings=index_settings or faiss_index.IndexSettings(), seed=version)
+                        shard_results, dim=embedding_dim, settings=index_settings or faiss_index.IndexSettings(), seed=version)
     index = built.index
     index_s = time.perf_counter() - t_index
     assert index.ntotal == len(images), f"index holds {index.ntotal} vectors for {len(images)} rows"
@@ -394,19 +610,26 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
     images_key = f"tables/images/{stem}.parquet"
     failures_key = f"tables/failures/{stem}.parquet"
     index_key = f"index/{stem}.faiss"
-    store.put(images_key, tables.to_parquet_bytes(tables.frame_to_table(images, tables.IMAGES_SCHEMA)))
-    store.put(failures_key, tables.to_parquet_bytes(tables.frame_to_table(failures, tables.FAILURES_SCHEMA)))
+    files = {
+        images_key: put_recorded(store, images_key,
+                                 tables.to_parquet_bytes(tables.frame_to_table(images, tables.IMAGES_SCHEMA))),
+        failures_key: put_recorded(store, failures_key,
+                                   tables.to_parquet_bytes(tables.frame_to_table(failures, tables.FAILURES_SCHEMA))),
+    }
     crash_point("before-index-write")
-    store.put(index_key, faiss_index.serialize(index))
+    files[index_key] = put_recorded(store, index_key, faiss_index.serialize(index))
     crash_point("after-index-write")
     write_s = time.perf_counter() - t_write
+    parts = sorted(set(images["embedding_part"].dropna().tolist()))
+    known = (previous.manifest.files if previous else {}) | _part_files(shard_results)
+    files |= {part: known[part] for part in parts if part in known}
 
     manifest = Manifest(
         version=version, run_id=run_id, created_at=now.isoformat(timespec="seconds"),
         parent=previous.manifest_key if previous else None, source=source, model=model, weights=weights,
         weights_source=weights_source, weights_sha256=weights_sha256, embedding_dim=embedding_dim,
         images=images_key, failures=failures_key,
-        embeddings=sorted(set(images["embedding_part"].dropna().tolist())),
+        embeddings=parts, files=files,
         index=index_key, index_type=built.state.kind, categorizer=categorizer,
         counts={"images": len(images), "failures": len(failures), "vectors": int(index.ntotal)},
         index_factory=built.state.factory, index_trained_n=built.state.trained_n, index_nlist=built.state.nlist,
@@ -414,6 +637,10 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
         index_recall_target=built.recall.target, index_recall_queries=built.recall.queries,
     )
     return manifest, BuildStats(index_s=index_s, write_s=write_s)
+
+
+def _part_files(results: Sequence[ShardResult]) -> dict[str, FileRecord]:
+    return {r.embedding_part: r.part_file for r in results if r.embedding_part and r.part_file}
 
 
 @dataclass
@@ -424,14 +651,15 @@ class IndexBuild:
 
 
 def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFrame, gone_ids: np.ndarray,
-                new_parts: Sequence[str], *, dim: int, settings: faiss_index.IndexSettings, seed: int) -> IndexBuild:
+                new_parts: Sequence[ShardResult], *, dim: int, settings: faiss_index.IndexSettings,
+                seed: int) -> IndexBuild:
     """The index of the next version: the previous one updated by id (remove the
     gone, add the new parts) while it still suits the catalogue, else a new one
     trained on a sample of the live vectors. Then recall is measured and nprobe tuned."""
     n = len(images)
     choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors)
     reason = faiss_index.retrain_reason(previous.manifest.index_state if previous else None, choice, n)
-    blocks = LiveEmbeddings(store, images)
+    blocks = LiveEmbeddings(store, images, (previous.manifest.files if previous else {}) | _part_files(new_parts))
     rng = np.random.default_rng(seed)
     query_ids, train_ids = faiss_index.split_sample(images["image_id"].to_numpy(np.int64),
                                                     min(faiss_index.RECALL_QUERIES, n), choice, rng)
@@ -439,8 +667,8 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
         index = previous.load_index()
         removed = faiss_index.remove_ids(index, gone_ids)
         assert removed == len(gone_ids), f"index held {removed} of {len(gone_ids)} vectors to remove"
-        for part in new_parts:
-            for ids, _runs, vectors in tables.iter_embedding_batches(store.get(part)):
+        for part in (r.embedding_part for r in new_parts if r.embedding_part is not None):
+            for ids, _runs, vectors in read_embedding_batches(store, part, blocks.files.get(part)):
                 faiss_index.add_vectors(index, ids, vectors)
         state = previous.manifest.index_state
         queries = faiss_index.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
@@ -493,21 +721,97 @@ def write_run_row(store: ObjectStore, row: dict) -> str:
 
 def rollback(store: ObjectStore, to_version: int) -> Manifest:
     """Make an earlier version live again, as a new version (history stays linear
-    and auditable; the next nightly run diffs against the restored content)."""
-    pointer, etag = read_pointer(store)
-    if pointer is None:
-        raise CatalogError(f"no catalogue at {store.url}; nothing to roll back")
-    if to_version == pointer.version:
+    and auditable; the next nightly run diffs against the restored content).
+
+    Works when the live version is damaged, `CURRENT` included: the target is then
+    found among the manifests, and its files are checked before it goes live."""
+    try:
+        data, etag = store.get_with_etag(POINTER_KEY)
+    except ObjectNotFound:
+        raise CatalogError(f"no catalogue at {store.url}; nothing to roll back") from None
+    try:
+        pointer: Pointer | None = parse_pointer(store, data)
+    except CatalogCorrupt as exc:
+        log.warning("%s", exc)
+        pointer = None
+    if pointer is not None and to_version == pointer.version:
         raise CatalogError(f"version {to_version} is already live at {store.url}")
-    target = Manifest.from_json(store.get(find_version(store, to_version, start=pointer.manifest)))
-    restored = replace(target, version=pointer.version + 1, run_id=f"rollback-{new_run_id()}",
-                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), parent=pointer.manifest,
-                       rolled_back_from=to_version)
-    commit_manifest(store, restored, etag)
+    target_key = find_version(store, to_version, start=pointer.manifest if pointer else None)
+    target = read_manifest(store, target_key)
+    problems = check_sizes(store, target)
+    if problems:
+        raise CatalogCorrupt(f"version {to_version} is damaged too ({'; '.join(problems[:3])}); "
+                             "roll back to an earlier one")
+    number = (pointer.version if pointer else newest_listed_version(store)) + 1
+    with RunLease(store, f"rollback-{new_run_id()}") as lease:
+        restored = replace(target, version=number, run_id=lease.run_id,
+                           created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                           parent=pointer.manifest if pointer else target_key, rolled_back_from=to_version)
+        commit_manifest(store, restored, etag)
     return restored
 
 
-ALWAYS_KEPT_PREFIXES = ("tables/runs/", "categorizers/")
+LEASE_PREFIX = "leases/"
+LEASE_TTL_S = 15 * 60  # a lease not renewed for this long belongs to a run that died
+
+
+class RunLease:
+    """`leases/<run_id>.json`, renewed every `ttl_s / 15` while a run writes: gc
+    leaves every file named by a run with a fresh lease alone, however long the
+    run takes, so no grace period has to outlast a night."""
+
+    def __init__(self, store: ObjectStore, run_id: str, *, ttl_s: float = LEASE_TTL_S) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.ttl_s = ttl_s
+        self.key = f"{LEASE_PREFIX}{run_id}.json"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="batchsight-lease", daemon=True)
+
+    def _write(self) -> None:
+        self.store.put(self.key, json.dumps({
+            "run_id": self.run_id, "holder": f"{socket.gethostname()}:{os.getpid()}", "ttl_s": self.ttl_s,
+            "renewed_at": datetime.now(UTC).isoformat(timespec="seconds")}).encode())
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 15):
+            try:
+                self._write()
+            except Exception:  # a missed renewal is retried; the lease has 15 renewals of slack
+                log.warning("could not renew the lease %s", self.key, exc_info=True)
+
+    def __enter__(self) -> RunLease:
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            self.store.delete(self.key)
+        except Exception:  # it expires on its own
+            log.warning("could not remove the lease %s", self.key, exc_info=True)
+
+
+def live_leases(store: ObjectStore, now: float) -> tuple[set[str], list[ObjectInfo]]:
+    """(run ids whose lease is fresh, lease files that expired)."""
+    live, expired = set(), []
+    for obj in store.list(LEASE_PREFIX):
+        try:
+            ttl = float(json.loads(store.get(obj.key)).get("ttl_s", LEASE_TTL_S))
+        except (ValueError, AttributeError, ObjectNotFound):
+            ttl = LEASE_TTL_S
+        if now - obj.modified < ttl:
+            live.add(obj.key.removeprefix(LEASE_PREFIX).removesuffix(".json"))
+        else:
+            expired.append(obj)
+    return live, expired
+
+
+# gc looks under these prefixes only: anything else under the root is not the catalogue's.
+VERSION_FILE_PREFIXES = ("manifests/", "tables/images/", "tables/failures/", "tables/embeddings/", "index/")
 VERSION_REPORT_PREFIXES = ("tables/duplicates/", "tables/category_suggestions/")
 
 
@@ -516,18 +820,21 @@ class GcReport:
     kept_versions: list[int]
     deleted: list[str]
     bytes_freed: int
-    skipped_recent: int  # unreferenced but younger than the grace period (a run may be writing them)
+    skipped_recent: int  # unreferenced but younger than the grace period
+    skipped_running: int = 0  # files of runs whose lease is fresh
 
 
-def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min_age_s: float = 6 * 3600,
+def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min_age_s: float = 3600,
                     dry_run: bool = False, now: float | None = None) -> GcReport:
-    """Delete what no retained version references: parts of crashed or losing runs,
-    and (with `keep_versions`) the files and reports of versions older than the newest N.
+    """Delete the catalogue's own files that no retained version references: parts
+    of crashed or losing runs, and (with `keep_versions`) the files and reports of
+    versions older than the newest N.
 
-    Never deleted: the runs log and categorisers (small, and the audit trail of
-    what categorised which rows). Reports named by a retained version (duplicates,
-    category suggestions) stay with it. Objects younger than `min_age_s` are left
-    alone, so gc never deletes the parts of a run that is still writing them.
+    Only keys under the catalogue's prefixes are considered (`VERSION_FILE_PREFIXES`,
+    `VERSION_REPORT_PREFIXES`, expired leases); nothing else under the root is
+    touched: never the runs log or the categorisers (the audit trail of what made
+    which rows). Files of a run whose lease is fresh are kept, however old;
+    `min_age_s` is a last guard for writers without a lease.
     """
     versions = list_versions(store)
     if keep_versions is not None:
@@ -535,17 +842,21 @@ def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min
             raise ValueError(f"keep_versions must be at least 1, not {keep_versions}")
         versions = versions[:keep_versions]
     referenced = {POINTER_KEY}
-    kept_prefixes = list(ALWAYS_KEPT_PREFIXES)
+    kept_prefixes = []
     for m in versions:
-        referenced |= {manifest_key(m.version, m.run_id), m.images, m.failures, m.index, *m.embeddings}
+        referenced |= {manifest_key(m.version, m.run_id), *m.named_files}
         kept_prefixes += [f"{p}{version_stem(m.version, m.run_id)}/" for p in VERSION_REPORT_PREFIXES]
-    kept_prefixes = tuple(kept_prefixes)
     now = time.time() if now is None else now
+    running, expired = live_leases(store, now)
     report = GcReport(kept_versions=[m.version for m in versions], deleted=[], bytes_freed=0, skipped_recent=0)
-    for obj in store.list():
-        if obj.key in referenced or obj.key.startswith(kept_prefixes):
+    candidates = [o for prefix in VERSION_FILE_PREFIXES + VERSION_REPORT_PREFIXES for o in store.list(prefix)]
+    for obj in candidates + expired:
+        if obj.key in referenced or obj.key.startswith(tuple(kept_prefixes)):
             continue
-        if now - obj.modified < min_age_s:
+        if any(run_id in obj.key for run_id in running):
+            report.skipped_running += 1
+            continue
+        if now - obj.modified < min_age_s and not obj.key.startswith(LEASE_PREFIX):
             report.skipped_recent += 1
             continue
         if not dry_run:

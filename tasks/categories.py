@@ -22,7 +22,8 @@ import pandas as pd
 from models.categorizer import Categorizer, fit_categorizer
 from tasks import index as faiss_index
 from tasks import tables
-from tasks.catalog import Catalog, Manifest, commit_manifest, new_run_id, read_pointer, version_stem
+from tasks.catalog import (Catalog, Manifest, RunLease, commit_manifest, new_run_id, put_recorded, read_pointer,
+                           version_stem)
 from tasks.storage import ObjectNotFound, ObjectStore, cached_store
 
 ACTIVE_KEY = "categorizers/ACTIVE"
@@ -148,14 +149,16 @@ def apply_to_catalog(cat: Catalog, categorizer: Categorizer, categorizer_key: st
     _, vectors = cat.embeddings()
     rows = categorize_rows(cat.images, vectors, categorizer)
     elapsed = time.perf_counter() - t0
-    run_id = f"categorize-{new_run_id()}"
     version = cat.manifest.version + 1
-    images_key = f"tables/images/{version_stem(version, run_id)}.parquet"
-    cat.store.put(images_key, tables.to_parquet_bytes(tables.frame_to_table(rows, tables.IMAGES_SCHEMA)))
-    manifest: Manifest = replace(cat.manifest, version=version, run_id=run_id, parent=cat.manifest_key,
-                                 created_at=datetime.now(UTC).isoformat(timespec="seconds"), images=images_key,
-                                 categorizer=categorizer_key, rolled_back_from=None)
-    commit_manifest(cat.store, manifest, etag)
+    with RunLease(cat.store, f"categorize-{new_run_id()}") as lease:
+        images_key = f"tables/images/{version_stem(version, lease.run_id)}.parquet"
+        record = put_recorded(cat.store, images_key,
+                              tables.to_parquet_bytes(tables.frame_to_table(rows, tables.IMAGES_SCHEMA)))
+        files = {k: v for k, v in cat.manifest.files.items() if k != cat.manifest.images} | {images_key: record}
+        manifest: Manifest = replace(cat.manifest, version=version, run_id=lease.run_id, parent=cat.manifest_key,
+                                     created_at=datetime.now(UTC).isoformat(timespec="seconds"), images=images_key,
+                                     files=files, categorizer=categorizer_key, rolled_back_from=None)
+        commit_manifest(cat.store, manifest, etag)
     counts = rows["category"].value_counts().to_dict() if len(rows) else {}
     return ApplyReport(version=version, rows=len(rows), rows_per_s=len(rows) / elapsed if elapsed > 0 else 0.0,
                        counts={str(k): int(v) for k, v in counts.items()})

@@ -344,7 +344,7 @@ def split_sample(ids: np.ndarray, n_queries: int, choice: IndexChoice,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(query ids, training ids): queries for measuring recall are held out of
     training, unless the catalogue is too small to train without them."""
-    perm = rng.permutation(ids)
+    perm = ids[rng.permutation(len(ids))]  # not permutation(ids): it refuses a read-only empty array
     queries, rest = perm[:n_queries], perm[n_queries:]
     train = rest[:choice.train_size] if len(rest) >= choice.min_train_size else perm[:choice.train_size]
     return queries, train

@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from models.engine import EmbedResult, Embedder, EmbedderSettings, default_batch_size, get_embedder, stack_images
 from tasks import tables
-from tasks.catalog import ShardResult, crash_point
+from tasks.catalog import ShardResult, crash_point, put_recorded
 from tasks.categories import categorize_rows, load_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode_image, decode_pages
 from tasks.storage import ObjectInfo, ObjectStore, cached_store
@@ -396,14 +396,15 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
                     decode=spec.decode, on_batch=keep, on_progress=on_progress)
     t0 = time.perf_counter()
     if part.rows:
-        output.put(part_key, part.finish())
+        part_file = put_recorded(output, part_key, part.finish())
         crash_point(f"after-shard-{spec.index}")
         rows = pd.concat(row_frames, ignore_index=True)
     else:
-        part_key, rows = None, tables.empty_frame(tables.IMAGES_SCHEMA)
+        part_key, part_file, rows = None, None, tables.empty_frame(tables.IMAGES_SCHEMA)
     times = out.times.as_dict() | {"write_s": write_s + time.perf_counter() - t0}
     failures = [asdict(f) for f in out.failures]
-    return ShardResult(shard=spec.index, rows=rows, embedding_part=part_key, failures=failures, times=times)
+    return ShardResult(shard=spec.index, rows=rows, embedding_part=part_key, failures=failures, times=times,
+                       part_file=part_file)
 
 
 def images_rows(batches: list[ProcessedBatch], embedder: Embedder, *, run_id: str, embedding_part: str) -> pd.DataFrame:

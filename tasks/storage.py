@@ -7,14 +7,19 @@ commit is built on.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
+import logging
+import random
 import hashlib
 import io
 import os
+import re
 import stat
 import tempfile
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +30,10 @@ from urllib.parse import urlparse
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
+                                 ResponseStreamingError)
+
+log = logging.getLogger(__name__)
 
 
 # bytes, or a buffer such as a memoryview over a numpy array (written without a copy)
@@ -61,12 +69,50 @@ def normalize_key(key: str) -> str:
     """Return `key` as a clean relative key, refusing anything that escapes the root."""
     if not key or "\x00" in key:
         raise StorageError(f"invalid object key {key!r}")
-    if key.startswith("/") or "\\" in key:
-        raise StorageError(f"object key {key!r} must be relative and use '/' separators")
+    if key.startswith("/"):
+        raise StorageError(f"object key {key!r} must be relative")
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise StorageError(f"object key {key!r} has an empty, '.' or '..' segment; refusing it")
     return key
+
+
+_LOCAL_ESCAPE = re.compile(r"\\(?:(\\)|x([89a-f][0-9a-f]))?")
+
+
+def key_for_local_name(name: str) -> str:
+    """The key of a file's relative path. A name is bytes on disk; bytes that are
+    not UTF-8 reach Python as lone surrogates (surrogateescape), which Parquet,
+    JSON and terminals refuse. Such a byte becomes the text `\\xHH` and a
+    backslash `\\\\`, so every key is valid text naming exactly one file; every
+    other name (valid UTF-8, no backslash) is its own key."""
+    if "\\" not in name and name.isascii():
+        return name
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def local_name_for_key(key: str) -> str:
+    """The inverse of `key_for_local_name`."""
+    if "\\" not in key:
+        return key
+
+    def unescape(m: re.Match[str]) -> str:
+        if m.group(1):
+            return "\\"
+        if m.group(2):
+            return chr(0xDC00 + int(m.group(2), 16))
+        raise StorageError(f"object key {key!r} has a backslash that is not an escape; in a local folder's keys "
+                           "a backslash is written \\\\ and a byte that is not UTF-8 \\xhh, as listed")
+
+    return _LOCAL_ESCAPE.sub(unescape, key)
 
 
 class ObjectStore(ABC):
@@ -112,6 +158,10 @@ class ObjectStore(ABC):
         return f"{self.url.rstrip('/')}/{key}"
 
 
+_LOCK_NAME = ".batchsight-lock"  # at the root, for conditional puts
+_TMP_PREFIX = ".batchsight-tmp-"  # a put in progress, renamed into place when whole
+
+
 class LocalStore(ObjectStore):
     """A folder on disk.
 
@@ -130,7 +180,7 @@ class LocalStore(ObjectStore):
         self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / normalize_key(key)).resolve()
+        path = (self.root / normalize_key(local_name_for_key(key))).resolve()
         if path != self.root and self.root not in path.parents:
             raise StorageError(f"object key {key!r} resolves outside {self.root}; refusing it")
         return path
@@ -146,9 +196,9 @@ class LocalStore(ObjectStore):
             dirnames.sort()
             rel_dir = Path(dirpath).relative_to(base).as_posix()
             for name in filenames:
-                if name.startswith(".batchsight-"):
-                    continue
-                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if name.startswith(_TMP_PREFIX) or (name == _LOCK_NAME and rel_dir == "."):
+                    continue  # this store's own lock and half-written files; any other name is an object
+                key = key_for_local_name(name if rel_dir == "." else f"{rel_dir}/{name}")
                 if not key.startswith(prefix):
                     continue
                 st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
@@ -184,7 +234,7 @@ class LocalStore(ObjectStore):
         conditional = if_match is not None or if_none_match
         # flock is released by the kernel if the process dies, so a crash never
         # leaves a stale lock behind.
-        lock_fd = os.open(self.root / ".batchsight-lock", os.O_CREAT | os.O_RDWR, 0o644) if conditional else None
+        lock_fd = os.open(self.root / _LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644) if conditional else None
         try:
             if lock_fd is not None:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -194,15 +244,20 @@ class LocalStore(ObjectStore):
                 if if_match is not None and current != if_match:
                     raise PreconditionFailed(
                         f"{self.describe(key)} changed since it was read (expected ETag {if_match}, found {current})")
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".batchsight-tmp-")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
-            except BaseException:
+            except BaseException as exc:
                 Path(tmp).unlink(missing_ok=True)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StorageError(
+                        f"no space left on the disk of {self.root} while writing {key} ({exc.strerror}); free "
+                        "some space or point --output at a bigger disk. Nothing of this run is live, and the "
+                        "last committed version is intact") from None
                 raise
         finally:
             if lock_fd is not None:
@@ -242,6 +297,7 @@ class _BufferReader(io.RawIOBase):
 
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+GET_ATTEMPTS = 5  # whole-object attempts for a body cut short (botocore retries the rest)
 
 
 class S3Store(ObjectStore):
@@ -253,8 +309,10 @@ class S3Store(ObjectStore):
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, check_bucket: bool = True, max_pool: int = 32,
-                 list_page_size: int = 1000, multipart_threshold: int = MULTIPART_THRESHOLD) -> None:
+                 list_page_size: int = 1000, multipart_threshold: int = MULTIPART_THRESHOLD,
+                 get_attempts: int = GET_ATTEMPTS) -> None:
         self.bucket = bucket
+        self.get_attempts = get_attempts
         self.list_page_size = list_page_size
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold,
                                        multipart_chunksize=max(multipart_threshold // 4, 5 * 1024 * 1024))
@@ -266,7 +324,7 @@ class S3Store(ObjectStore):
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=region or session.region_name or "us-east-1",
-            config=Config(max_pool_connections=max_pool, retries={"max_attempts": 5, "mode": "adaptive"}),
+            config=Config(max_pool_connections=max_pool, retries={"max_attempts": 10, "mode": "standard"}),
         )
         if check_bucket:
             self._check_bucket()
@@ -310,13 +368,31 @@ class S3Store(ObjectStore):
         return self.get_with_etag(key)[0]
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise ObjectNotFound(f"{self.describe(key)} does not exist") from None
-            raise
-        return resp["Body"].read(), resp["ETag"].strip('"')
+        """One whole object. botocore retries failed requests, but not a body cut
+        short after a good status line; those are retried here as whole GETs (the
+        length is checked against Content-Length, and a checksum where S3 sends one)."""
+        full = self._full(key)
+        for attempt in range(1, self.get_attempts + 1):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=full)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise ObjectNotFound(f"{self.describe(key)} does not exist") from None
+                raise
+            try:
+                body = resp["Body"].read()
+            except (BotoCoreError, ResponseStreamingError) as exc:  # cut short, or a checksum mismatch
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                expected = resp.get("ContentLength")
+                if expected is None or len(body) == expected:
+                    return body, resp["ETag"].strip('"')
+                problem = f"got {len(body)} of {expected} bytes"
+            if attempt == self.get_attempts:
+                raise StorageError(f"reading {self.describe(key)} failed {attempt} times, the last: {problem}")
+            log.info("GET %s came back incomplete (%s); fetching it again", self.describe(key), problem)
+            time.sleep(random.uniform(0, min(2.0, 0.05 * 2 ** attempt)))
+        raise AssertionError("unreachable")
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
@@ -384,3 +460,23 @@ def open_store(url: str, *, endpoint_url: str | None = None, create: bool = Fals
 def cached_store(url: str, endpoint_url: str | None = None, *, create: bool = False) -> ObjectStore:
     """One store (and so one boto3 client and connection pool) per root per process."""
     return open_store(url, endpoint_url=endpoint_url, create=create)
+
+
+def _root_parts(url: str) -> tuple[str, tuple[str, ...]]:
+    """(namespace, path segments) of a root: a bucket or the local filesystem."""
+    if is_s3_url(url):
+        bucket, prefix = parse_s3_url(url)
+        return f"s3://{bucket}", tuple(p for p in prefix.split("/") if p)
+    return "file://", Path(url).expanduser().resolve().parts
+
+
+def check_roots_apart(source: str, output: str) -> None:
+    """Refuse a source and an output root that are the same or nested either way:
+    the catalogue would list its own files as images, and gc, which deletes what
+    no version references under the output root, could reach the source."""
+    (space_a, a), (space_b, b) = _root_parts(source), _root_parts(output)
+    if space_a == space_b and (a[:len(b)] == b or b[:len(a)] == a):
+        raise StorageError(
+            f"--source {source} and --output {output} overlap (one is inside the other); the catalogue must live "
+            "outside the images it catalogues: pick an output in another folder, bucket or prefix, e.g. "
+            f"{'s3://BUCKET/catalog' if space_b.startswith('s3') else 'a sibling folder'}")

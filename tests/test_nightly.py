@@ -186,11 +186,16 @@ def test_a_killed_run_leaves_the_previous_version_and_a_rerun_is_exactly_once(tm
     live = open_cat(str(out))
     expected = {s.key for s in samples if s.key != samples[1].key}
     assert_exactly_once(live, expected)
-    orphans = collect_garbage(live.store, min_age_s=0)
+    # The killed run's lease is still fresh: gc cannot tell it from a slow run, so it waits.
+    waiting = collect_garbage(live.store, min_age_s=0)
+    assert waiting.deleted == [] and waiting.skipped_running > 0
+    expired = time.time() + cat.LEASE_TTL_S + 1  # once the lease runs out, its files are garbage
+    orphans = collect_garbage(live.store, min_age_s=0, now=expired)
     assert orphans.deleted, "the killed run's parts are garbage"
+    assert any(k.startswith(cat.LEASE_PREFIX) for k in orphans.deleted)
     assert all(live.manifest.run_id not in k and before.manifest.run_id not in k for k in orphans.deleted)
     assert_exactly_once(open_cat(str(out)), expected)  # gc removed nothing live
-    again = collect_garbage(live.store, min_age_s=0)
+    again = collect_garbage(live.store, min_age_s=0, now=expired)
     assert again.deleted == []
 
 
