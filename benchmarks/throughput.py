@@ -68,6 +68,12 @@ def write_set(store, pool: list[tuple[str, bytes]], n: int) -> None:
         store.put(f"{kind}/img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}", data)
 
 
+def python_path() -> str:
+    """This checkout first, then the caller's PYTHONPATH: packages brought along that
+    way (wheels unpacked on a machine without a network) must reach `batchsight run`."""
+    return os.pathsep.join([str(ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -149,7 +155,7 @@ def naive(model: str, pool, n: int) -> dict:
 
 
 def e2e(model: str, source: str, device: str, batch_size: int | None, compile_model: bool, env: dict,
-        gpu_decode: bool = False) -> dict:
+        gpu_decode: bool = False, extra_args: tuple[str, ...] = ()) -> dict:
     """`batchsight run` in a fresh process, with its peak RSS."""
     out = tempfile.mkdtemp(prefix="bs-bench-out-")
     cmd = [sys.executable, "-m", "flows.cli", "run", "--source", source, "--output", out, "--model", model,
@@ -158,6 +164,7 @@ def e2e(model: str, source: str, device: str, batch_size: int | None, compile_mo
         cmd += ["--batch-size", str(batch_size)]
     if gpu_decode:
         cmd += ["--gpu-decode"]
+    cmd += list(extra_args)
     logs = Path(out) / ".bench-logs"
     logs.mkdir()
     t0 = time.perf_counter()
@@ -178,6 +185,9 @@ def e2e(model: str, source: str, device: str, batch_size: int | None, compile_mo
         "process_wall_s": wall,
         "processed": summary["processed"],
         "stage_s": summary["stage_s"],
+        "batch_size": summary.get("batch_size"),
+        "failed": summary.get("failed"),
+        "bottleneck": summary.get("bottleneck"),
         "peak_rss_mb": peak_kb / 1024,
     }
 
@@ -220,7 +230,8 @@ def main() -> None:
 
     with prefect_test_harness(server_startup_timeout=120):
         env = dict(os.environ, PREFECT_API_URL=prefect.settings.PREFECT_API_URL.value(),
-                   PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(ROOT))
+                   PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PYTHONPATH=python_path())
         moto = None
         if not args.skip_s3:
             import boto3

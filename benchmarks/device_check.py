@@ -1,0 +1,294 @@
+"""The GPU check: how close `batchsight run` comes to the model alone on one GPU
+machine, against a plain DataLoader, on two image sets. Run it through
+`benchmarks/device_check.sh` (which brings prefect, faiss, boto3 and pypdfium2
+along as wheels where they are missing). Prints a table; writes JSON after every
+step, so a run cut short still leaves what it measured.
+
+Steps, in order of what matters (each skipped, and said so, once `--budget-s` is spent):
+  probe          nvJPEG and CPU draft-mode decode of one 500x375 and one 4000x3000 JPEG
+  model alone    Embedder.embed on preloaded batches: eager, then torch.compile
+  runs           `batchsight run` on the mix with GPU and with CPU decode, on ImageNet-like JPEGs with GPU
+                 decode, then with CPU decode
+  dataloader     DataLoader(num_workers=cores, pin_memory) + weights.transforms() + bf16 model, per set
+
+    python benchmarks/device_check.py --device cuda --images 20000 --out results.json
+    python benchmarks/device_check.py --device cpu --images 200 --model resnet18   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import throughput  # noqa: E402
+from models.engine import Embedder, EmbedderSettings, stack_images  # noqa: E402
+from tasks.decode import decode_image  # noqa: E402
+from tasks.pipeline import bounded_map  # noqa: E402
+from tasks.sample_data import encode, make_document, make_product_photo  # noqa: E402
+
+IMAGENET = {"jpeg-500x375": 1.0}
+
+
+def _make(spec: tuple[str, int]) -> bytes:
+    kind, seed = spec
+    rng = np.random.default_rng(seed)
+    if kind == "jpeg-500x375":
+        return encode(make_product_photo(rng, (500, 375)), "JPEG", quality=90)
+    if kind == "jpeg-4000x3000":
+        return encode(make_product_photo(rng, (4000, 3000)), "JPEG", quality=90)
+    if kind == "png-document":
+        return encode(make_document(rng, ("invoice", "receipt", "form")[seed % 3]), "PNG")
+    return encode(make_product_photo(rng, (640, 480)), "PNG")
+
+
+def make_set(folder: Path, mix: dict[str, float], n: int, unique: int = 200, seed: int = 0) -> dict:
+    """`n` objects in the `mix` proportions, `unique` distinct images made in
+    parallel, each object a hard link to one of them under its own key (every
+    object is still fetched and decoded on its own)."""
+    if folder.exists() and sum(1 for _ in folder.rglob("*.*")) == n:
+        return {"images": n, "made_s": 0.0}
+    t0 = time.perf_counter()
+    kinds = [kind for kind, share in mix.items() for _ in range(max(1, round(unique * share)))]
+    specs = [(kind, seed * 100_000 + i) for i, kind in enumerate(kinds)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        blobs = list(pool.map(_make, specs))
+    order = np.random.default_rng(seed).permutation(len(specs))
+    pool_dir = folder.parent / f".{folder.name}-pool"
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for j, i in enumerate(order):
+        kind = specs[i][0]
+        path = pool_dir / f"{j:04d}.{'png' if kind.startswith('png') else 'jpg'}"
+        path.write_bytes(blobs[i])
+        files.append((kind, path))
+    for i in range(n):
+        kind, path = files[i % len(files)]
+        target = folder / kind / f"img-{i:06d}{path.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.link(path, target)
+    return {"images": n, "unique": len(files), "made_s": time.perf_counter() - t0,
+            "bytes_per_image": sum(len(b) for b in blobs) / len(blobs)}
+
+
+def probe(device: str) -> dict:
+    """What one JPEG costs each way: nvJPEG (batched) and a CPU core in draft mode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out = {}
+    rng = np.random.default_rng(5)
+    for kind, size, batch in (("500x375", (500, 375), 128), ("4000x3000", (4000, 3000), 16)):
+        data = encode(make_product_photo(rng, size), "JPEG", quality=90)
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < 1.0:
+            decode_image(data, min_side=232)
+            n += 1
+        row = {"cpu_draft_ms_per_core": 1000 * (time.perf_counter() - t0) / n}
+        if device == "cuda":
+            tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8)] * batch
+            cpu = decode_jpeg(tensors[0], mode=ImageReadMode.RGB)
+            for _ in range(2):
+                gpu = decode_jpeg(tensors, mode=ImageReadMode.RGB, device="cuda")
+            torch.cuda.synchronize()
+            row["nvjpeg_max_abs_diff_vs_cpu"] = int((gpu[0].cpu().int() - cpu.int()).abs().max())
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < 1.0:
+                decode_jpeg(tensors, mode=ImageReadMode.RGB, device="cuda")
+                n += batch
+            torch.cuda.synchronize()
+            row["nvjpeg_images_per_s"] = n / (time.perf_counter() - t0)
+        out[kind] = row
+    return out
+
+
+def model_alone(model: str, device: str, batch_size: int, compiled: bool, pool, seconds: float) -> dict:
+    return throughput.model_only(model, device, batch_size, compiled, pool, seconds=seconds)
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB"))
+
+
+def dataloader_baseline(model: str, folder: Path, device: str, batch_size: int, seconds: float) -> dict:
+    """The plain recipe: DataLoader(num_workers=cores, pin_memory) over the files,
+    the weights' own transforms, a bf16 channels_last eager model. Each worker
+    builds whole batches, so the first `workers` batches arrive together after a
+    long start; the rate is timed from the first batch over at least two rounds of
+    the workers and `seconds` (the start-up is reported apart)."""
+    import torchvision
+
+    paths = sorted(folder.rglob("*.*"))
+    paths = [paths[i] for i in np.random.default_rng(0).permutation(len(paths))]  # the set's mix in every batch
+    weights = torchvision.models.get_model_weights(model).DEFAULT
+    net = torchvision.models.get_model(model).eval().to(device, memory_format=torch.channels_last)
+    workers = os.cpu_count() or 1
+    loader = torch.utils.data.DataLoader(_Files(paths, weights.transforms()), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=device == "cuda")
+    n, batches, t_start, t_first = 0, 0, time.perf_counter(), None
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+        for batch in loader:
+            x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            net(x)
+            batches += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+                continue
+            n += batch.shape[0]
+            if batches > 2 * workers and time.perf_counter() - t_first > seconds:
+                break
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"images_per_s": n / (time.perf_counter() - t_first) if n else 0.0, "images": n + batch_size,
+            "first_batch_s": t_first - t_start, "workers": workers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--images", type=int, default=20000, help="images per set")
+    parser.add_argument("--only", default="", help="semicolon-separated parts of step names: run only those steps")
+    parser.add_argument("--compile", default="on", choices=["on", "off"], help="for the runs")
+    parser.add_argument("--unique", type=int, default=200, help="distinct images a set is made of")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's own choice")
+    parser.add_argument("--model-seconds", type=float, default=8.0)
+    parser.add_argument("--loader-seconds", type=float, default=20.0)
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip the steps left after this long")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bs-device-check"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "device_check.json"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
+    results: dict = {"machine": {"cpu": throughput.cpu_model(), "cores": os.cpu_count(), "gpu": gpu,
+                                 "torch": torch.__version__, "python": sys.version.split()[0]},
+                     "model": args.model, "images_per_set": args.images, "mix": throughput.MIX, "steps": {},
+                     "skipped": []}
+    compiled_on = args.compile
+
+    def save() -> None:
+        results["elapsed_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(results, indent=2, default=str))
+
+    only = [w for w in args.only.split(";") if w]
+
+    def step(name: str, fn, *a, **kw) -> None:
+        if only and not name.startswith("make ") and not any(w in name for w in only):
+            return
+        if time.perf_counter() - started > args.budget_s:
+            results["skipped"].append(name)
+            print(f"[{time.perf_counter() - started:6.1f}s] {name}: skipped (budget spent)", flush=True)
+            save()
+            return
+        print(f"[{time.perf_counter() - started:6.1f}s] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results["steps"][name] = fn(*a, **kw) | {"step_s": time.perf_counter() - t0}
+        except Exception as exc:  # a failed step is a result too; the others still run
+            results["steps"][name] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+        print(f"         -> {json.dumps(results['steps'][name], default=str)[:600]}", flush=True)
+        save()
+
+    workdir = Path(args.workdir)
+    mix_dir, imagenet_dir = workdir / "mix", workdir / "imagenet"
+    step("probe", probe, args.device)
+    step("make mix", make_set, mix_dir, throughput.MIX, args.images, args.unique)
+    step("make imagenet-like", make_set, imagenet_dir, IMAGENET, args.images, args.unique, seed=1)
+    pool = throughput.image_pool(unique=16)
+    batch = args.batch_size or (256 if args.device == "cuda" else 16)
+    step("model alone, eager", model_alone, args.model, args.device, batch, False, pool, args.model_seconds)
+    if args.compile == "on":
+        step("model alone, compiled", model_alone, args.model, args.device, batch, True, pool, args.model_seconds)
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    import prefect.settings
+
+    with prefect_test_harness(server_startup_timeout=120):
+        env = dict(os.environ, PREFECT_API_URL=prefect.settings.PREFECT_API_URL.value(),
+                   PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PYTHONPATH=throughput.python_path())
+
+        def run(folder: Path, gpu_decode: bool) -> dict:
+            return throughput.e2e(args.model, str(folder), args.device, args.batch_size, compiled_on == "on", env,
+                                  gpu_decode)
+
+        gpu_decode = args.device == "cuda"
+        if gpu_decode:
+            step("run mix, GPU decode", run, mix_dir, True)
+        step("run mix, CPU decode", run, mix_dir, False)
+        if gpu_decode:
+            step("run imagenet-like, GPU decode", run, imagenet_dir, True)
+        step("run imagenet-like, CPU decode", run, imagenet_dir, False)
+    step("dataloader mix", dataloader_baseline, args.model, mix_dir, args.device, batch, args.loader_seconds)
+    step("dataloader imagenet-like", dataloader_baseline, args.model, imagenet_dir, args.device, batch,
+         args.loader_seconds)
+    summarise(results)
+    save()
+    print_table(results)
+    print(f"\nwrote {out}")
+
+
+TARGETS = {"run mix, GPU decode": 5000, "run mix, CPU decode": 2500, "run imagenet-like, GPU decode": 8000}
+
+
+def summarise(results: dict) -> None:
+    """Each run against the model alone (compiled), the DataLoader baseline of its
+    set, and the issue's target."""
+    steps = results["steps"]
+    model = (steps.get("model alone, compiled") or steps.get("model alone, eager", {})).get("images_per_s")
+    for name, r in steps.items():
+        if not name.startswith("run ") or "images_per_s" not in r:
+            continue
+        base = steps.get("dataloader " + ("mix" if "mix" in name else "imagenet-like"), {}).get("images_per_s")
+        r["vs_model_alone_compiled"] = r["images_per_s"] / model if model else None
+        r["vs_dataloader"] = r["images_per_s"] / base if base else None
+        if name in TARGETS:
+            r["target_images_per_s"] = TARGETS[name]
+            r["meets_target"] = r["images_per_s"] >= TARGETS[name] and (r["vs_dataloader"] or 0) >= 10
+
+
+def print_table(results: dict) -> None:
+    m = results["machine"]
+    print(f"\n{results['model']}, {results['images_per_set']} images a set; {m['gpu'] or 'cpu'}, {m['cores']} cores")
+    print(f"{'step':34} {'img/s':>9} {'vs model':>9} {'vs loader':>10}  notes")
+    for name, r in results["steps"].items():
+        if "images_per_s" not in r:
+            if "error" in r:
+                print(f"{name:34} {'error':>9}  {r['error'][-200:]}")
+            continue
+        vm, vl = r.get("vs_model_alone_compiled"), r.get("vs_dataloader")
+        notes = f"batch {r['batch_size']}; {r.get('bottleneck') or ''}"[:90] if "batch_size" in r else ""
+        print(f"{name:34} {r['images_per_s']:9.1f} {vm or 0:9.2f} {vl or 0:10.1f}  {notes}")
+    if results["skipped"]:
+        print("skipped (time budget): " + ", ".join(results["skipped"]))
+
+
+if __name__ == "__main__":
+    main()
