@@ -6,11 +6,12 @@ deployments/prefect.yaml` registers the same deployment for a work pool.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
-from prefect.schedules import Cron
+from prefect.schedules import Cron, Interval
 
 from flows.nightly import catalog_images
 
@@ -27,16 +28,22 @@ nightly_catalog = catalog_images.with_options(retries=RETRIES, retry_delay_secon
 
 
 def build_deployment(source: str, output: str, *, name: str = DEPLOYMENT_NAME, cron: str = DEFAULT_CRON,
-                     timezone: str = DEFAULT_TIMEZONE, **parameters: Any) -> RunnerDeployment:
-    """The deployment object: schedule, parameters, and a concurrency limit of one
-    so two nights never overlap on one output root."""
+                     timezone: str = DEFAULT_TIMEZONE, interval_s: float | None = None,
+                     **parameters: Any) -> RunnerDeployment:
+    """The deployment object: schedule (the cron, or every `interval_s` seconds),
+    parameters, and a concurrency limit of one so two runs never overlap on one
+    output root."""
     params = {"source": source, "output": output} | {k: v for k, v in parameters.items() if v is not None}
+    if interval_s is not None:
+        schedule, when = Interval(timedelta(seconds=interval_s), timezone=timezone), f"every {interval_s:g} s"
+    else:
+        schedule, when = Cron(cron, timezone=timezone), f"{cron}, {timezone}"
     return nightly_catalog.to_deployment(
         name=name,
-        schedule=Cron(cron, timezone=timezone),
+        schedule=schedule,
         parameters=params,
         concurrency_limit=1,
-        description=f"Catalogue {source} into {output} every night ({cron}, {timezone}).",
+        description=f"Catalogue {source} into {output} on a schedule ({when}).",
         tags=["batchsight", "nightly"],
     )
 

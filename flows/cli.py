@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(help="Catalogue buckets of images into Parquet tables and a FAISS index; search them.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, for grep and logs
 
@@ -69,6 +69,23 @@ def _fail(exc: BaseException) -> typer.Exit:
     return typer.Exit(code=EXIT_LOST_COMMIT_RACE if isinstance(exc, ConcurrentCommitError) else EXIT_USER_ERROR)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"batchsight {version('batchsight')}", highlight=False)
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            console.print("batchsight (not installed)", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Catalogue buckets of images into Parquet tables and a FAISS index; search them."""
+
+
 class RichProgress:
     """A terminal progress bar fed by the shards (see tasks.pipeline.ProgressReporter)."""
 
@@ -84,31 +101,44 @@ class RichProgress:
     def advance(self, n: int) -> None:
         if self.task_id is not None:
             self.bar.advance(self.task_id, n)
-            speed = self.bar.tasks[0].speed
-            self.bar.update(self.task_id, rate=f"{speed:.1f} img/s" if speed else "")
+            task = self.bar.tasks[0]  # the average since the shards began, as the summary reports it
+            rate = task.completed / task.elapsed if task.elapsed else 0.0
+            self.bar.update(self.task_id, rate=f"{rate:.1f} objects/s" if rate else "")
 
     def stop(self) -> None:
         self.bar.stop()
 
 
-def preflight(source: str, output: str, model: str, endpoint_url: str | None) -> None:
-    """Check what can be checked in a second before Prefect starts: the model
-    name and that both roots are reachable (a missing bucket fails here)."""
+def preflight(source: str, output: str, model: str, endpoint_url: str | None, weights: str | None = None,
+              weights_sha256: str | None = None):
+    """Check what can be checked in seconds before Prefect starts: the model name,
+    that both roots are reachable (a missing bucket fails here) and apart, and the
+    weights (downloaded or read, sha256 checked, loaded safely). Returns them."""
     from models.registry import get_model_spec
+    from models.weights import resolve_weights
     from tasks.storage import cached_store, check_roots_apart
 
-    get_model_spec(model)
+    spec = get_model_spec(model)
     check_roots_apart(source, output)
     cached_store(source, endpoint_url)
     cached_store(output, endpoint_url, create=True)
+    return resolve_weights(weights, spec, expected_sha256=weights_sha256, endpoint_url=endpoint_url)
 
 
 def run_catalog(source: str, output: str, *, show_progress: bool = True, **params):
-    """Run the nightly flow once, with a progress bar; returns its RunSummary."""
+    """Run the nightly flow once, with a progress bar; returns its RunSummary.
+
+    The listing is planned here first: a night with nothing to do records its run
+    and returns without starting Prefect (whose temporary server takes 10-20 s)."""
+    model = params.get("model", "resnet50")
+    weights = preflight(source, output, model, params.get("endpoint_url"), params.get("weights"),
+                        params.get("weights_sha256"))
+    quiet = _nothing_to_do(source, output, f"{model}@{weights.sha256}", **params)
+    if quiet is not None:
+        return quiet
     from flows.nightly import catalog_images
     from tasks.pipeline import reporting_progress
 
-    preflight(source, output, params.get("model", "resnet50"), params.get("endpoint_url"))
     progress = RichProgress() if show_progress else None
     try:
         with reporting_progress(progress):
@@ -118,17 +148,50 @@ def run_catalog(source: str, output: str, *, show_progress: bool = True, **param
             progress.stop()
 
 
+def _nothing_to_do(source: str, output: str, fingerprint: str, **params):
+    """The run's summary when the plan is empty (recorded in the runs log), else None."""
+    import time
+    from datetime import UTC, datetime
+
+    from tasks.runs import RunSummary
+    from tasks import catalog as cat
+    from tasks.planning import plan_run
+    from tasks.storage import cached_store
+
+    started = time.perf_counter()
+    endpoint = params.get("endpoint_url")
+    out_store = cached_store(output, endpoint, create=True)
+    planned = plan_run(cached_store(source, endpoint), out_store, fingerprint,
+                       **{k: params[k] for k in ("max_attempts", "limit", "max_delete_share", "allow_mass_delete")
+                          if k in params})
+    if not planned.plan.is_empty:
+        return None
+    model, sha = fingerprint.split("@", 1)
+    summary = RunSummary(run_id=cat.new_run_id(), status="no_changes", version=None, source=source, output=output,
+                         model=model, weights_sha256=sha, started_at=datetime.now(UTC).isoformat())
+    summary.note_plan(planned)
+    summary.elapsed_s = time.perf_counter() - started
+    cat.write_run_row(out_store, summary.run_row())
+    return summary
+
+
 def print_summary(summary) -> None:
     t = Table(title=f"run {summary.run_id}: {summary.status}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
     c = summary.counts
     t.add_row("version", str(summary.version))
-    t.add_row("listed", f"{summary.listed} images ({summary.skipped} other objects skipped)")
+    t.add_row("listed", f"{summary.listed} objects to read" + (f"; skipped {summary.skipped_examples}"
+                                                                if summary.skipped else ""))
     t.add_row("plan", f"{c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('deleted', 0)} deleted, "
-                      f"{c.get('unchanged', 0)} unchanged, {c.get('retry', 0)} retried")
-    t.add_row("processed", f"{summary.processed} embedded, {summary.failed} failed")
-    t.add_row("throughput", f"{summary.images_per_s:.1f} images/s ({summary.elapsed_s:.1f} s in all)")
+                      f"{c.get('unchanged', 0)} unchanged, {c.get('retry', 0)} retried"
+                      + (f", {c['given_up']} failed before (left until their bytes change)" if c.get("given_up") else ""))
+    if summary.processed + summary.failed:
+        t.add_row("processed", f"{summary.processed} objects embedded ({summary.pages} pages), "
+                               f"{summary.failed} failed")
+        t.add_row("throughput", f"{summary.images_per_s:.1f} objects/s ({summary.elapsed_s:.1f} s in all)")
+    else:
+        t.add_row("time", f"{summary.elapsed_s:.1f} s")
     if summary.batch_size:
         t.add_row("batch size", str(summary.batch_size))
     if summary.stage_s:
@@ -210,6 +273,8 @@ def search(
     prefix: Annotated[str | None, typer.Option(help="Only return images whose key starts with this.")] = None,
     category: Annotated[str | None, typer.Option(help="Only return images of this category.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the results to a .csv or .parquet file.")] = None,
+    include_self: Annotated[bool, typer.Option("--include-self", help="Keep a --key query's own object (every "
+                                               "page of it) in its results.")] = False,
     weights: Annotated[str | None, typer.Option(help="Where the catalogue's weights file lives now "
                                                      "(checked against its recorded sha256).")] = None,
     endpoint_url: EndpointOpt = None,
@@ -223,7 +288,8 @@ def search(
     try:
         if out is not None:
             results_format(out)  # a bad name fails before any embedding work
-        filters = {"k": k, "prefix": prefix, "category": category, "endpoint_url": endpoint_url, "weights": weights}
+        filters = {"k": k, "prefix": prefix, "category": category, "endpoint_url": endpoint_url, "weights": weights,
+                   "include_self": include_self}
         if queries is not None:
             result = search_queries(catalog, queries, **filters)
         else:
@@ -238,9 +304,10 @@ def search(
         sys.stdout.write(result.to_json(orient="records") + "\n")
     else:
         t = Table(title=f"nearest to {key or image or queries}", title_justify="left")
-        columns = (["query"] if "query" in result else []) + ["rank", "key", "score", "top_class"]
-        for col in columns:
-            t.add_column(col.replace("_", " "), justify="right" if col in ("rank", "score") else "left")
+        columns = (["query"] if "query" in result else []) + ["rank", "key", "page", "score", "top_class"]
+        for col in columns:  # keys print whole (a person copies them); long class names are cut
+            t.add_column(col.replace("_", " "), justify="right" if col in ("rank", "page", "score") else "left",
+                         no_wrap=col in ("key", "query"), max_width=24 if col == "top_class" else None)
         for row in result[columns].itertuples(index=False):
             t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
         console.print(t)
@@ -251,7 +318,7 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
            verify: Annotated[bool, typer.Option("--verify", help="Read every file of the live version and check "
                                                 "its size and sha256 against the manifest (exit 4 if any is "
                                                 "damaged).")] = False,
-           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False) -> None:
     """Print the live version of a catalogue, the run that made it, its counts and its index's recall."""
     from tasks.catalog import list_versions, open_catalog, read_runs, verify_version
 
@@ -350,10 +417,10 @@ def duplicates(
         return
     t = Table(title=f"{report.n_groups} groups of near-identical images ({len(report.groups)} images) in "
                     f"version {report.version}, cosine > {threshold:g}", title_justify="left")
-    for col in ("group", "size", "keys"):
+    for col in ("group", "size", "members (key, or key#page for a document's pages past the first)"):
         t.add_column(col)
     for group_id, members in report.groups.groupby("group_id", sort=False):
-        keys = members["key"].tolist()
+        keys = [k if p == 1 else f"{k}#page={p}" for k, p in zip(members["key"], members["page"], strict=True)]
         t.add_row(str(group_id), str(len(keys)), ", ".join(keys[:4]) + (f", ... (+{len(keys) - 4})" if len(keys) > 4 else ""))
     console.print(t)
     console.print(f"written to {report.key}", highlight=False, soft_wrap=True)
@@ -412,34 +479,68 @@ def serve(
     source: Annotated[str, typer.Option(help="Images to catalogue every night.")],
     output: Annotated[str, typer.Option(help="Catalogue root.")],
     cron: Annotated[str, typer.Option(help="When to run (cron).")] = "0 2 * * *",
+    interval: Annotated[float | None, typer.Option(min=10, help="Run every this many seconds instead of the cron "
+                                                   "(a catalogue kept fresh all day).")] = None,
     timezone: Annotated[str, typer.Option(help="IANA timezone of the cron, e.g. Europe/Berlin.")] = "UTC",
     name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
-    model: Annotated[str | None, typer.Option()] = None,
-    weights: Annotated[str | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
+    model: Annotated[str | None, typer.Option(help="torchvision classification model name (default resnet50).")]
+    = None,
+    weights: Annotated[str | None, typer.Option(help="Weights, as for `batchsight run --weights`.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Images per model batch (default: by "
+                                                   "device).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Where the Prefect server batchsight starts keeps its database "
+                                              "and log (when PREFECT_API_URL names no server).")]
+    = Path("~/.batchsight/prefect"),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the Prefect server batchsight starts (its "
+                                                             "UI is there too).")] = 4200,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Serve the nightly deployment: schedule, one run at a time, retries."""
+    """Serve the nightly deployment: schedule, one run at a time, retries.
+
+    With PREFECT_API_URL set, the deployment is registered with that server (it
+    must run the scheduler, as `prefect server start` does). Without it, a Prefect
+    server with its scheduler is started here, state in --state-dir, and stopped
+    with this command."""
+    from contextlib import nullcontext
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    from deployments.nightly import serve_nightly
+    from deployments.server import PrefectServerError, check_api, prefect_server
 
+    api_url = os.environ.get("PREFECT_API_URL")
     try:
         ZoneInfo(timezone)
-        preflight(source, output, model or "resnet50", endpoint_url)
+        preflight(source, output, model or "resnet50", endpoint_url, weights)
+        if api_url:
+            check_api(api_url)
     except ZoneInfoNotFoundError:
         raise _fail(ValueError(f"unknown timezone {timezone!r}; use an IANA name such as UTC or Europe/Berlin")) from None
-    except _user_errors() as exc:
+    except (PrefectServerError, *_user_errors()) as exc:
         raise _fail(exc) from None
-    serve_nightly(source, output, name=name, cron=cron, timezone=timezone, model=model, weights=weights,
-                  batch_size=batch_size, endpoint_url=endpoint_url)
+    server = nullcontext(api_url) if api_url else prefect_server(state_dir, port=port)
+    try:
+        with server as url:
+            os.environ["PREFECT_API_URL"] = url  # before Prefect is imported: its settings read it once
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            from deployments.nightly import serve_nightly
+
+            console.print(f"serving catalog-images/{name} on {url} "
+                          f"({'every ' + format(interval, 'g') + ' s' if interval else cron + ' ' + timezone}); "
+                          "Ctrl-C stops it", highlight=False, soft_wrap=True)
+            with temporary_settings({PREFECT_API_URL: url}):
+                serve_nightly(source, output, name=name, cron=cron, timezone=timezone, interval_s=interval,
+                              model=model, weights=weights, batch_size=batch_size, endpoint_url=endpoint_url)
+    except PrefectServerError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        console.print("stopped; the schedule is paused while nothing serves it", highlight=False)
 
 
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the sample bucket and catalogue go.")] = Path("demo-data"),
     images: Annotated[int, typer.Option(min=10, help="How many sample images to generate.")] = 300,
-    model: Annotated[str, typer.Option()] = "resnet50",
+    model: Annotated[str, typer.Option(help="torchvision classification model name.")] = "resnet50",
 ) -> None:
     """Generate a sample bucket, catalogue it, and search it."""
     from models.registry import get_model_spec
@@ -543,7 +644,11 @@ def categories_fit(
     for name, row in zip(categorizer.labels, r.confusion, strict=True):
         cm.add_row(name, *map(str, row))
     console.print(cm)
-    console.print(f"saved and activated {key}; nightly runs now categorise new images", highlight=False)
+    for warning in r.warnings:
+        err.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+    console.print(f"saved and activated {key}; nightly runs now categorise new images "
+                  f"(`batchsight categories list` shows every categoriser, `categories use N` switches back)",
+                  highlight=False)
     if apply:
         _print_apply(apply_categories(catalog, endpoint_url=endpoint_url))
     else:
@@ -564,6 +669,44 @@ def categories_apply(catalog: CatalogOpt, endpoint_url: EndpointOpt = None) -> N
         _print_apply(apply_categories(catalog, endpoint_url=endpoint_url))
     except _user_errors() as exc:
         raise _fail(exc) from None
+
+
+@categories_app.command("list")
+def categories_list(catalog: CatalogOpt, endpoint_url: EndpointOpt = None) -> None:
+    """List the saved categorisers, oldest first, with their held-out accuracy; * marks the active one."""
+    from tasks.catalog import open_catalog
+    from tasks.categories import list_categorizers
+
+    try:
+        saved = list_categorizers(open_catalog(catalog, endpoint_url=endpoint_url).store)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    t = Table(title=f"{len(saved)} categorisers in {catalog}", title_justify="left")
+    for col in ("#", "active", "name", "created", "categories", "examples", "held-out accuracy"):
+        t.add_column(col)
+    for i, (key, c, active) in enumerate(saved, 1):
+        r = c.report
+        t.add_row(str(i), "*" if active else "", key.removeprefix("categorizers/").removesuffix(".json"),
+                  c.created_at, ", ".join(c.labels), f"{r.n_train} + {r.n_val}" if r else "?",
+                  f"{r.accuracy:.3f}" if r else "?")
+    console.print(t)
+
+
+@categories_app.command("use")
+def categories_use(catalog: CatalogOpt,
+                   which: Annotated[str, typer.Argument(help="The categoriser's number in `categories list`, or "
+                                                             "its name.")],
+                   endpoint_url: EndpointOpt = None) -> None:
+    """Make a saved categoriser the active one (nightly runs use it; `categories apply` re-categorises with it)."""
+    from tasks.catalog import open_catalog
+    from tasks.categories import use_categorizer
+
+    try:
+        key = use_categorizer(open_catalog(catalog, endpoint_url=endpoint_url).store, which)
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+    console.print(f"{key} is active; re-categorise existing rows with: batchsight categories apply --catalog "
+                  f"{catalog}", highlight=False, soft_wrap=True)
 
 
 @categories_app.command("suggest")
@@ -607,6 +750,10 @@ def _demo_categories(cat, output: Path) -> None:
 
 def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The temporary server would try to send telemetry (an ERROR line offline), and
+    # its 20 s start timeout is too short on a loaded machine: the run would be lost.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     app()
 
 

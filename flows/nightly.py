@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
@@ -18,62 +17,23 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.engine import EmbedderSettings, get_embedder, should_compile
 from tasks import catalog as cat
+from tasks import planning
 from tasks.categories import active_categorizer
-from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, has_image_extension
+from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI
 from tasks.index import DEFAULT_RECALL_TARGET, IndexSettings, parse_memory_size
 from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, bottleneck, current_progress, process_shard
-from tasks.storage import ObjectInfo, cached_store, check_roots_apart
+from tasks.runs import RunSummary
+from tasks.storage import cached_store, check_roots_apart
 
 DEFAULT_SHARD_SIZE = 2000
 
 
-@dataclass
-class RunSummary:
-    """What a run did; also the row written to the `runs` table."""
-
-    run_id: str
-    status: str  # committed | no_changes | failed
-    version: int | None
-    source: str
-    output: str
-    model: str
-    weights_sha256: str
-    listed: int = 0
-    skipped: int = 0  # objects without an image extension
-    counts: dict[str, int] = field(default_factory=dict)
-    processed: int = 0
-    failed: int = 0
-    failures_by_reason: dict[str, int] = field(default_factory=dict)
-    top_classes: dict[str, int] = field(default_factory=dict)
-    images_per_s: float = 0.0
-    elapsed_s: float = 0.0
-    stage_s: dict[str, float] = field(default_factory=dict)
-    batch_size: int = 0  # model batch size used (the smallest any shard ended with: halved on GPU out-of-memory)
-    bottleneck: str = ""  # what held the run back, from stage_s
-    started_at: str = ""
-    message: str = ""
-
-    def run_row(self) -> dict:
-        return {
-            "run_id": self.run_id, "status": self.status, "version": self.version,
-            "started_at": datetime.fromisoformat(self.started_at), "finished_at": datetime.now(UTC),
-            "source": self.source, "model": self.model, "weights_sha256": self.weights_sha256,
-            "listed": self.listed, "new": self.counts.get("new", 0), "changed": self.counts.get("changed", 0),
-            "deleted": self.counts.get("deleted", 0), "unchanged": self.counts.get("unchanged", 0),
-            "processed": self.processed, "failed": self.failed, "images_per_s": self.images_per_s,
-            "elapsed_s": self.elapsed_s, **{k: self.stage_s.get(k, 0.0) for k in
-                                            ("fetch_s", "decode_s", "model_s", "wait_s", "write_s", "index_s",
-                                             "compile_s")},
-            "message": self.message,
-        }
-
-
-@task(name="list-source", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def list_source(source: str, endpoint_url: str | None) -> tuple[list[ObjectInfo], int]:
-    """All pages of the source listing, images only; returns (images, skipped count)."""
-    listed = list(cached_store(source, endpoint_url).list())
-    images = [o for o in listed if has_image_extension(o.key)]
-    return images, len(listed) - len(images)
+@task(name="list-and-plan", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def list_and_plan(source: str, output: str, endpoint_url: str | None, fingerprint: str,
+                  **options) -> planning.RunPlan:
+    """List the source (all pages), open the live version, diff them."""
+    return planning.plan_run(cached_store(source, endpoint_url), cached_store(output, endpoint_url, create=True),
+                             fingerprint, **options)
 
 
 @task(name="process-shard", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -140,38 +100,18 @@ def catalog_images(
     lease = cat.RunLease(out_store, run_id)  # gc leaves this run's files alone while it lives
     try:
         lease.__enter__()
-        images, summary.skipped = list_source(source, endpoint_url)
-        summary.listed = len(images)
-        pointer, pointer_etag = cat.read_pointer(out_store)
-        previous = cat.Catalog.open(out_store) if pointer else None
-        if previous is not None and (problems := previous.check_sizes()):
-            raise cat.CatalogCorrupt(
-                f"version {previous.manifest.version} of {output} is damaged ({'; '.join(problems[:3])}"
-                f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}); this run changed nothing. "
-                f"Restore the files, or {cat.ROLLBACK_HINT}")
-        reembed_all = previous is not None and previous.manifest.fingerprint != embedder.fingerprint
+        planned = list_and_plan(source, output, endpoint_url, embedder.fingerprint, max_attempts=max_attempts,
+                                limit=limit, max_delete_share=max_delete_share, allow_mass_delete=allow_mass_delete)
+        previous, plan, reembed_all = planned.previous, planned.plan, planned.reembed_all
+        summary.note_plan(planned)
         if reembed_all:
             logger.info("model or weights changed (%s -> %s): re-embedding every image",
                         previous.manifest.fingerprint[:40], embedder.fingerprint[:40])
-        plan = cat.plan_changes(
-            images,
-            previous.images if previous else cat.tables.empty_frame(cat.tables.IMAGES_SCHEMA),
-            previous.failures if previous else cat.tables.empty_frame(cat.tables.FAILURES_SCHEMA),
-            reembed_all=reembed_all, max_attempts=max_attempts, limit=limit)
-        summary.counts = plan.counts()
-        logger.info("listed %s images under %s: %s", summary.listed, source, summary.counts)
-        if previous is not None and not allow_mass_delete:
-            cat.check_deletions(plan, previous.images["key"].nunique() + previous.failures["key"].nunique(),
-                                source=source, max_share=max_delete_share, listed=summary.listed)
+        logger.info("listed %s objects under %s: %s", summary.listed, source, summary.counts)
         if plan.is_empty:
-            summary.status, summary.version = "no_changes", previous.manifest.version if previous else None
-            summary.message = "nothing new, changed or deleted; no new version committed"
             return summary
 
         todo = plan.to_process
-        progress = current_progress()
-        if progress:
-            progress.start(len(todo))
         batch_size = batch_size or embedder.fitting_batch_size()
         compiled = should_compile(compile, len(todo))
         t_compile = time.perf_counter()
@@ -179,6 +119,8 @@ def catalog_images(
             embedder.enable_compile()
             embedder.warm_up(batch_size)
         compile_s = time.perf_counter() - t_compile
+        if progress := current_progress():  # after compiling, so the bar's rate is the shards' rate
+            progress.start(len(todo))
         specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source, output=output,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
                            decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages),
@@ -189,7 +131,7 @@ def catalog_images(
         shard_wall = time.perf_counter() - t_shards
 
         manifest, stats = build_and_commit(
-            output, endpoint_url, previous.manifest_key if previous else None, pointer_etag, plan, results,
+            output, endpoint_url, previous.manifest_key if previous else None, planned.pointer_etag, plan, results,
             run_id=run_id, source=source, model=embedder.spec.name, weights=embedder.weights.spec,
             weights_source=embedder.weights.source, weights_sha256=embedder.weights.sha256,
             embedding_dim=embedder.embedding_dim, reembed_all=reembed_all, index_settings=index_settings,
@@ -204,13 +146,14 @@ def catalog_images(
             "index_s": stats.index_s,
             "compile_s": compile_s,
         }
-        summary.processed = sum(len(r.rows) for r in results)
+        summary.pages = sum(len(r.rows) for r in results)
+        summary.processed = len({k for r in results for k in r.rows["key"]})
         failures = [f for r in results for f in r.failures]
-        summary.failed = len(failures)
+        summary.failed = len({f["key"] for f in failures})
         summary.failures_by_reason = dict(Counter(f"{f['stage']}:{f['error_type']}" for f in failures).most_common())
         summary.top_classes = dict(Counter(c for r in results for c in r.rows["top_class"]).most_common(10))
         summary.images_per_s = (summary.processed + summary.failed) / shard_wall if shard_wall > 0 else 0.0
-        summary.bottleneck = bottleneck(summary.stage_s, shard_wall)
+        summary.bottleneck = bottleneck(summary.stage_s, shard_wall) if summary.processed + summary.failed else ""
         summary.status, summary.version = "committed", manifest.version
         summary.message = f"committed version {manifest.version}"
         logger.info("run %s committed version %s: %s images, %s failures, %.1f images/s", run_id,

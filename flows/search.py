@@ -45,26 +45,30 @@ def _catalog(catalog: str | Catalog, endpoint_url: str | None) -> Catalog:
 
 def similar_images(catalog: str | Catalog, *, key: str | None = None, image: str | Path | bytes | None = None,
                    k: int = 10, prefix: str | None = None, category: str | None = None,
-                   endpoint_url: str | None = None, weights: str | None = None) -> pd.DataFrame:
+                   endpoint_url: str | None = None, weights: str | None = None,
+                   include_self: bool = False) -> pd.DataFrame:
     """The `k` catalogued images nearest to `key` (a catalogued object) or
     `image` (a file path or bytes), best first: rank, key, page, score (cosine),
-    top_class, category, image_id. `prefix` and `category` restrict what is returned."""
+    top_class, category, image_id. `prefix` and `category` restrict what is
+    returned; a `key` query leaves its own object (every page) out unless `include_self`."""
     if (key is None) == (image is None):
         raise ValueError("pass exactly one of key= (a catalogued object) or image= (a file)")
     _check_k(k)
     cat = _catalog(catalog, endpoint_url)
     allowed = allowed_ids(cat, prefix=prefix, category=category)
     query = vectors_for_keys(cat, [key]) if key is not None else embed_images(cat, [image], weights=weights)
-    return neighbours(cat, query, k, allowed_ids=allowed)[RESULT_COLUMNS]
+    exclude = [key] if key is not None and not include_self else None
+    return neighbours(cat, query, k, allowed_ids=allowed, exclude_keys=exclude)[RESULT_COLUMNS]
 
 
 def search_queries(catalog: str | Catalog, queries: str | Path, *, k: int = 10, prefix: str | None = None,
                    category: str | None = None, endpoint_url: str | None = None,
-                   weights: str | None = None) -> pd.DataFrame:
+                   weights: str | None = None, include_self: bool = False) -> pd.DataFrame:
     """Neighbours of many queries at once: every image in a folder, or the rows
     of a CSV with a `key` column (catalogued objects) and/or an `image` column
     (files, relative to the CSV). One row per (query, neighbour): query, rank,
-    key, score, top_class, image_id."""
+    key, page, score, top_class, category, image_id. A key query leaves its own
+    object out unless `include_self`."""
     _check_k(k)
     keys, files = read_queries(Path(queries))
     cat = _catalog(catalog, endpoint_url)
@@ -73,7 +77,8 @@ def search_queries(catalog: str | Catalog, queries: str | Path, *, k: int = 10, 
     if files:
         vectors.append(embed_images(cat, files, weights=weights))
     labels = np.array(keys + [str(f) for f in files], dtype=object)
-    found = neighbours(cat, np.concatenate(vectors), k, allowed_ids=allowed)
+    exclude = None if include_self else keys + [None] * len(files)
+    found = neighbours(cat, np.concatenate(vectors), k, allowed_ids=allowed, exclude_keys=exclude)
     return found.assign(query=labels[found["query_index"].to_numpy()])[QUERY_RESULT_COLUMNS]
 
 
@@ -165,18 +170,31 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
     return np.concatenate(out)
 
 
-def neighbours(cat: Catalog, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None) -> pd.DataFrame:
+def neighbours(cat: Catalog, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None,
+               exclude_keys: Sequence[str | None] | None = None) -> pd.DataFrame:
     """One row per (query, neighbour), best first: query_index, rank, key, page,
-    score, top_class, category, image_id. Searches with the nprobe the catalogue was tuned to."""
-    scores, ids = faiss_index.search(cat.index, queries, k, nprobe=cat.manifest.index_nprobe or None,
+    score, top_class, category, image_id. Searches with the nprobe the catalogue
+    was tuned to. `exclude_keys[i]` (a key, or None) is left out of query i's
+    results, every page of it: k more are searched for, so k still come back."""
+    images = cat.images
+    extra = 0
+    if exclude_keys is not None and any(exclude_keys):
+        extra = int(images["key"].isin([k for k in exclude_keys if k]).groupby(images["key"]).sum().max())
+    scores, ids = faiss_index.search(cat.index, queries, k + extra, nprobe=cat.manifest.index_nprobe or None,
                                      allowed_ids=allowed_ids)
     query_index, rank = np.nonzero(ids >= 0)
     found = ids[query_index, rank]
-    rows = cat.images.set_index("image_id").loc[found]
-    return pd.DataFrame({"query_index": query_index, "rank": rank + 1, "key": rows["key"].to_numpy(),
-                         "page": rows["page"].to_numpy(), "score": scores[query_index, rank].astype(float),
-                         "top_class": rows["top_class"].to_numpy(), "category": rows["category"].to_numpy(),
-                         "image_id": found})
+    rows = images.set_index("image_id").loc[found]
+    frame = pd.DataFrame({"query_index": query_index, "rank": rank + 1, "key": rows["key"].to_numpy(),
+                          "page": rows["page"].to_numpy(), "score": scores[query_index, rank].astype(float),
+                          "top_class": rows["top_class"].to_numpy(), "category": rows["category"].to_numpy(),
+                          "image_id": found})
+    if not extra:
+        return frame
+    own = np.asarray(exclude_keys, dtype=object)[frame["query_index"].to_numpy()]
+    frame = frame[frame["key"].to_numpy() != own]
+    frame = frame.assign(rank=frame.groupby("query_index").cumcount() + 1)
+    return frame[frame["rank"] <= k].reset_index(drop=True)
 
 
 def results_format(path: Path) -> str:

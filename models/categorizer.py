@@ -29,6 +29,7 @@ class FitReport:
     threshold: float
     uncertain_rate: float  # share of the validation split below the threshold
     accuracy_when_certain: float
+    warnings: list[str] = field(default_factory=list)  # e.g. too few held-out examples to trust a class's numbers
 
 
 @dataclass
@@ -90,16 +91,26 @@ class Categorizer:
         return cls(**raw)
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+MIN_HELD_OUT = 10  # below this many held-out examples, a class's precision and recall are rough
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int,
+                     groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): about `val_fraction` of each label held out, at least
-    one example of each label kept for training."""
+    one example of each label kept for training. Rows of one group (the pages of
+    one document) always land on the same side, so held-out numbers never score a
+    page whose sibling was trained on."""
     rng = np.random.default_rng(seed)
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
     train, val = [], []
     for label in sorted(set(labels.tolist())):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        n_val = min(len(idx) - 1, int(round(len(idx) * val_fraction)))
-        val.extend(idx[:n_val])
-        train.extend(idx[n_val:])
+        members: dict = {}
+        for row in np.flatnonzero(labels == label):
+            members.setdefault(groups[row], []).append(row)
+        ordered = [members[g] for g in sorted(members, key=str)]
+        n_val = min(len(ordered) - 1, int(round(len(ordered) * val_fraction)))
+        for rank, g in enumerate(rng.permutation(len(ordered))):
+            (val if rank < n_val else train).extend(ordered[g])
     return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
 
 
@@ -134,18 +145,20 @@ def calibrate_threshold(confidence: np.ndarray, correct: np.ndarray, target_prec
 
 def fit_categorizer(embeddings: np.ndarray, labels: list[str] | np.ndarray, *, model: str, weights_sha256: str,
                     val_fraction: float = 0.25, target_precision: float = 0.95, l2: float = 1e-3,
-                    seed: int = 0) -> Categorizer:
-    """Train on a stratified split, evaluate and calibrate on the held-out rest."""
+                    seed: int = 0, groups: list[str] | np.ndarray | None = None) -> Categorizer:
+    """Train on a stratified split, evaluate and calibrate on the held-out rest.
+    `groups` names the source object of each row: a document's pages are split together."""
     labels = np.asarray(labels, dtype=object)
     names = sorted(set(labels.tolist()))
     if len(names) < 2:
         raise ValueError(f"need at least two categories to learn, got {names}")
-    counts = {n: int((labels == n).sum()) for n in names}
+    group_of = np.arange(len(labels)) if groups is None else np.asarray(groups, dtype=object)
+    counts = {n: len(set(group_of[labels == n].tolist())) for n in names}
     if min(counts.values()) < 2:
-        raise ValueError(f"every category needs at least 2 labelled examples (one to train, one to check); got {counts}")
+        raise ValueError(f"every category needs at least 2 labelled objects (one to train, one to check); got {counts}")
     x = np.asarray(embeddings, dtype=np.float32)
     y = np.asarray([names.index(v) for v in labels], dtype=np.int64)
-    train, val = stratified_split(labels, val_fraction, seed)
+    train, val = stratified_split(labels, val_fraction, seed, groups=group_of)
     mean = x[train].mean(axis=0)
     scale = x[train].std(axis=0) + 1e-6  # random-init and real embeddings alike vary on very different scales per dim
     w, b = _train_probe((x[train] - mean) / scale, y[train], len(names), l2=l2, seed=seed)
@@ -170,5 +183,7 @@ def fit_categorizer(embeddings: np.ndarray, labels: list[str] | np.ndarray, *, m
         n_train=len(train), n_val=len(val), accuracy=float(correct.mean()),
         majority_baseline=float((y[val] == majority).mean()), per_class=per_class, confusion=confusion.tolist(),
         threshold=probe.threshold, uncertain_rate=float(1 - certain.mean()),
-        accuracy_when_certain=float(correct[certain].mean()) if certain.any() else 0.0)
+        accuracy_when_certain=float(correct[certain].mean()) if certain.any() else 0.0,
+        warnings=[f"{n} has {m['support']} held-out examples (fewer than {MIN_HELD_OUT}): its precision and recall "
+                  "are rough; label more" for n, m in per_class.items() if m["support"] < MIN_HELD_OUT])
     return probe

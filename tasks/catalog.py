@@ -492,13 +492,17 @@ def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame, failed
     """Diff a listing against the live rows by (key, etag, size).
 
     `catalogued` has columns key, etag, size; `failed` has key, etag, size,
-    attempts. `reembed_all` (the model or weights changed) makes every listed
-    object new or changed. `limit` caps the images processed; changed images
-    past it are still removed (no stale row survives), to be redone later.
+    attempts and optionally stage. A failure to fetch (or in the model) is retried
+    up to `max_attempts`; a failure to decode is final while the bytes stay the
+    same (decoding the same bytes again gives the same answer). `reembed_all`
+    (the model or weights changed) makes every listed object new or changed.
+    `limit` caps the images processed; changed images past it are still removed
+    (no stale row survives), to be redone later.
     """
     known = {k: (e, s) for k, e, s in zip(catalogued["key"], catalogued["etag"], catalogued["size"], strict=True)}
-    failures = {k: (e, s, a) for k, e, s, a in
-                zip(failed["key"], failed["etag"], failed["size"], failed["attempts"], strict=True)}
+    stages = failed["stage"] if "stage" in failed else [""] * len(failed)
+    failures = {k: (e, s, max_attempts if stage == "decode" else a) for k, e, s, a, stage in
+                zip(failed["key"], failed["etag"], failed["size"], failed["attempts"], stages, strict=True)}
     plan = ChangePlan()
     seen: set[str] = set()
     for obj in listing:

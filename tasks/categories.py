@@ -62,17 +62,19 @@ def labels_from_prefix(store: ObjectStore, prefix: str) -> pd.DataFrame:
 
 
 def labelled_embeddings(cat: Catalog, labels: pd.DataFrame, *, source: ObjectStore,
-                        embed_missing) -> tuple[np.ndarray, list[str], int]:
+                        embed_missing) -> tuple[np.ndarray, list[str], list[str], int]:
     """Vectors for the labelled keys: stored ones from the catalogue (every page of a
     document), the rest embedded now from `source` by `embed_missing(store, keys)`.
-    Returns (vectors, labels, how many were embedded now). Stored vectors are read
-    in one streaming pass over the parts, so the whole catalogue is never in memory."""
+    Returns (vectors, labels, the key of each vector, how many were embedded now).
+    Stored vectors are read in one streaming pass over the parts, so the whole
+    catalogue is never in memory."""
     by_key = cat.images.groupby("key")["image_id"].apply(list).to_dict()
-    wanted, names, missing = [], [], []
+    wanted, names, keys, missing = [], [], [], []
     for key, label in zip(labels["key"], labels["label"], strict=True):
         if key in by_key:
             wanted.extend(by_key[key])
             names.extend([label] * len(by_key[key]))
+            keys.extend([key] * len(by_key[key]))
         else:
             missing.append((key, label))
     vecs = list(faiss_index.gather_vectors(cat.embedding_blocks(), np.asarray(wanted, np.int64),
@@ -83,9 +85,10 @@ def labelled_embeddings(cat: Catalog, labels: pd.DataFrame, *, source: ObjectSto
             for v in key_vecs:
                 vecs.append(v)
                 names.append(label)
+                keys.append(key)
     if not vecs:
         raise LabelsError("none of the labelled keys could be embedded")
-    return np.stack(vecs), names, len(missing)
+    return np.stack(vecs), names, keys, len(missing)
 
 
 def save_categorizer(store: ObjectStore, categorizer: Categorizer) -> str:
@@ -96,6 +99,30 @@ def save_categorizer(store: ObjectStore, categorizer: Categorizer) -> str:
     store.put(key, categorizer.to_json(), if_none_match=True)
     # Nothing here depends on which categoriser was active before, so the pointer is
     # simply overwritten: of two fits finishing together, the later one is active.
+    store.put(ACTIVE_KEY, json.dumps({"categorizer": key}).encode())
+    return key
+
+
+def list_categorizers(store: ObjectStore) -> list[tuple[str, Categorizer, bool]]:
+    """(key, categoriser, is active) for every saved categoriser, oldest first."""
+    active = active_categorizer(store)
+    keys = sorted(o.key for o in store.list("categorizers/") if o.key.endswith(".json"))
+    return [(key, load_categorizer(store, key), bool(active) and active[1] == key) for key in keys]
+
+
+def use_categorizer(store: ObjectStore, which: str) -> str:
+    """Make a saved categoriser active: `which` is its key, its file name or its
+    1-based number in `list_categorizers`. Returns its key."""
+    keys = [key for key, _, _ in list_categorizers(store)]
+    if which.isdigit() and 1 <= int(which) <= len(keys):
+        key = keys[int(which) - 1]
+    else:
+        matches = [k for k in keys if k == which or k.removeprefix("categorizers/").removesuffix(".json") == which
+                   or k.removeprefix("categorizers/") == which]
+        if len(matches) != 1:
+            raise LabelsError(f"no categoriser {which!r} in {store.url}; `batchsight categories list` shows "
+                              f"{len(keys)} (pass a number or a name)")
+        key = matches[0]
     store.put(ACTIVE_KEY, json.dumps({"categorizer": key}).encode())
     return key
 
@@ -199,8 +226,9 @@ def fit_from_catalog(catalog: str, labels: pd.DataFrame, *, endpoint_url: str | 
 
     cat = open_catalog(catalog, endpoint_url=endpoint_url)
     source_store = cached_store(source or cat.manifest.source, endpoint_url)
-    vectors, names, embedded_now = labelled_embeddings(cat, labels, source=source_store, embed_missing=embed_missing)
-    categorizer = fit_categorizer(vectors, names, model=cat.manifest.model,
+    vectors, names, keys, embedded_now = labelled_embeddings(cat, labels, source=source_store,
+                                                             embed_missing=embed_missing)
+    categorizer = fit_categorizer(vectors, names, model=cat.manifest.model, groups=keys,
                                   weights_sha256=cat.manifest.weights_sha256, **fit_kwargs)
     key = save_categorizer(cat.store, categorizer)
     return categorizer, key, embedded_now

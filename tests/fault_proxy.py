@@ -33,6 +33,7 @@ class Faults:
     p500: float = 0.0
     p_cut: float = 0.0  # GETs of object bodies only
     lose_reply: Callable[[str, str, dict[str, str]], bool] | None = None
+    deny: Callable[[str, str], bool] | None = None  # (method, path) answered 403 AccessDenied, every time
     seed: int = 0
 
 
@@ -85,6 +86,9 @@ class FaultProxy:
         body = handler.rfile.read(length) if length else b""
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
         f = self.faults
+        if f.deny is not None and f.deny(handler.command, handler.path):
+            self._count("403")
+            return _send_error(handler, 403, "AccessDenied", "Access Denied")
         draw = self._draw()
         if draw < f.p503:
             self._count("503")

@@ -166,7 +166,7 @@ def test_suggest_clusters_writes_sample_keys_per_cluster(labelled_catalog):
 def test_labels_need_two_examples_of_two_categories():
     with pytest.raises(ValueError, match="at least two categories"):
         fit_categorizer(np.zeros((4, 3)), ["a"] * 4, model="m", weights_sha256="s")
-    with pytest.raises(ValueError, match="at least 2 labelled examples"):
+    with pytest.raises(ValueError, match="at least 2 labelled objects"):
         fit_categorizer(np.zeros((3, 3)), ["a", "a", "b"], model="m", weights_sha256="s")
 
 

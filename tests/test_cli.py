@@ -34,13 +34,15 @@ def test_run_then_search_and_status(bucket, tmp_path, resnet18_weights):
     code, text = invoke("run", "--source", bucket, "--output", out, "--model", "resnet18",
                         "--weights", resnet18_weights, "--batch-size", "8")
     assert code == 0, text
-    assert "committed version 1" in text and "12 embedded, 0 failed" in text
+    assert "committed version 1" in text and "12 objects embedded (12 pages), 0 failed" in text
 
     key = sorted(p.relative_to(bucket).as_posix() for p in bucket.rglob("*.*"))[0]
     code, text = invoke("search", "--catalog", out, "--key", key, "-k", "3", "--json")
     assert code == 0, text
     hits = json.loads(text)
-    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["key"] == key
+    assert [h["rank"] for h in hits] == [1, 2, 3] and key not in [h["key"] for h in hits]  # not its own hit
+    code, text = invoke("search", "--catalog", out, "--key", key, "-k", "3", "--json", "--include-self")
+    assert code == 0 and json.loads(text)[0]["key"] == key and json.loads(text)[0]["page"] == 1
 
     code, text = invoke("search", "--catalog", out, "--image", bucket / key, "-k", "2")
     assert code == 0 and key in text

@@ -81,6 +81,43 @@ def test_serve_registers_schedule_and_runs_a_triggered_night(tmp_path, resnet18_
     assert read_runs(c.store)["status"].tolist() == ["committed"]
 
 
+def test_serve_starts_a_scheduler_and_the_schedule_fires_unattended(tmp_path, resnet18_weights):
+    """No Prefect server running and no PREFECT_API_URL: `batchsight serve` starts a
+    real one with its scheduler, and a run nobody triggered starts and commits."""
+    import os
+    import socket
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_samples(LocalStore(src, create=True), generate_samples(5, seed=14, broken=False))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "client-home"), PYTHONPATH=str(ROOT), PREFECT_RUNNER_POLL_FREQUENCY="2")
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--source", str(src), "--output", str(out), "--model",
+           "resnet18", "--weights", str(resnet18_weights), "--interval", "15", "--state-dir",
+           str(tmp_path / "state"), "--port", str(port)]
+    serving = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "CURRENT").exists():
+            assert serving.poll() is None, serving.stdout.read()
+            time.sleep(1)
+        assert (out / "CURRENT").exists(), "no scheduled run committed within 5 minutes"
+    finally:
+        serving.send_signal(signal.SIGINT)
+        try:
+            output, _ = serving.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            serving.kill()
+            output, _ = serving.communicate()
+    c = open_catalog(str(out))
+    assert c.manifest.version >= 1 and len(c.images) == 5
+    assert read_runs(c.store)["status"].iloc[0] == "committed"
+    assert (tmp_path / "state" / "prefect.db").exists()  # the server kept its state where it was told
+    assert "every 15 s" in output, output[-3000:]
+
+
 def test_serve_refuses_a_bad_timezone(tmp_path):
     from typer.testing import CliRunner
 

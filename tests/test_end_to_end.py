@@ -86,14 +86,16 @@ def test_image_ids_are_stable_for_a_key(catalogued, resnet18_weights, tmp_path):
                                    again.images.set_index("key")["image_id"])
 
 
-def test_search_by_key_finds_itself_first(catalogued):
+def test_search_by_key_leaves_itself_out_unless_asked(catalogued):
     _, cat, _ = catalogued
     key = cat.images["key"].iloc[7]
     result = similar_images(cat, key=key, k=5)
     assert list(result.columns) == ["rank", "key", "page", "score", "top_class", "category", "image_id"]
-    assert result.iloc[0]["key"] == key
-    assert result.iloc[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert key not in set(result["key"]) and list(result["rank"]) == [1, 2, 3, 4, 5]
     assert len(result) == 5 and result["score"].is_monotonic_decreasing
+    with_self = similar_images(cat, key=key, k=5, include_self=True)
+    assert with_self.iloc[0]["key"] == key and with_self.iloc[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert list(with_self["key"][1:]) == list(result["key"][:4])  # the same neighbours, one place down
 
 
 def test_a_catalogue_written_before_pages_existed_still_searches(catalogued):
@@ -111,7 +113,7 @@ def test_a_catalogue_written_before_pages_existed_still_searches(catalogued):
     cat.store.put(cat.manifest_key, json.dumps(manifest).encode())
     reopened = Catalog.open(cat.store)
     key = reopened.images["key"].iloc[3]
-    best = similar_images(reopened, key=key, k=2).iloc[0]
+    best = similar_images(reopened, key=key, k=2, include_self=True).iloc[0]
     assert (best["key"], best["page"]) == (key, 1)
 
 

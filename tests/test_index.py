@@ -284,7 +284,7 @@ def test_catalogue_index_goes_flat_to_ivf_updates_in_place_and_retrains_past_the
     assert independent_recall(v3.index, now[sample], ids[sample], now, ids, m.index_nprobe) >= \
         m.index_recall_at_10 - 0.03  # another sample of queries
     assert not set(deleted) & set(v3.images["key"])
-    hits = similar_images(v3, key=changed[0], k=3)
+    hits = similar_images(v3, key=changed[0], k=3, include_self=True)
     assert hits.iloc[0]["key"] == changed[0] and hits.iloc[0]["score"] == pytest.approx(1.0, abs=1e-5)
 
     v4 = cat.commit(keys[3500:12_500], vectors[3500:12_500])  # 12,400 > 4 x 3,000: retrained

@@ -120,24 +120,41 @@ def test_model_change_reembeds_everything_into_a_new_index(tmp_path, resnet18_we
     assert Catalog.open(v1.store, version=1).index.ntotal == 12  # the old version is untouched
 
 
-def test_failures_are_retried_then_given_up(tmp_path, resnet18_weights):
+def test_undecodable_files_are_final_until_their_bytes_change(tmp_path, resnet18_weights):
+    """Decoding the same bytes again gives the same answer: a corrupt file is one
+    failure, and nights with no new bytes commit no new version."""
     src, out = tmp_path / "src", str(tmp_path / "out")
     store = LocalStore(src, create=True)
-    samples = generate_samples(5, seed=8)
-    write_samples(store, samples)
-    attempts = []
-    for _ in range(3):
-        summary = run(str(src), out, resnet18_weights, max_attempts=3)
-        attempts.append(open_cat(out).failures.set_index("key")["attempts"].to_dict())
-    assert [a["broken/empty.jpg"] for a in attempts] == [1, 2, 3]
-    assert summary.counts["retry"] == 3 and summary.processed == 0
-    fourth = run(str(src), out, resnet18_weights, max_attempts=3)
-    assert fourth.status == "no_changes" and fourth.counts["given_up"] == 3
+    write_samples(store, generate_samples(5, seed=8))
+    first = run(str(src), out, resnet18_weights, max_attempts=3)
+    assert (first.version, first.failed) == (1, 3)
+    second = run(str(src), out, resnet18_weights, max_attempts=3)
+    assert second.status == "no_changes" and second.counts["given_up"] == 3 and second.counts["retry"] == 0
+    assert [v.version for v in list_versions(open_cat(out).store)] == [1]
     store.put("broken/empty.jpg", generate_samples(1, seed=5, broken=False)[0].data)  # fixed upstream
-    fifth = run(str(src), out, resnet18_weights, max_attempts=3)
+    third = run(str(src), out, resnet18_weights, max_attempts=3)
     c = open_cat(out)
-    assert fifth.processed == 1 and "broken/empty.jpg" in set(c.images["key"])
+    assert third.processed == 1 and "broken/empty.jpg" in set(c.images["key"])
     assert "broken/empty.jpg" not in set(c.failures["key"]) and len(c.failures) == 2
+
+
+def test_fetch_failures_are_retried_then_given_up(s3_roots, resnet18_weights):
+    from tests.fault_proxy import FaultProxy, Faults
+
+    store, source, output, endpoint = s3_roots
+    write_samples(store, generate_samples(4, seed=9, broken=False))
+    denied = store.list().__next__().key
+    faults = Faults(deny=lambda method, path: method == "GET" and path.split("?")[0].endswith("/" + denied))
+    attempts = []
+    with FaultProxy(endpoint, faults) as proxy:
+        for _ in range(3):
+            summary = run(source, output, resnet18_weights, proxy.url, max_attempts=3)
+            attempts.append(open_cat(output, endpoint).failures.set_index("key")["attempts"].to_dict())
+        assert [a[denied] for a in attempts] == [1, 2, 3]
+        assert summary.counts["retry"] == 1 and summary.processed == 0
+        fourth = run(source, output, resnet18_weights, proxy.url, max_attempts=3)
+    assert fourth.status == "no_changes" and fourth.counts["given_up"] == 1
+    assert open_cat(output, endpoint).failures.set_index("key").loc[denied, "stage"] == "fetch"
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

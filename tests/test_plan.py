@@ -14,7 +14,9 @@ def catalogued(*rows):
 
 
 def failed(*rows):
-    return pd.DataFrame(rows, columns=["key", "etag", "size", "attempts"])
+    """Failures as (key, etag, size, attempts[, stage]); the stage defaults to fetch."""
+    return pd.DataFrame([row if len(row) == 5 else (*row, "fetch") for row in rows],
+                        columns=["key", "etag", "size", "attempts", "stage"])
 
 
 A, B, C = ObjectInfo("a.jpg", "e1", 10), ObjectInfo("b.jpg", "e2", 20), ObjectInfo("c.jpg", "e3", 30)
@@ -38,6 +40,9 @@ A, B, C = ObjectInfo("a.jpg", "e1", 10), ObjectInfo("b.jpg", "e2", 20), ObjectIn
     # a failure with attempts left is retried; one out of attempts is left alone
     ([A, B], catalogued(), failed(("a.jpg", "e1", 10, 1), ("b.jpg", "e2", 20, 3)), {"max_attempts": 3},
      dict(new=[], retry=["a.jpg"], given_up=1)),
+    # a failure to decode is final for the same bytes (the answer would not change); a fetch failure is retried
+    ([A, B], catalogued(), failed(("a.jpg", "e1", 10, 1, "decode"), ("b.jpg", "e2", 20, 1, "fetch")), {},
+     dict(new=[], retry=["b.jpg"], given_up=1, empty=False)),
     # a failed object whose bytes changed is tried afresh
     ([ObjectInfo("a.jpg", "e5", 10)], catalogued(), failed(("a.jpg", "e1", 10, 3)), {},
      dict(new=["a.jpg"], retry=[], given_up=0)),

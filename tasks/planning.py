@@ -1,0 +1,108 @@
+"""What a run must do, decided before any model work: which listed objects are
+images, what changed since the live version, and whether the plan is safe to
+commit. Plain functions: the flow runs them as a task, and the CLI runs them
+first so a night with nothing to do never starts Prefect."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from tasks import catalog as cat
+from tasks import tables
+from tasks.storage import ObjectInfo, ObjectStore
+
+# Pillow's registered stubs and write-only formats cannot be read without extra software.
+_UNREADABLE_FORMATS = {"BUFR", "GRIB", "HDF5", "EPS", "MPEG", "WMF", "PALM", "PDF"}
+
+
+def readable_extensions() -> frozenset[str]:
+    """Every extension Pillow can open here, plus PDF (rendered by pypdfium2)."""
+    Image.init()
+    return frozenset({ext for ext, fmt in Image.registered_extensions().items()
+                      if fmt in Image.OPEN and fmt not in _UNREADABLE_FORMATS} | {".pdf"})
+
+
+READABLE_EXTENSIONS = readable_extensions()
+SKIPPED_EXAMPLES = 3
+
+
+def extension_of(key: str) -> str:
+    """`.jpg` for `a/b.JPG`; '' for a key whose last segment has no dot."""
+    name = key.rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
+
+
+@dataclass
+class Listing:
+    """A source listing split into what a run reads and what it skips."""
+
+    images: list[ObjectInfo]
+    skipped: dict[str, int] = field(default_factory=dict)  # extension -> count
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def skipped_line(self) -> str:
+        """`12 .txt (e.g. a.txt, b.txt), 1 .mp4 (e.g. v.mp4)`, most frequent first."""
+        return ", ".join(f"{n} {ext} (e.g. {', '.join(self.skipped_examples[ext])})"
+                         for ext, n in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def select_images(listed: list[ObjectInfo]) -> Listing:
+    """Objects with an extension Pillow (or pypdfium2) reads, and objects with no
+    extension at all (S3 keys often have none: their content decides, and one that
+    is no image becomes a `not_an_image` failure once). Others are skipped and
+    counted by extension, with a few examples."""
+    images, skipped, examples = [], Counter(), {}
+    for obj in listed:
+        ext = extension_of(obj.key)
+        if not ext or ext in READABLE_EXTENSIONS:
+            images.append(obj)
+            continue
+        skipped[ext] += 1
+        if len(seen := examples.setdefault(ext, [])) < SKIPPED_EXAMPLES:
+            seen.append(obj.key)
+    return Listing(images, dict(skipped), examples)
+
+
+@dataclass
+class RunPlan:
+    """The live version a run builds on, and what it must change."""
+
+    listing: Listing
+    previous: cat.Catalog | None
+    pointer_etag: str | None
+    plan: cat.ChangePlan
+    reembed_all: bool
+
+
+def plan_run(source: ObjectStore, output: ObjectStore, fingerprint: str, *, max_attempts: int = 3,
+             limit: int | None = None, max_delete_share: float = cat.DEFAULT_MAX_DELETE_SHARE,
+             allow_mass_delete: bool = False) -> RunPlan:
+    """List `source`, open the live version of `output`, refuse to build on a
+    damaged one, and diff the two. A plan that deletes too much is refused
+    (`MassDeleteRefused`) unless `allow_mass_delete`."""
+    listing = select_images(list(source.list()))
+    pointer, pointer_etag = cat.read_pointer(output)
+    previous = cat.Catalog.open(output) if pointer else None
+    if previous is not None and (problems := previous.check_sizes()):
+        raise cat.CatalogCorrupt(
+            f"version {previous.manifest.version} of {output.url} is damaged ({'; '.join(problems[:3])}"
+            f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}); this run changed nothing. "
+            f"Restore the files, or {cat.ROLLBACK_HINT}")
+    reembed_all = previous is not None and previous.manifest.fingerprint != fingerprint
+    plan = cat.plan_changes(
+        listing.images,
+        previous.images if previous else tables.empty_frame(tables.IMAGES_SCHEMA),
+        previous.failures if previous else tables.empty_frame(tables.FAILURES_SCHEMA),
+        reembed_all=reembed_all, max_attempts=max_attempts, limit=limit)
+    if previous is not None and not allow_mass_delete:
+        cat.check_deletions(plan, previous.images["key"].nunique() + previous.failures["key"].nunique(),
+                            source=source.url, max_share=max_delete_share, listed=len(listing.images))
+    return RunPlan(listing, previous, pointer_etag, plan, reembed_all)
