@@ -23,12 +23,19 @@ from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI
 from tasks.index import DEFAULT_RECALL_TARGET, IndexSettings, parse_memory_size
 from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, bottleneck, current_progress, process_shard
 from tasks.runs import RunSummary
-from tasks.storage import cached_store, check_roots_apart
+from tasks.storage import StorageError, cached_store, check_roots_apart
 
 DEFAULT_SHARD_SIZE = 2000
 
 
-@task(name="list-and-plan", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a listing on network trouble, never on what a retry cannot change
+    (a damaged catalogue, a refused mass delete, a missing bucket)."""
+    return not isinstance(state.data, (cat.CatalogError, StorageError))
+
+
+@task(name="list-and-plan", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying,
+      cache_policy=NO_CACHE)
 def list_and_plan(source: str, output: str, endpoint_url: str | None, fingerprint: str,
                   **options) -> planning.RunPlan:
     """List the source (all pages), open the live version, diff them."""
