@@ -22,6 +22,8 @@ from tasks.catalog import Catalog, open_catalog
 from tasks.categories import (ApplyReport, LabelsError, active_categorizer, apply_to_catalog, fit_from_catalog,
                               labels_from_prefix, read_labels_csv, suggest_clusters, write_suggestions)
 from tasks.decode import DecodeError, decode_pages
+from tasks.labels import review_labels as read_review_labels
+from tasks.labels import with_review_labels
 from tasks.storage import ObjectStore, cached_store
 
 
@@ -43,18 +45,26 @@ def embed_objects(cat: Catalog, store: ObjectStore, keys: list[str]) -> list[lis
 
 
 def fit_categories(catalog: str, *, labels_csv: str | None = None, labels_prefix: str | None = None,
-                   endpoint_url: str | None = None, val_fraction: float = 0.25, target_precision: float = 0.95,
-                   seed: int = 0) -> tuple[Categorizer, str, int]:
+                   review_labels: bool = True, endpoint_url: str | None = None, val_fraction: float = 0.25,
+                   target_precision: float = 0.95, seed: int = 0) -> tuple[Categorizer, str, int]:
     """Fit, evaluate on a held-out split, save and activate a categoriser.
 
     `labels_csv`: a file of `key,label` rows (keys as in the catalogue's source).
     `labels_prefix`: `SRC/labelled/` with one folder per category.
+    `review_labels`: also use the labels people gave on the review page of
+    `batchsight ui` (they win over the file's for the same key).
     Returns (categoriser with its report, its key, labelled images embedded now)."""
-    if (labels_csv is None) == (labels_prefix is None):
-        raise ValueError("pass exactly one of --labels FILE or --labels-prefix SRC/labelled/")
+    if labels_csv is not None and labels_prefix is not None:
+        raise ValueError("pass exactly one of --labels FILE or --labels-prefix SRC/labelled/, not both")
     cat = open_catalog(catalog, endpoint_url=endpoint_url)
+    reviewed = read_review_labels(cat.store) if review_labels else None
+    if labels_csv is None and labels_prefix is None and (reviewed is None or reviewed.empty):
+        raise ValueError("pass exactly one of --labels FILE or --labels-prefix SRC/labelled/ (or label images on "
+                         "the review page of `batchsight ui` first)")
     source = None
-    if labels_prefix is not None:
+    if labels_csv is None and labels_prefix is None:
+        labels = reviewed.iloc[:0]
+    elif labels_prefix is not None:
         # Under the catalogued source the labelled keys are the catalogue's own
         # (no re-embedding); anywhere else the prefix is a store of its own.
         catalogued = cached_store(cat.manifest.source, endpoint_url).url.rstrip("/")
@@ -66,6 +76,8 @@ def fit_categories(catalog: str, *, labels_csv: str | None = None, labels_prefix
         labels = labels_from_prefix(cached_store(source, endpoint_url), prefix)
     else:
         labels = read_labels_csv(labels_csv)
+    if reviewed is not None:
+        labels = with_review_labels(labels, reviewed, cat.images["key"])
     return fit_from_catalog(catalog, labels, endpoint_url=endpoint_url, source=source,
                             embed_missing=lambda store, keys: embed_objects(cat, store, keys),
                             val_fraction=val_fraction, target_precision=target_precision, seed=seed)

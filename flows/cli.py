@@ -537,6 +537,32 @@ def serve(
 
 
 @app.command()
+def ui(
+    catalog: CatalogOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on; beyond 127.0.0.1 a --token is required.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8765,
+    token: Annotated[str | None, typer.Option(envvar="BATCHSIGHT_UI_TOKEN", help="Secret every request must carry "
+                                              "when --host is not loopback; label writes always need it when set "
+                                              "(also BATCHSIGHT_UI_TOKEN).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(min=0.1, max=1024, help="Largest query image accepted.")] = 20,
+    endpoint_url: EndpointOpt = None,
+) -> None:
+    """Serve the search and review page, and its JSON API under /api/, over the live catalogue."""
+    from flows.ui import check_bind, serve as serve_ui
+
+    try:
+        check_bind(host, token)
+        shown = "localhost" if host in ("127.0.0.1", "::1") else host
+        console.print(f"batchsight page on http://{shown}:{port}/ (API docs: /docs); Ctrl-C stops it",
+                      highlight=False)
+        serve_ui(catalog, host=host, port=port, token=token, endpoint_url=endpoint_url,
+                 max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    except _user_errors() as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the sample bucket and catalogue go.")] = Path("demo-data"),
     images: Annotated[int, typer.Option(min=10, help="How many sample images to generate.")] = 300,
@@ -614,6 +640,9 @@ def categories_fit(
                                                                            "so accepted answers are this precise on "
                                                                            "the held-out split.")] = 0.95,
     apply: Annotated[bool, typer.Option("--apply", help="Also re-categorise the whole catalogue now.")] = False,
+    review_labels: Annotated[bool, typer.Option("--review-labels/--no-review-labels", help="Also use the labels "
+                                                "given on the review page of `batchsight ui` (they win over "
+                                                "--labels for the same key).")] = True,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Train a categoriser on stored embeddings, report held-out metrics, save and activate it."""
@@ -622,7 +651,7 @@ def categories_fit(
     try:
         categorizer, key, embedded_now = fit_categories(
             catalog, labels_csv=str(labels) if labels else None, labels_prefix=labels_prefix,
-            endpoint_url=endpoint_url, val_fraction=val_fraction, target_precision=target_precision)
+            review_labels=review_labels, endpoint_url=endpoint_url, val_fraction=val_fraction, target_precision=target_precision)
     except _user_errors() as exc:
         raise _fail(exc) from None
     r = categorizer.report

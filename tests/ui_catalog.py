@@ -1,0 +1,70 @@
+"""One small real catalogue for the web page tests (API and browser), built once
+per test session: product photos (one with a re-encoded copy, a duplicate pair),
+documents of three kinds, a broken file; a categoriser fitted on labelled
+documents whose threshold is raised so about half the rows are `uncertain`."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flows.categorize import apply_categories, fit_categories
+from flows.nightly import catalog_images
+from models.categorizer import UNCERTAIN
+from tasks.catalog import open_catalog
+from tasks.categories import save_categorizer
+from tasks.sample_data import encode, make_document, make_product_photo
+from tasks.storage import LocalStore
+
+KINDS = ("invoice", "receipt", "form")
+_built: dict[str, UiCatalog] = {}
+_lock = threading.Lock()
+
+
+@dataclass
+class UiCatalog:
+    root: Path
+    source: Path
+    output: str
+    labels_csv: Path
+    weights: Path
+    copy_key: str  # a product photo whose re-encoded copy is catalogued too
+    copy_of: str
+
+
+def build_ui_catalog(tmp_path_factory, weights: Path) -> UiCatalog:
+    with _lock:
+        if "cat" not in _built:
+            _built["cat"] = _build(tmp_path_factory.mktemp("ui"), weights)
+        return _built["cat"]
+
+
+def _build(root: Path, weights: Path) -> UiCatalog:
+    store = LocalStore(root / "src", create=True)
+    rng = np.random.default_rng(17)
+    for i in range(6):
+        photo = make_product_photo(rng, (400, 300))
+        store.put(f"photos/item-{i:02d}.jpg", encode(photo, "JPEG"))
+        if i == 0:
+            store.put("photos/item-00-copy.jpg", encode(photo, "JPEG", quality=70))
+    for kind in KINDS:
+        for i in range(8):
+            store.put(f"docs/{kind}/{kind}-{i:02d}.jpg", encode(make_document(rng, kind), "JPEG"))
+    store.put("broken/truncated.jpg", encode(make_product_photo(rng, (300, 200)), "JPEG")[:400])
+    out = str(root / "out")
+    catalog_images(source=str(root / "src"), output=out, model="resnet18", weights=str(weights))
+    labels = root / "labels.csv"
+    labels.write_text("key,label\n" + "".join(f"docs/{k}/{k}-{i:02d}.jpg,{k}\n" for k in KINDS for i in range(5)))
+    categorizer, _, _ = fit_categories(out, labels_csv=str(labels))
+    # random weights make a confident probe; raise its threshold so the review page has work
+    _, confidence = categorizer.predict(open_catalog(out).embeddings()[1])
+    categorizer.threshold = float(np.quantile(confidence, 0.5))
+    save_categorizer(LocalStore(out), categorizer)
+    apply_categories(out)
+    images = open_catalog(out).images
+    assert (images["category"] == UNCERTAIN).sum() >= 4, images["category"].value_counts()
+    return UiCatalog(root=root, source=root / "src", output=out, labels_csv=labels, weights=weights,
+                     copy_key="photos/item-00-copy.jpg", copy_of="photos/item-00.jpg")
