@@ -33,13 +33,14 @@ def embed_objects(cat: Catalog, store: ObjectStore, keys: list[str]) -> list[lis
     out = []
     for key in keys:
         try:
-            pages = decode_pages(store.get(key), min_side=embedder.preprocessing.resize_size)
+            pages = decode_pages(store.get(key), prepare=embedder.preprocess,
+                                 min_side=embedder.preprocessing.resize_size)
         except DecodeError as exc:
             raise LabelsError(f"labelled image {store.describe(key)} cannot be decoded ({exc.reason}: {exc.message}); "
                               "fix or drop it from the labels") from None
         except KeyError:
             raise LabelsError(f"labelled key {key!r} is neither in the catalogue nor at {store.url}") from None
-        batch = stack_images([embedder.preprocess(p.image) for p in pages])
+        batch = stack_images([p.image for p in pages])
         out.append(list(embedder.embed(batch).embeddings))
     return out
 

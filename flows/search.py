@@ -161,11 +161,12 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
         for image in images[start:start + EMBED_BATCH]:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             try:
-                decoded = decode_pages(data, min_side=embedder.preprocessing.resize_size, max_pages=1)[0]
+                decoded = decode_pages(data, prepare=embedder.preprocess, min_side=embedder.preprocessing.resize_size,
+                                       max_pages=1)[0]
             except DecodeError as exc:
                 name = "query bytes" if isinstance(image, bytes) else str(image)
                 raise ValueError(f"query image {name} cannot be read ({exc}); remove it or fix the file") from None
-            batch.append(embedder.preprocess(decoded.image))
+            batch.append(decoded.image)
         out.append(embedder.embed(stack_images(batch)).embeddings)
     return np.concatenate(out)
 

@@ -1,11 +1,13 @@
 """Generated sample data: product-style photos and scanned-looking documents,
-JPEG and PNG at several sizes, plus a few broken files. Used by `make demo`, the
-tests and the benchmarks, so nothing has to be downloaded.
+JPEG and PNG at several sizes, plus a few broken files, and hostile ones (tiny
+files that declare huge images or documents, malformed TIFFs). Used by `make
+demo`, the tests and the benchmarks, so nothing has to be downloaded.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -182,3 +184,91 @@ def reencoded_copy(data: bytes, *, scale: float = 0.8, quality: int = 70, crop: 
     w, h = im.size
     im = im.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BILINEAR)
     return encode(im, "JPEG", quality=quality)
+
+
+def pdf_document(page_sizes_pt: list[tuple[float, float]], *, rotate: int = 0) -> bytes:
+    """A minimal hand-written PDF: one page of each (width, height) in points, each
+    with a filled square. A 14,400 pt page (200 inches, the largest PDF allows) is
+    a 333-byte file that renders at 30,001 px square at 150 dpi."""
+    n = len(page_sizes_pt)
+    kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(n))
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", f"<< /Type /Pages /Kids [{kids}] /Count {n} >>"]
+    for i, (w, h) in enumerate(page_sizes_pt):
+        content = f"0.{i % 10} 0.3 0.6 rg {w / 4:g} {h / 4:g} {w / 2:g} {h / 2:g} re f".encode()
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {w:g} {h:g}] /Rotate {rotate} "
+                       f"/Contents {4 + 2 * i} 0 R >>")
+        objects.append(f"<< /Length {len(content)} >>\nstream\n{content.decode()}\nendstream")
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def tiff_document(frames: int, size: tuple[int, int], *, mode: str = "L", colour: int | tuple[int, ...] = 200,
+                  compression: str = "tiff_deflate") -> bytes:
+    """A multi-page TIFF of `frames` flat frames: 20 grey frames of 8000x8000
+    deflate to 1.9 MB and hold 1.3 GB of pixels (3.8 GB as RGB). One frame object
+    is saved `frames` times, so building it costs one frame of memory."""
+    frame = Image.new(mode, size, colour)
+    buf = io.BytesIO()
+    frame.save(buf, "TIFF", save_all=True, append_images=[frame] * (frames - 1), compression=compression)
+    return buf.getvalue()
+
+
+def document_bombs() -> dict[str, bytes]:
+    """Small files that decode to huge documents (issue 10): a PDF with one
+    14,400 pt page, a PDF with four, and a TIFF of 20 frames of 8000x8000."""
+    return {
+        "pdf-1-page-14400pt.pdf": pdf_document([(14400, 14400)]),
+        "pdf-4-pages-14400pt.pdf": pdf_document([(14400, 14400)] * 4),
+        "tiff-20-frames-8000px.tif": tiff_document(20, (8000, 8000)),
+    }
+
+
+def tiff_ifd_entries(data: bytes, ifd: int) -> list[tuple[int, int]]:
+    """(tag, offset of the entry) of the `ifd`-th IFD of a little-endian TIFF."""
+    assert data[:4] == b"II*\x00", "only little-endian classic TIFFs are patched here"
+    (offset,) = struct.unpack_from("<I", data, 4)
+    for _ in range(ifd):
+        (count,) = struct.unpack_from("<H", data, offset)
+        (offset,) = struct.unpack_from("<I", data, offset + 2 + 12 * count)
+    (count,) = struct.unpack_from("<H", data, offset)
+    return [(struct.unpack_from("<H", data, offset + 2 + 12 * i)[0], offset + 2 + 12 * i) for i in range(count)]
+
+
+def patch_tiff(data: bytes, ifd: int, tag: int, *, value: int | None = None, new_tag: int | None = None) -> bytes:
+    """Set a SHORT/LONG tag's value (dimensions a header declares) or renumber a tag."""
+    out = bytearray(data)
+    entry = dict(tiff_ifd_entries(data, ifd))[tag]
+    if new_tag is not None:
+        struct.pack_into("<H", out, entry, new_tag)
+    if value is not None:
+        (kind,) = struct.unpack_from("<H", out, entry + 2)
+        struct.pack_into("<H" if kind == 3 else "<I", out, entry + 8, value)
+    return bytes(out)
+
+
+def header_bomb_tiff(width: int, height: int) -> bytes:
+    """A 16x16 TIFF whose header declares `width` x `height`: a few hundred bytes."""
+    small = encode(Image.new("L", (16, 16), 90), "TIFF")
+    return patch_tiff(patch_tiff(small, 0, 256, value=width), 0, 257, value=height)
+
+
+def malformed_tiff() -> bytes:
+    """Two frames, the second without ImageWidth: Pillow raises TypeError("Missing
+    dimensions") when it reaches it (as for Pillow's crash-2020-10-test.tif)."""
+    buf = io.BytesIO()
+    Image.new("L", (32, 32), 10).save(buf, "TIFF", save_all=True, append_images=[Image.new("L", (32, 32), 200)])
+    return patch_tiff(buf.getvalue(), 1, 256, new_tag=0xFDE8)
+
+
+def unimplemented_dds() -> bytes:
+    """A DDS header with pixel-format flags Pillow does not implement (NotImplementedError)."""
+    header = struct.pack("<3I", 0x1007, 64, 64) + bytes(120 - 12)
+    return b"DDS " + struct.pack("<I", 124) + header

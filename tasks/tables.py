@@ -80,9 +80,12 @@ RUNS_SCHEMA = pa.schema([
 
 def image_id_for(key: str, page: int = 1) -> int:
     """A stable, non-negative 63-bit id for a key's page (FAISS ids are int64).
-    Page 1 hashes the bare key, so an image's id never depends on page handling."""
+    Page 1 hashes the bare key, so an image's id never depends on page handling.
+    A key holding a byte that is not UTF-8 (a lone surrogate from a file name)
+    hashes that byte; every valid key hashes as plain UTF-8."""
     name = key if page == 1 else f"{key}#page={page}"
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") & ((1 << 63) - 1)
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                          "big") & ((1 << 63) - 1)
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:
