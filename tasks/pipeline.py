@@ -188,7 +188,10 @@ def decodes_in_processes(option: str, device: torch.device, cores: int | None = 
     against ~4 core-ms on 2 cores. Worker processes scale with the cores. On a
     small CPU machine the model streams use every core anyway and threads cost
     less (no copy of the pixels between processes), so auto picks processes on a
-    GPU or from `PROCESS_DECODE_MIN_CORES` cores."""
+    GPU or from `PROCESS_DECODE_MIN_CORES` cores. A daemonic process (a Dask
+    worker, by default) may not start processes: it decodes in threads."""
+    if multiprocessing.current_process().daemon:
+        return False  # a daemonic process (a Dask worker, by default) may not start children
     if option != "auto":
         return option == "processes"
     cores = cores or os.cpu_count() or 1

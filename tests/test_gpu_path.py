@@ -257,3 +257,18 @@ def test_without_a_gpu_jpeg_decoder_one_line_says_so_and_jpegs_decode_on_the_cpu
         assert device_jpeg_decoder(torch.device("cuda")) is None
     [record] = [r for r in caplog.records if "--gpu-decode" in r.getMessage()]
     assert "decoding them on the CPU instead" in record.getMessage() and "\n" not in record.getMessage()
+
+
+def _report_decode_choice(queue) -> None:
+    queue.put(decodes_in_processes("processes", torch.device("cuda"), 16))
+
+
+def test_a_daemonic_process_such_as_a_dask_worker_decodes_in_threads():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_report_decode_choice, args=(queue,), daemon=True)
+    child.start()
+    child.join(30)
+    assert queue.get(timeout=5) is False
