@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # indexes; they are harmless, so keep them out of the way.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: env demo test bench clean
+.PHONY: env browser demo test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,19 @@ env: $(BIN)/.installed
 demo: env
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/batchsight demo
 
-test: env
+# The page's browser tests drive Debian's chromium with its chromedriver; as root
+# they are installed here, otherwise those tests skip and say how to install them.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "chromium or chromedriver missing (not root): the browser tests will skip; sudo apt-get install chromium chromium-driver"; \
+	  fi; \
+	fi
+
+test: env browser
 	$(BIN)/python -m pytest -q
 
 bench: env

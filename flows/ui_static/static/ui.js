@@ -114,9 +114,9 @@ async function loadDuplicates() {
   } catch (e) { status(e.message); }
 }
 
-function initDuplicates() {
+async function initDuplicates() {
   $("#dup-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadDuplicates(); });
-  loadDuplicates();
+  await loadDuplicates();
 }
 
 // ---- Review
@@ -194,9 +194,10 @@ function drawChart(runs) {
   const shown = runs.slice(-30);
   const maxSpeed = Math.max(1, ...shown.map((r) => r.images_per_s || 0));
   const maxFail = Math.max(1, ...shown.map((r) => r.failed || 0));
-  const slot = (width - left) / Math.max(1, shown.length);
+  const slot = Math.min(60, (width - left) / Math.max(1, shown.length));
   const plot = height - top - bottom;
   const nodes = [svg("text", { x: 0, y: top + 8 }, `${maxSpeed.toFixed(0)}/s`),
+                 svg("text", { x: 0, y: top + 22 }, `${maxFail} failed`),
                  svg("line", { x1: left, y1: height - bottom, x2: width, y2: height - bottom, stroke: "#999" })];
   shown.forEach((r, i) => {
     const x = left + i * slot;

@@ -1,0 +1,181 @@
+"""The page in a real browser: headless Chromium (Debian's chromium and
+chromium-driver, which `make test` installs) driven by Selenium against a real
+uvicorn server on 127.0.0.1. Loads every page, searches by clicking a thumbnail,
+uploads an image, labels two uncertain images (one by click, one by key press)
+and checks the labels are stored. Screenshots of each page go to
+`ui-screenshots/` (gitignored; BATCHSIGHT_SCREENSHOTS names another folder)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from flows.ui import create_app
+from tasks.labels import LabelLog
+from tasks.storage import LocalStore
+from tests.ui_catalog import build_ui_catalog
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, resnet18_weights):
+    """A copy of the shared catalogue served by uvicorn in a thread."""
+    cat = build_ui_catalog(tmp_path_factory, resnet18_weights)
+    out = tmp_path_factory.mktemp("browser") / "out"
+    shutil.copytree(cat.output, out)
+    port = _free_port()
+    app = create_app(str(out), allowed_hosts=["127.0.0.1"])
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", out, cat
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium and chromedriver are not installed: `make test` installs them (apt-get install "
+                    "chromium chromium-driver, as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    folder = Path(os.environ.get("BATCHSIGHT_SCREENSHOTS", ROOT / "ui-screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def open_page(driver, url: str) -> WebDriverWait:
+    driver.get(url)
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    return wait
+
+
+def score_of(card) -> float:
+    return float(card.find_element(By.CSS_SELECTOR, ".score").text.removeprefix("score "))
+
+
+def no_console_errors(driver) -> None:
+    """The CSP must not have blocked anything the page needs."""
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_search_by_clicking_a_thumbnail_and_by_upload(server, browser, shots):
+    url, _, cat = server
+    wait = open_page(browser, f"{url}/search")
+    images = browser.find_elements(By.CSS_SELECTOR, "#grid .card img")
+    assert len(images) == 31
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#grid img')].slice(0, 8).every(i => i.complete && i.naturalWidth > 0)"))
+    browser.save_screenshot(str(shots / "search.png"))
+
+    target = next(i for i in images if i.get_attribute("data-key") == cat.copy_of)
+    browser.execute_script("arguments[0].scrollIntoView()", target)
+    target.click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "results-title"), f"Similar to {cat.copy_of}"))
+    cards = browser.find_elements(By.CSS_SELECTOR, "#grid .card")
+    assert len(cards) == 12
+    assert cards[0].find_element(By.CSS_SELECTOR, "img").get_attribute("data-key") == cat.copy_key
+    assert score_of(cards[0]) > 0.999
+    browser.save_screenshot(str(shots / "search-by-click.png"))
+
+    browser.find_element(By.ID, "file").send_keys(str(cat.source / cat.copy_of))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "results-title"), "Similar to item-00.jpg"))
+    first = browser.find_element(By.CSS_SELECTOR, "#grid .card")
+    assert first.find_element(By.CSS_SELECTOR, "img").get_attribute("data-key") == cat.copy_of
+    assert score_of(first) > 0.9999
+    browser.save_screenshot(str(shots / "search-by-upload.png"))
+    no_console_errors(browser)
+
+
+def test_duplicates_runs_and_docs_pages(server, browser, shots):
+    url, _, cat = server
+    wait = open_page(browser, f"{url}/duplicates")
+    threshold = browser.find_element(By.ID, "threshold")
+    threshold.clear()
+    threshold.send_keys("0.9999")
+    browser.find_element(By.ID, "dup-button").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "dup-title"), "above cosine 0.9999"))
+    keys = {i.get_attribute("data-key") for i in browser.find_elements(By.CSS_SELECTOR, "#groups .group img")}
+    assert {cat.copy_key, cat.copy_of} <= keys
+    assert browser.find_element(By.ID, "csv").get_attribute("href").endswith("threshold=0.9999")
+    browser.save_screenshot(str(shots / "duplicates.png"))
+
+    open_page(browser, f"{url}/runs")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chart rect.speed")) >= 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) >= 1
+    assert "broken/truncated.jpg" in browser.find_element(By.ID, "failures").text
+    browser.save_screenshot(str(shots / "runs.png"))
+
+    open_page(browser, f"{url}/docs")
+    assert "/api/search/image" in browser.find_element(By.ID, "api").text
+    browser.save_screenshot(str(shots / "api-docs.png"))
+    no_console_errors(browser)
+
+
+def test_label_two_uncertain_images_by_click_and_key(server, browser, shots):
+    url, out, _ = server
+    wait = open_page(browser, f"{url}/review")
+    cards = browser.find_elements(By.CSS_SELECTOR, "#review .card")
+    assert len(cards) >= 2
+    first_id, second_id = (c.get_attribute("data-image-id") for c in cards[:2])
+    choices = [b.get_attribute("data-label") for b in cards[0].find_elements(By.CSS_SELECTOR, "button.choice")]
+    assert len(choices) >= 2
+    cards[0].find_element(By.CSS_SELECTOR, f"button[data-label='{choices[1]}']").click()
+    wait.until(lambda d: "labelled" in cards[0].get_attribute("class"))
+    # the first card was selected; labelling it by click leaves the selection, so move on by arrow, then press "1"
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
+    wait.until(lambda d: "selected" in cards[1].get_attribute("class"))
+    browser.find_element(By.TAG_NAME, "body").send_keys("1")
+    wait.until(lambda d: "labelled" in cards[1].get_attribute("class"))
+    browser.save_screenshot(str(shots / "review.png"))
+
+    latest = LabelLog(LocalStore(out)).latest()
+    stored = dict(zip(latest["image_id"].astype(str), latest["label"], strict=True))
+    assert stored[first_id] == choices[1] and stored[second_id] == choices[0]
+
+    open_page(browser, f"{url}/review")  # labelled images leave the queue
+    remaining = {c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#review .card")}
+    assert first_id not in remaining and second_id not in remaining
+    no_console_errors(browser)
