@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import numpy as np
 import pandas as pd
 from fastapi import Body, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
@@ -86,8 +86,12 @@ class CatalogView:
         images = cat.images
         self.images = images
         self.rows = images.set_index("image_id", drop=False)
+        # the columns a result shows, indexed once: a search then reads a few rows
+        # (as numpy objects: taking rows of Arrow-backed strings costs more than the search)
+        self.result_rows = images.set_index("image_id")[["key", "page", "top_class", "category"]].astype(
+            {"key": object, "top_class": object, "category": object})
         first = images.sort_values(["key", "page"]).drop_duplicates("key")
-        self.first_page = pd.Series(first["image_id"].to_numpy(np.int64), index=first["key"].to_numpy())
+        self.first_page = dict(zip(first["key"], first["image_id"].tolist(), strict=True))
         self.pages_of_key = images.groupby("key").size()
         self.index = cat.index  # loaded before the view goes live
         # flat and IVF-Flat keep the stored vectors exactly; PQ codes are approximations
@@ -119,25 +123,32 @@ class CatalogView:
 
     def vectors_for_keys(self, keys: Sequence[str]) -> np.ndarray:
         """Stored embeddings of `keys` (a document's first page), as `flows.search` reads them."""
-        ids = self.first_page.reindex(keys)
-        if ids.isna().any() or not self.exact_vectors:
+        ids = [self.first_page.get(k) for k in keys]
+        if None in ids or not self.exact_vectors:
             return image_search.vectors_for_keys(self.cat, keys)  # names the missing key, or reads PQ parts
-        out = np.empty((len(keys), self.cat.manifest.embedding_dim), np.float32)
-        for i, image_id in enumerate(ids.to_numpy(np.int64)):
-            out[i] = self.index.reconstruct(int(image_id))
+        return np.stack([self.index.reconstruct(int(i)) for i in ids])
+
+    def neighbours(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
+                   exclude_keys: Sequence[str | None] | None = None,
+                   labels: Sequence[str] | None = None) -> list[dict]:
+        """`flows.search.neighbours` with this version's lookups, as JSON-ready
+        records; `labels[i]` is query i's `query` field."""
+        found = image_search.neighbours(self.cat, queries, k, allowed_ids=allowed, exclude_keys=exclude_keys,
+                                        rows_by_id=self.result_rows, pages_of_key=self.pages_of_key)
+        out = []
+        for qi, rank, key, page, score, top_class, category, image_id in zip(
+                *(found[c].tolist() for c in ("query_index", "rank", "key", "page", "score", "top_class", "category",
+                                              "image_id")), strict=True):
+            record = {"rank": rank, "key": key, "page": page, "score": score, "top_class": _text(top_class),
+                      "category": _text(category), "image_id": str(image_id)}
+            out.append(record if labels is None else {"query": labels[qi], **record})
         return out
 
-    def neighbours(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None,
-                   exclude_keys: Sequence[str | None] | None) -> pd.DataFrame:
-        return image_search.neighbours(self.cat, queries, k, allowed_ids=allowed, exclude_keys=exclude_keys,
-                                       rows_by_id=self.rows, pages_of_key=self.pages_of_key)
-
     def search_keys(self, keys: Sequence[str], k: int, *, prefix: str | None = None, category: str | None = None,
-                    include_self: bool = False) -> pd.DataFrame:
+                    include_self: bool = False) -> list[dict]:
         allowed = self.allowed_ids(prefix, category)
-        found = self.neighbours(self.vectors_for_keys(keys), k, allowed=allowed,
-                                exclude_keys=None if include_self else list(keys))
-        return found.assign(query=np.asarray(keys, dtype=object)[found["query_index"].to_numpy()])
+        return self.neighbours(self.vectors_for_keys(keys), k, allowed=allowed,
+                               exclude_keys=None if include_self else keys, labels=keys if len(keys) > 1 else None)
 
     def row(self, image_id: int) -> pd.Series:
         try:
@@ -294,9 +305,12 @@ def records(frame: pd.DataFrame) -> list[dict]:
     return json.loads(frame.to_json(orient="records", date_format="iso", double_precision=15))
 
 
-def result_frame(found: pd.DataFrame, with_query: bool) -> pd.DataFrame:
-    columns = image_search.QUERY_RESULT_COLUMNS if with_query else image_search.RESULT_COLUMNS
-    return found[columns]
+def json_response(body: dict) -> Response:
+    return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
+
+
+def _text(value) -> str | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
 # ---- the app
@@ -375,37 +389,40 @@ def create_app(catalog: str | ObjectStore, *, token: str | None = None, token_ev
         return {"version": view.version, "total": len(images),
                 "images": records(part[["image_id", "key", "page", "top_class", "category", "width", "height"]])}
 
+    # Key searches run on the event loop: a few hundred microseconds of FAISS and
+    # dict lookups cost less than the hop to a worker thread.
     @app.get("/api/search", summary="Images similar to a catalogued key")
-    def api_search(key: str, k: Annotated[int, Query(ge=1, le=1000)] = 10, prefix: str | None = None,
-                   category: str | None = None, include_self: bool = False) -> dict:
+    async def api_search(key: str, k: Annotated[int, Query(ge=1, le=1000)] = 10, prefix: str | None = None,
+                         category: str | None = None, include_self: bool = False) -> Response:
         view = live.view()
         found = _user_call(view.search_keys, [key], k, prefix=prefix, category=category, include_self=include_self)
-        return {"version": view.version, "query": key, "results": records(result_frame(found, False))}
+        return json_response({"version": view.version, "query": key, "results": found})
 
     @app.post("/api/search/keys", summary="Images similar to each of several catalogued keys")
-    def api_search_keys(query: KeysQuery) -> dict:
+    async def api_search_keys(query: KeysQuery) -> Response:
         view = live.view()
         found = _user_call(view.search_keys, query.keys, query.k, prefix=query.prefix, category=query.category,
                            include_self=query.include_self)
-        return {"version": view.version, "results": records(result_frame(found, True))}
+        if len(query.keys) == 1:
+            found = [{"query": query.keys[0], **r} for r in found]
+        return json_response({"version": view.version, "results": found})
 
     @app.post("/api/search/image", summary="Images similar to an uploaded image (the request body is the file)",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/octet-stream": {"schema": {
                                                  "type": "string", "format": "binary"}}}}})
     async def api_search_image(request: Request, k: Annotated[int, Query(ge=1, le=1000)] = 10,
-                               prefix: str | None = None, category: str | None = None) -> JSONResponse:
+                               prefix: str | None = None, category: str | None = None) -> Response:
         data = await read_capped(request, max_upload_bytes)
         view = live.view()
         import anyio.to_thread
 
-        def run() -> pd.DataFrame:
+        def run() -> list[dict]:
             allowed = view.allowed_ids(prefix, category)
-            vectors = image_search.embed_images(view.cat, [data])
-            return view.neighbours(vectors, k, allowed=allowed, exclude_keys=None)
+            return view.neighbours(image_search.embed_images(view.cat, [data]), k, allowed=allowed)
 
         found = await anyio.to_thread.run_sync(lambda: _user_call(run))
-        return JSONResponse({"version": view.version, "results": records(result_frame(found, False))})
+        return json_response({"version": view.version, "results": found})
 
     @app.get("/api/duplicates", summary="Near-duplicate groups at a threshold")
     def api_duplicates(threshold: Annotated[float, Query(ge=0.5, le=0.9999)] = 0.95) -> dict:
@@ -454,7 +471,7 @@ def create_app(catalog: str | ObjectStore, *, token: str | None = None, token_ev
         for item in body.labels:
             row = view.row(int(item.image_id))
             labels.append(Label(image_id=int(row["image_id"]), key=str(row["key"]), page=int(row["page"]),
-                                label=item.label, previous_category=_none_if_na(row["category"])))
+                                label=item.label, previous_category=_text(row["category"])))
         key = _user_call(save_labels, store, labels, labeller=body.labeller, catalog_version=view.version)
         return {"saved": len(labels), "file": key}
 
@@ -481,10 +498,6 @@ def create_app(catalog: str | ObjectStore, *, token: str | None = None, token_ev
                         headers={"cache-control": "private, max-age=86400, immutable"})
 
     return app
-
-
-def _none_if_na(value):
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
 def _user_call(fn, *args, **kwargs):
