@@ -89,7 +89,7 @@ async def _client(host: str, port: int, paths: list[str], stop_at: float, latenc
                     length = int(value)
             body = await reader.readexactly(length)
             latencies.append(time.perf_counter() - t0)
-            if not status.startswith(b"HTTP/1.1 200") or b'"results":[{' not in body:
+            if not status.startswith(b"HTTP/1.1 200") or b'"results": [{' not in body:
                 errors.append(f"{status.decode().strip()} {body[:200]!r}")
     finally:
         writer.close()

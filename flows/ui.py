@@ -86,13 +86,14 @@ class CatalogView:
         images = cat.images
         self.images = images
         self.rows = images.set_index("image_id", drop=False)
-        # the columns a result shows, indexed once: a search then reads a few rows
-        # (as numpy objects: taking rows of Arrow-backed strings costs more than the search)
-        self.result_rows = images.set_index("image_id")[["key", "page", "top_class", "category"]].astype(
-            {"key": object, "top_class": object, "category": object})
+        # what a result shows, by image id, in plain dicts: a search reads ten rows
+        ids = images["image_id"].tolist()
+        self.key_of = dict(zip(ids, images["key"].tolist(), strict=True))
+        self.shown = dict(zip(ids, zip(images["page"].tolist(), map(_text, images["top_class"].tolist()),
+                                       map(_text, images["category"].tolist()), strict=True), strict=True))
         first = images.sort_values(["key", "page"]).drop_duplicates("key")
         self.first_page = dict(zip(first["key"], first["image_id"].tolist(), strict=True))
-        self.pages_of_key = images.groupby("key").size()
+        self.pages_of_key = images.groupby("key").size().to_dict()
         self.index = cat.index  # loaded before the view goes live
         # flat and IVF-Flat keep the stored vectors exactly; PQ codes are approximations
         self.exact_vectors = faiss_index.index_kind(cat.manifest.index_type) in ("flat", "ivf-flat")
@@ -131,18 +132,36 @@ class CatalogView:
     def neighbours(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
                    exclude_keys: Sequence[str | None] | None = None,
                    labels: Sequence[str] | None = None) -> list[dict]:
-        """`flows.search.neighbours` with this version's lookups, as JSON-ready
-        records; `labels[i]` is query i's `query` field."""
-        found = image_search.neighbours(self.cat, queries, k, allowed_ids=allowed, exclude_keys=exclude_keys,
-                                        rows_by_id=self.result_rows, pages_of_key=self.pages_of_key)
+        """The rows `flows.search.neighbours` gives (same ranks, order, scores), as
+        JSON-ready records; `labels[i]` is query i's `query` field. On an exact
+        index (flat, IVF-Flat) the rows are read from arrays here, since building
+        a DataFrame costs ten times the search; IVF-PQ goes through flows.search."""
+        if not self.exact_vectors:
+            found = image_search.neighbours(self.cat, queries, k, allowed_ids=allowed, exclude_keys=exclude_keys)
+            hits = zip(*(found[c].tolist() for c in ("query_index", "rank", "key", "page", "score", "image_id")),
+                       strict=True)
+            return [self._record(qi, rank, key, score, image_id, labels) for qi, rank, key, _, score, image_id in hits]
+        exclude = list(exclude_keys) if exclude_keys is not None else [None] * len(queries)
+        extra = max((self.pages_of_key.get(key, 0) for key in exclude if key), default=0)
+        scores, ids = faiss_index.search(self.index, queries, k + extra, nprobe=self.cat.manifest.index_nprobe or None,
+                                         allowed_ids=allowed)
         out = []
-        for qi, rank, key, page, score, top_class, category, image_id in zip(
-                *(found[c].tolist() for c in ("query_index", "rank", "key", "page", "score", "top_class", "category",
-                                              "image_id")), strict=True):
-            record = {"rank": rank, "key": key, "page": page, "score": score, "top_class": _text(top_class),
-                      "category": _text(category), "image_id": str(image_id)}
-            out.append(record if labels is None else {"query": labels[qi], **record})
+        for qi in range(len(queries)):
+            rank = 0
+            for image_id, score in zip(ids[qi].tolist(), scores[qi].tolist(), strict=True):
+                if image_id < 0 or self.key_of[image_id] == exclude[qi]:
+                    continue
+                rank += 1
+                if rank > k:
+                    break
+                out.append(self._record(qi, rank, self.key_of[image_id], score, image_id, labels))
         return out
+
+    def _record(self, qi: int, rank: int, key: str, score: float, image_id: int, labels) -> dict:
+        page, top_class, category = self.shown[image_id]
+        record = {"rank": rank, "key": key, "page": page, "score": score, "top_class": top_class,
+                  "category": category, "image_id": str(image_id)}
+        return record if labels is None else {"query": labels[qi], **record}
 
     def search_keys(self, keys: Sequence[str], k: int, *, prefix: str | None = None, category: str | None = None,
                     include_self: bool = False) -> list[dict]:
