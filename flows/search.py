@@ -172,26 +172,20 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
 
 
 def neighbours(cat: Catalog, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None,
-               exclude_keys: Sequence[str | None] | None = None, rows_by_id: pd.DataFrame | None = None,
-               pages_of_key: pd.Series | None = None) -> pd.DataFrame:
+               exclude_keys: Sequence[str | None] | None = None) -> pd.DataFrame:
     """One row per (query, neighbour), best first: query_index, rank, key, page,
     score, top_class, category, image_id. Searches with the nprobe the catalogue
     was tuned to. `exclude_keys[i]` (a key, or None) is left out of query i's
-    results, every page of it: k more are searched for, so k still come back.
-    `rows_by_id` (images indexed by image_id) and `pages_of_key` (rows per key)
-    are lookups a long-lived caller (the web service) computes once per version."""
+    results, every page of it: k more are searched for, so k still come back."""
     images = cat.images
     extra = 0
     if exclude_keys is not None and any(exclude_keys):
-        excluded = [k for k in exclude_keys if k]
-        pages = (images[images["key"].isin(excluded)].groupby("key").size() if pages_of_key is None
-                 else pages_of_key.reindex(excluded).fillna(0))
-        extra = int(pages.max()) if len(pages) else 0
+        extra = int(images["key"].isin([k for k in exclude_keys if k]).groupby(images["key"]).sum().max())
     scores, ids = faiss_index.search(cat.index, queries, k + extra, nprobe=cat.manifest.index_nprobe or None,
                                      allowed_ids=allowed_ids)
     query_index, rank = np.nonzero(ids >= 0)
     found = ids[query_index, rank]
-    rows = (images.set_index("image_id") if rows_by_id is None else rows_by_id).loc[found]
+    rows = images.set_index("image_id").loc[found]
     frame = pd.DataFrame({"query_index": query_index, "rank": rank + 1, "key": rows["key"].to_numpy(),
                           "page": rows["page"].to_numpy(), "score": scores[query_index, rank].astype(float),
                           "top_class": rows["top_class"].to_numpy(), "category": rows["category"].to_numpy(),
