@@ -289,3 +289,38 @@ def test_binding_beyond_loopback_needs_a_token(ui_cat, monkeypatch):
     monkeypatch.delenv("BATCHSIGHT_UI_TOKEN", raising=False)
     result = CliRunner().invoke(cli_app, ["ui", "--catalog", ui_cat.output, "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "--token" in result.output
+
+
+def test_the_ui_command_serves_the_live_catalogue_on_loopback(ui_cat):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.test_nightly import subprocess_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--catalog", ui_cat.output, "--port", str(port)],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as r:
+                    body = r.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.3)
+        assert '"version"' in body
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/version", headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 421
+    finally:
+        proc.terminate()
+        proc.wait(10)
