@@ -35,7 +35,6 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import index as fi  # noqa: E402
 from tasks.catalog import Catalog, ChangePlan, ShardResult, build_next_version, commit_manifest, read_pointer  # noqa: E402
 from tasks.storage import LocalStore  # noqa: E402
 from tasks.synthetic_vectors import ClusteredVectors  # noqa: E402
