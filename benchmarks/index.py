@@ -11,6 +11,8 @@ table and writes JSON. Not a test: nothing here asserts a time.
     python benchmarks/index.py --sizes 20000 --threads 1              # a quick look
     python benchmarks/index.py --sizes 100000,1000000                 # the real run (2048-d)
     python benchmarks/index.py --sizes 1000000 --kinds ivf-pq --pq-m 128 --opq off
+    python benchmarks/index.py --sizes 1000000 --kinds chosen --memory 2G       # the ladder in 2 GiB
+    python benchmarks/index.py --sizes 20000 --dim 512 --kinds chosen --memory 16M
 """
 
 from __future__ import annotations
@@ -47,7 +49,15 @@ def peak_rss_bytes() -> int:
 
 
 def configure(kind: str, n: int, dim: int, args: argparse.Namespace) -> fi.IndexChoice:
-    """The choice `choose_index` would make for `kind`, with optional PQ overrides."""
+    """The choice `choose_index` would make for `kind`, with optional PQ overrides;
+    `chosen` is what `choose_index` picks within --memory."""
+    if kind == "chosen":
+        if not args.memory:
+            raise SystemExit("kind 'chosen' needs --memory, e.g. 2G")
+        return fi.choose_index(n, dim, fi.parse_memory_size(args.memory), rerank=args.rerank == "on")
+    if kind in fi.SQ_CODES:
+        choice = fi.ivf_sq_choice(n, dim, kind)
+        return fi._with_rerank(choice, n, dim) if args.rerank == "on" and kind in fi.RERANK_KINDS else choice
     if kind == "flat":
         return fi.flat_choice(n, dim)
     if kind == "ivf-flat":
@@ -71,7 +81,7 @@ def configure(kind: str, n: int, dim: int, args: argparse.Namespace) -> fi.Index
 def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
                args: argparse.Namespace) -> dict:
     choice = configure(kind, data.n, data.dim, args)
-    print(f"[{data.n:,} x {data.dim}] {kind}: {choice.factory} ...", flush=True)
+    print(f"[{data.n:,} x {data.dim}] {kind}: {choice.describe()} ...", flush=True)
     gc.collect()
     rss0 = rss_bytes()
     t0 = time.perf_counter()
@@ -85,10 +95,21 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
     index = fi.trained_index(choice, data.dim, training)
     del training
     t_train = time.perf_counter()
-    for ids, vectors in data:
-        fi.add_vectors(index, ids, vectors)
+    rerank = None
+    if choice.rerank:  # one pass adds every block and writes it to the re-rank file
+        def adding(blocks):
+            for ids, vectors in blocks:
+                fi.add_vectors(index, ids, vectors)
+                yield ids, vectors
+        paths = Path(args.rerank_dir) / f"rerank-{data.n}x{data.dim}-ids.npy", \
+            Path(args.rerank_dir) / f"rerank-{data.n}x{data.dim}-f16.npy"
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        fi.write_rerank_vectors(adding(data), data.n, data.dim, *paths)
+        rerank = fi.RerankVectors.open(*paths)
+    else:
+        for ids, vectors in data:
+            fi.add_vectors(index, ids, vectors)
     t_add = time.perf_counter()
-    del ids, vectors  # the last block is not the index's memory
     gc.collect()
     memory = rss_bytes() - rss0
 
@@ -97,15 +118,20 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
         report = fi.RecallReport(recall_at_10=fi.recall_at_k(fi.drop_self(found, query_ids, truth.shape[1]), truth),
                                  nprobe=0, queries=len(queries), target=args.recall_target)
     else:
-        report = fi.tune_nprobe(index, queries, query_ids, truth, args.recall_target)
+        report = fi.tune_nprobe(index, queries, query_ids, truth, args.recall_target, rerank=rerank)
     nprobe = report.nprobe or None
+    factor = report.rerank_factor
+    if report.recall_at_10 < args.recall_target:
+        stronger = fi.stronger_choice(data.n, data.dim, choice)
+        print(f"  recall@10 {report.recall_at_10:.3f} misses {args.recall_target}; "
+              f"{stronger.describe() if stronger else 'nothing'} would be next up", flush=True)
 
     t = time.perf_counter()
     for q in queries[:SINGLE_QUERIES]:
-        fi.search(index, q[None], 10, nprobe=nprobe)
+        fi.search(index, q[None], 10, nprobe=nprobe, rerank=rerank, rerank_factor=factor)
     single_qps = min(SINGLE_QUERIES, len(queries)) / (time.perf_counter() - t)
     t = time.perf_counter()
-    fi.search(index, queries, 10, nprobe=nprobe)
+    fi.search(index, queries, 10, nprobe=nprobe, rerank=rerank, rerank_factor=factor)
     batch_qps = len(queries) / (time.perf_counter() - t)
     row = {
         "n": data.n, "dim": data.dim, "kind": kind, "factory": choice.factory, "nlist": choice.nlist,
@@ -113,7 +139,8 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
         "build_s": t_add - t0, "memory_bytes": memory, "estimated_bytes": choice.estimated_bytes,
         "peak_rss_bytes": peak_rss_bytes(), "single_qps": single_qps, "batch_qps": batch_qps,
         "recall_at_10": report.recall_at_10, "nprobe": report.nprobe, "recall_curve": report.curve,
-        "queries": len(queries),
+        "queries": len(queries), "rerank": choice.rerank, "rerank_factor": factor,
+        "disk_bytes": choice.disk_bytes, "budget_bytes": fi.parse_memory_size(args.memory) if args.memory else None,
     }
     del index
     gc.collect()
@@ -135,20 +162,24 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'n':>9} {'kind':9} {'factory':32} {'build s':>8} {'train s':>8} {'memory MB':>10} "
-            f"{'1-query/s':>10} {'batch q/s':>10} {'nprobe':>6} {'recall@10':>9}")
+            f"{'1-query/s':>10} {'batch q/s':>10} {'nprobe':>6} {'rerank':>6} {'recall@10':>9}")
     print("\n" + head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['n']:>9,} {r['kind']:9} {r['factory']:32} {r['build_s']:8.1f} {r['train_s']:8.1f} "
               f"{r['memory_bytes'] / 2**20:10.0f} {r['single_qps']:10.0f} {r['batch_qps']:10.0f} "
-              f"{r['nprobe']:>6} {r['recall_at_10']:9.3f}")
+              f"{r['nprobe']:>6} {r.get('rerank_factor', 0):>6} {r['recall_at_10']:9.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000", help="vector counts, comma-separated")
     parser.add_argument("--dim", type=int, default=2048, help="2048 = ResNet-50 embeddings")
-    parser.add_argument("--kinds", default="flat,ivf-flat,ivf-pq")
+    parser.add_argument("--kinds", default="flat,ivf-flat,ivf-pq",
+                        help="flat, ivf-flat, ivf-sqfp16, ivf-sq8, ivf-pq, or chosen (what choose_index picks in --memory)")
+    parser.add_argument("--memory", default="", help="index memory budget for kind 'chosen', e.g. 2G or 16M")
+    parser.add_argument("--rerank", default="on", choices=["on", "off"], help="exact re-rank for SQ8/PQ codes")
+    parser.add_argument("--rerank-dir", default="/tmp/batchsight-rerank", help="where the float16 re-rank file goes")
     parser.add_argument("--clusters", type=int, default=0, help="cluster centres (default: one per 1,000 vectors)")
     parser.add_argument("--spread", type=float, default=1.0, help="noise norm relative to a centre's")
     parser.add_argument("--queries", type=int, default=fi.RECALL_QUERIES, help="held-out queries for recall and q/s")

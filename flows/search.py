@@ -174,15 +174,16 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
 def neighbours(cat: Catalog, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None,
                exclude_keys: Sequence[str | None] | None = None) -> pd.DataFrame:
     """One row per (query, neighbour), best first: query_index, rank, key, page,
-    score, top_class, category, image_id. Searches with the nprobe the catalogue
-    was tuned to. `exclude_keys[i]` (a key, or None) is left out of query i's
+    score, top_class, category, image_id. Searches with the nprobe (and re-rank
+    factor) the catalogue was tuned to. `exclude_keys[i]` (a key, or None) is left out of query i's
     results, every page of it: k more are searched for, so k still come back."""
     images = cat.images
     extra = 0
     if exclude_keys is not None and any(exclude_keys):
         extra = int(images["key"].isin([k for k in exclude_keys if k]).groupby(images["key"]).sum().max())
     scores, ids = faiss_index.search(cat.index, queries, k + extra, nprobe=cat.manifest.index_nprobe or None,
-                                     allowed_ids=allowed_ids)
+                                     allowed_ids=allowed_ids, rerank=cat.rerank,
+                                     rerank_factor=cat.manifest.index_rerank_factor)
     query_index, rank = np.nonzero(ids >= 0)
     found = ids[query_index, rank]
     rows = images.set_index("image_id").loc[found]
@@ -232,7 +233,7 @@ def find_duplicates(catalog: str | Catalog, *, threshold: float = 0.95, endpoint
     cat = _catalog(catalog, endpoint_url)
     m = cat.manifest
     pairs = dups.similar_pairs(cat.index, cat.embedding_blocks(), threshold, n_images=len(cat.images),
-                               nprobe=m.index_nprobe or None)
+                               nprobe=m.index_nprobe or None, rerank=cat.rerank)
     groups = dups.duplicates_frame(dups.group_pairs(pairs), cat.images)
     key = None
     if write:

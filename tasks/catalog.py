@@ -9,17 +9,22 @@ conditional put. Readers follow `CURRENT` and never see a half-written version.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import signal
+import mmap
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -28,7 +33,8 @@ import pyarrow as pa
 
 from tasks import index as faiss_index
 from tasks import tables
-from tasks.storage import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, cached_store
+from tasks.storage import (LocalStore, ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed, StorageError,
+                           cached_store)
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +118,24 @@ class Manifest:
     index_recall_at_10: float | None = None  # vs exact search, on held-out indexed vectors
     index_recall_target: float | None = None
     index_recall_queries: int = 0
+    # The float16 full vectors (and their ids) an index with an exact re-rank reads candidates from
+    index_rerank: str | None = None
+    index_rerank_ids: str | None = None
+    index_rerank_factor: int = 0  # candidates a result, tuned with nprobe
     # size and sha256 of every file named above (empty in versions written before checksums)
     files: dict[str, FileRecord] = field(default_factory=dict)
 
     @property
     def named_files(self) -> list[str]:
         """Every file this version reads (the manifest itself aside)."""
-        return [self.images, self.failures, self.index, *self.embeddings]
+        rerank = [k for k in (self.index_rerank_ids, self.index_rerank) if k]
+        return [self.images, self.failures, self.index, *rerank, *self.embeddings]
 
     @property
     def index_state(self) -> faiss_index.IndexState:
         return faiss_index.IndexState(kind=faiss_index.index_kind(self.index_type), factory=self.index_factory,
-                                      trained_n=self.index_trained_n, nlist=self.index_nlist)
+                                      trained_n=self.index_trained_n, nlist=self.index_nlist,
+                                      rerank=self.index_rerank is not None)
 
     @property
     def fingerprint(self) -> str:
@@ -289,6 +301,36 @@ class Catalog:
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
             raise CatalogCorrupt(f"index {self.store.describe(self.manifest.index)} cannot be read by faiss "
                                  f"({first}); {ROLLBACK_HINT}") from None
+
+    @cached_property
+    def rerank(self) -> faiss_index.RerankVectors | None:
+        """The version's re-rank vectors, memory-mapped (None when its index has no re-rank)."""
+        m = self.manifest
+        if not m.index_rerank or not m.index_rerank_ids:
+            return None
+        ids = np.load(io.BytesIO(self.read(m.index_rerank_ids)))
+        return faiss_index.RerankVectors(ids, np.load(self._local_file(m.index_rerank), mmap_mode="r"))
+
+    def _local_file(self, key: str) -> Path:
+        """A local path to memory-map `key` from: the file itself in a local catalogue
+        (its size checked), else a verified download into RERANK_CACHE named by its sha256."""
+        record = self.manifest.files.get(key)
+        if isinstance(self.store, LocalStore):
+            path = self.store._path(key)
+            size = path.stat().st_size if path.exists() else None
+            if size is None or (record is not None and size != record.size):
+                raise CatalogCorrupt(f"{self.store.describe(key)} is missing or of the wrong size; {ROLLBACK_HINT}")
+            return path
+        cache = Path(os.environ.get(RERANK_CACHE_ENV) or Path.home() / ".cache" / "batchsight" / "rerank")
+        path = cache / f"{record.sha256 if record else hashlib.sha256(key.encode()).hexdigest()}.npy"
+        if not path.exists() or (record is not None and path.stat().st_size != record.size):
+            cache.mkdir(parents=True, exist_ok=True)
+            data = self.read(key)  # verified; one copy in memory while it is written out
+            tmp = path.with_suffix(f".{os.getpid()}.part")
+            tmp.write_bytes(data)
+            del data
+            tmp.replace(path)
+        return path
 
     def embedding_blocks(self) -> LiveEmbeddings:
         """The live vectors one part at a time (for catalogues larger than memory)."""
@@ -622,6 +664,14 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
     }
     crash_point("before-index-write")
     files[index_key] = put_recorded(store, index_key, faiss_index.serialize(index))
+    rerank_keys = (None, None)
+    if built.rerank_dir is not None:
+        try:
+            rerank_keys = (f"index/{stem}.rerank-ids.npy", f"index/{stem}.rerank-f16.npy")
+            for key, name in zip(rerank_keys, (RERANK_IDS_FILE, RERANK_VECTORS_FILE), strict=True):
+                files[key] = _put_file(store, key, built.rerank_dir / name)
+        finally:
+            shutil.rmtree(built.rerank_dir, ignore_errors=True)
     crash_point("after-index-write")
     write_s = time.perf_counter() - t_write
     parts = sorted(set(images["embedding_part"].dropna().tolist()))
@@ -639,6 +689,7 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
         index_factory=built.state.factory, index_trained_n=built.state.trained_n, index_nlist=built.state.nlist,
         index_nprobe=built.recall.nprobe, index_recall_at_10=built.recall.recall_at_10,
         index_recall_target=built.recall.target, index_recall_queries=built.recall.queries,
+        index_rerank_ids=rerank_keys[0], index_rerank=rerank_keys[1], index_rerank_factor=built.recall.rerank_factor,
     )
     return manifest, BuildStats(index_s=index_s, write_s=write_s)
 
@@ -647,11 +698,27 @@ def _part_files(results: Sequence[ShardResult]) -> dict[str, FileRecord]:
     return {r.embedding_part: r.part_file for r in results if r.embedding_part and r.part_file}
 
 
+RERANK_CACHE_ENV = "BATCHSIGHT_RERANK_CACHE"
+RERANK_IDS_FILE, RERANK_VECTORS_FILE = "ids.npy", "vectors-f16.npy"
+
+
+def _put_file(store: ObjectStore, key: str, path: Path) -> FileRecord:
+    """`put_recorded` of a local file through a memory map (a 4 GB re-rank file is
+    never copied into memory by us; the map's pages are the page cache's)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            return put_recorded(store, key, view)
+        finally:
+            view.release()
+
+
 @dataclass
 class IndexBuild:
     index: faiss.Index
     state: faiss_index.IndexState
     recall: faiss_index.RecallReport
+    rerank_dir: Path | None = None  # the re-rank files, to be written with the index (then removed)
 
 
 def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFrame, gone_ids: np.ndarray,
@@ -661,7 +728,8 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
     gone, add the new parts) while it still suits the catalogue, else a new one
     trained on a sample of the live vectors. Then recall is measured and nprobe tuned."""
     n = len(images)
-    choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors)
+    choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors,
+                                      rerank=settings.rerank)
     reason = faiss_index.retrain_reason(previous.manifest.index_state if previous else None, choice, n)
     blocks = LiveEmbeddings(store, images, (previous.manifest.files if previous else {}) | _part_files(new_parts))
     rng = np.random.default_rng(seed)
@@ -674,7 +742,7 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
         for part in (r.embedding_part for r in new_parts if r.embedding_part is not None):
             for ids, _runs, vectors in read_embedding_batches(store, part, blocks.files.get(part)):
                 faiss_index.add_vectors(index, ids, vectors)
-        state = previous.manifest.index_state
+        state = replace(previous.manifest.index_state, rerank=choice.rerank)
         queries = faiss_index.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
     else:
         log.info("building a new %s index for %s vectors: %s", choice.factory, n, reason)
@@ -687,12 +755,32 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
         for ids, vectors in blocks:
             faiss_index.add_vectors(index, ids, vectors)
         state = faiss_index.IndexState(kind=choice.kind, factory=choice.factory,
-                                       trained_n=n if choice.kind != "flat" else 0, nlist=choice.nlist)
+                                       trained_n=n if choice.kind != "flat" else 0, nlist=choice.nlist,
+                                       rerank=choice.rerank)
+    rerank = rerank_dir = None
+    if state.rerank:  # written anew each version from the live vectors (one more pass over the parts)
+        rerank_dir = Path(tempfile.mkdtemp(prefix="batchsight-rerank-"))
+        try:
+            faiss_index.write_rerank_vectors(blocks, n, dim, rerank_dir / RERANK_IDS_FILE,
+                                             rerank_dir / RERANK_VECTORS_FILE)
+            rerank = faiss_index.RerankVectors.open(rerank_dir / RERANK_IDS_FILE, rerank_dir / RERANK_VECTORS_FILE)
+        except BaseException:
+            shutil.rmtree(rerank_dir, ignore_errors=True)
+            raise
     if queries is None:
         recall = faiss_index.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
     else:
-        recall = faiss_index.measure_recall(index, queries, query_ids, blocks, target=settings.recall_target)
-    return IndexBuild(index=index, state=state, recall=recall)
+        recall = faiss_index.measure_recall(index, queries, query_ids, blocks, target=settings.recall_target,
+                                            rerank=rerank)
+        if recall.recall_at_10 < settings.recall_target:
+            stronger = faiss_index.stronger_choice(n, dim, faiss_index.choose_index(
+                n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank),
+                flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank)
+            log.warning("index recall@10 %.3f misses the target %.2f within %s bytes; %s", recall.recall_at_10,
+                        settings.recall_target, f"{settings.budget():,}",
+                        f"the next option up is {stronger.describe()}: raise --index-memory to about "
+                        f"{stronger.estimated_bytes:,} bytes" if stronger else "no index reaches it")
+    return IndexBuild(index=index, state=state, recall=recall, rerank_dir=rerank_dir)
 
 
 def _next_failures(previous: pd.DataFrame, plan: ChangePlan, shard_results: Sequence[ShardResult], *,

@@ -45,16 +45,17 @@ class SimilarPairs:
 
 
 def similar_pairs(index: faiss.Index, blocks: faiss_index.Blocks, threshold: float, *, n_images: int,
-                  nprobe: int | None = None) -> SimilarPairs:
+                  nprobe: int | None = None, rerank: faiss_index.RerankVectors | None = None) -> SimilarPairs:
     """Every pair above `threshold`, by range-searching each block of vectors on
-    `index` (which holds the same vectors). Scores are the index's: exact on flat
-    and IVF-Flat, PQ approximations on IVF-PQ."""
+    `index` (which holds the same vectors). Scores are exact on flat and IVF-Flat,
+    and wherever `rerank` rescoring is given (SQ8/PQ codes with a re-rank file);
+    without it they are the codes' approximations."""
     if not -1 <= threshold < 1:
         raise ValueError(f"threshold is a cosine similarity in [-1, 1), not {threshold}")
     found_a, found_b, found_s = [], [], []
     total = 0
     for ids, vectors in blocks:
-        lims, scores, neighbours = faiss_index.range_search(index, vectors, threshold, nprobe=nprobe)
+        lims, scores, neighbours = faiss_index.range_search(index, vectors, threshold, nprobe=nprobe, rerank=rerank)
         queries = np.repeat(ids, np.diff(lims).astype(np.int64))
         keep = queries < neighbours  # drops the match with itself and the mirror of each pair
         found_a.append(queries[keep])

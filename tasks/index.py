@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import log2, sqrt
 
 import faiss
@@ -24,7 +24,20 @@ log = logging.getLogger(__name__)
 
 Blocks = Iterable[tuple[np.ndarray, np.ndarray]]  # (int64 ids [n], float32 vectors [n, d]) per block
 
-KINDS = ("flat", "ivf-flat", "ivf-pq")
+# The ladder, most accurate first: full float32 vectors, then 16-bit and 8-bit
+# scalar codes (SQfp16 is 2d bytes a vector, SQ8 d bytes), then product quantisation.
+KINDS = ("flat", "ivf-flat", "ivf-sqfp16", "ivf-sq8", "ivf-pq")
+SQ_CODES = {"ivf-sqfp16": ("SQfp16", 2.0), "ivf-sq8": ("SQ8", 1.0)}  # kind -> (faiss name, bytes a dimension)
+# Codes this lossy rank candidates only: the final top-k comes from an exact re-rank
+# of k * factor candidates against full vectors in a float16 file outside RAM.
+RERANK_KINDS = ("ivf-sq8", "ivf-pq")
+RERANK_FACTORS = (4, 10, 25)  # candidates per result, tried in order until recall reaches the target
+RERANK_DTYPE = np.float16  # 2d bytes a vector on disk; scores from it are within ~1e-3 of float32's
+RERANK_ROW_BYTES = 16  # in RAM a vector: its id and its row (np.argsort order) to find it in the file
+# An IVF's lists are std::vectors grown by doubling while adding, so a list holds
+# 1-2x its size (1.32x measured for IVF4096,Flat at 1M x 2048); counted in every estimate.
+LIST_SLACK = 1.35
+IVF_KMEANS_ITERATIONS = 10  # faiss's default 25 costs 2.5x the training time for centroids barely better
 LEGACY_KINDS = {"flat-ip": "flat"}  # index_type written before IVF existed
 
 # Below this many vectors exact search wins outright: a flat scan of 50k x 2048-d
@@ -33,12 +46,12 @@ LEGACY_KINDS = {"flat-ip": "flat"}  # index_type written before IVF existed
 # for lists that save little.
 FLAT_MAX_VECTORS = 50_000
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
-TRAIN_POINTS_PER_CENTROID = 64  # better centroids than the minimum; faiss subsamples past 256
+TRAIN_POINTS_PER_CENTROID = 40  # just above faiss's warning: the sample and its residuals (PQ) are 2 copies in RAM
 PQ_NBITS = 8
 PQ_CENTROIDS = 1 << PQ_NBITS  # per sub-quantizer; its k-means needs at least this many points
 PQ_TRAIN_POINTS = PQ_CENTROIDS * TRAIN_POINTS_PER_CENTROID
 PQ_M_CHOICES = (512, 256, 128, 64, 48, 32, 24, 16, 8, 4)
-PQ_MIN_DIMS_PER_CODE = 4  # more than d/4 bytes a vector costs memory for little recall over d/4
+PQ_MIN_DIMS_PER_CODE = 8  # finer sub-quantizers train far too slowly: IVF1024,PQ512x8 (4 dims a code) took 636 s at 100k x 2048 on 2 cores
 OPQ_MIN_DIMS_PER_CODE = 8  # OPQ's rotation pays off when each sub-quantizer squeezes 8+ dims into a byte
 # An index keeps its trained centroids while the catalogue stays within this factor
 # of the size it was trained at: nlist grows as sqrt(n), so at 4x the ideal nlist
@@ -60,7 +73,7 @@ MEMORY_ENV = "BATCHSIGHT_INDEX_MEMORY"
 class IndexChoice:
     """Which index suits a catalogue, and what it will cost."""
 
-    kind: str  # flat | ivf-flat | ivf-pq
+    kind: str  # one of KINDS
     factory: str  # the faiss index_factory string
     nlist: int = 0  # inverted lists (IVF kinds)
     pq_m: int = 0  # bytes a vector (ivf-pq)
@@ -69,7 +82,13 @@ class IndexChoice:
     opq_dim: int = 0  # output dimension of the OPQ rotation
     train_size: int = 0  # vectors to train on (0: no training)
     min_train_size: int = 0  # fewer than this and faiss trains badly
-    estimated_bytes: int = 0  # as loaded; while adding, IVF lists grow by doubling (measured ~1.3x at 20k)
+    estimated_bytes: int = 0  # RAM while building and searching: codes, ids, id map, list slack, re-rank ids
+    rerank: bool = False  # exact re-rank of candidates from a float16 file of the full vectors
+    disk_bytes: int = 0  # that file's size (0 without a re-rank)
+
+    def describe(self) -> str:
+        extra = f" + re-rank from a {self.disk_bytes / 2**20:,.0f} MiB float16 file" if self.rerank else ""
+        return f"{self.kind} {self.factory}{extra} (~{self.estimated_bytes / 2**20:,.0f} MiB in RAM)"
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,7 @@ class IndexSettings:
     memory_budget_bytes: int | None = None  # None: $BATCHSIGHT_INDEX_MEMORY, else half of memory
     recall_target: float = DEFAULT_RECALL_TARGET
     flat_max_vectors: int = FLAT_MAX_VECTORS
+    rerank: bool = True  # allow SQ8 / PQ codes with an exact re-rank from a float16 file on disk
 
     def __post_init__(self) -> None:
         if not 0 < self.recall_target <= 1:
@@ -105,6 +125,7 @@ class IndexState:
     factory: str
     trained_n: int  # catalogue size when the index was last trained (0: never trained)
     nlist: int = 0
+    rerank: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,7 @@ class RecallReport:
     queries: int
     target: float
     curve: tuple[tuple[int, float], ...] = ()  # (nprobe, recall) tried, in order
+    rerank_factor: int = 0  # candidates a result re-ranked exactly (0: no re-rank)
 
 
 def parse_memory_size(text: str) -> int:
@@ -145,6 +167,16 @@ def ivf_nlist(n_vectors: int) -> int:
     return max(1, min(nlist, n_vectors // MIN_POINTS_PER_CENTROID))
 
 
+def _ivf_bytes(n_vectors: int, code_bytes: float, nlist: int, dim: int) -> int:
+    """Codes and ids in the lists (with their growth slack), the id hashtable, the centroids."""
+    return int(n_vectors * ((code_bytes + ID_BYTES) * LIST_SLACK + ID_MAP_BYTES) + nlist * dim * 4)
+
+
+def _with_rerank(choice: IndexChoice, n_vectors: int, dim: int) -> IndexChoice:
+    return replace(choice, rerank=True, estimated_bytes=choice.estimated_bytes + n_vectors * RERANK_ROW_BYTES,
+                   disk_bytes=n_vectors * dim * np.dtype(RERANK_DTYPE).itemsize)
+
+
 def flat_choice(n_vectors: int, dim: int) -> IndexChoice:
     return IndexChoice(kind="flat", factory="IDMap2,Flat",
                        estimated_bytes=n_vectors * (4 * dim + ID_BYTES + ID_MAP_BYTES))
@@ -152,23 +184,36 @@ def flat_choice(n_vectors: int, dim: int) -> IndexChoice:
 
 def ivf_flat_choice(n_vectors: int, dim: int) -> IndexChoice:
     nlist = ivf_nlist(n_vectors)
-    size = n_vectors * (4 * dim + ID_BYTES + ID_MAP_BYTES) + nlist * dim * 4
     return IndexChoice(kind="ivf-flat", factory=f"IVF{nlist},Flat", nlist=nlist,
                        train_size=min(n_vectors, TRAIN_POINTS_PER_CENTROID * nlist),
-                       min_train_size=min(n_vectors, MIN_POINTS_PER_CENTROID * nlist), estimated_bytes=size)
+                       min_train_size=min(n_vectors, MIN_POINTS_PER_CENTROID * nlist),
+                       estimated_bytes=_ivf_bytes(n_vectors, 4 * dim, nlist, dim))
 
 
-def ivf_pq_choice(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexChoice | None:
+def ivf_sq_choice(n_vectors: int, dim: int, kind: str) -> IndexChoice:
+    """IVF with scalar codes: `ivf-sqfp16` (2 bytes a dimension) or `ivf-sq8` (1)."""
+    name, per_dim = SQ_CODES[kind]
+    nlist = ivf_nlist(n_vectors)
+    return IndexChoice(kind=kind, factory=f"IVF{nlist},{name}", nlist=nlist,
+                       train_size=min(n_vectors, TRAIN_POINTS_PER_CENTROID * nlist),
+                       min_train_size=min(n_vectors, MIN_POINTS_PER_CENTROID * nlist),
+                       estimated_bytes=_ivf_bytes(n_vectors, per_dim * dim, nlist, dim) + 2 * dim * 4)
+
+
+def ivf_pq_choice(n_vectors: int, dim: int, memory_budget_bytes: int, *, rerank: bool = False) -> IndexChoice | None:
     """The largest PQ code (best recall) whose index fits the budget, or None."""
-    fitting = [c for c in _pq_codes(n_vectors, dim) if c.estimated_bytes <= memory_budget_bytes]
+    fitting = [c for c in _pq_codes(n_vectors, dim, rerank=rerank) if c.estimated_bytes <= memory_budget_bytes]
     return fitting[0] if fitting else None
 
 
-def _pq_codes(n_vectors: int, dim: int) -> list[IndexChoice]:
-    """Every IVF-PQ that suits `dim`, largest code first (none below PQ_CENTROIDS vectors)."""
+def _pq_codes(n_vectors: int, dim: int, *, rerank: bool = False) -> list[IndexChoice]:
+    """Every IVF-PQ that suits `dim`, largest code first (none below PQ_CENTROIDS vectors).
+    With a re-rank, no OPQ: the re-rank recovers what it would, and its training at
+    d=2048 takes longer than the rest of the build."""
     if n_vectors < PQ_CENTROIDS:
         return []
-    return [c for m in PQ_M_CHOICES if (c := ivf_pq_for_code(n_vectors, dim, m))]
+    codes = [c for m in PQ_M_CHOICES if (c := ivf_pq_for_code(n_vectors, dim, m, opq=False if rerank else None))]
+    return [_with_rerank(c, n_vectors, dim) for c in codes] if rerank else codes
 
 
 def ivf_pq_for_code(n_vectors: int, dim: int, m: int, *, opq: bool | None = None) -> IndexChoice | None:
@@ -182,8 +227,7 @@ def ivf_pq_for_code(n_vectors: int, dim: int, m: int, *, opq: bool | None = None
     # autofaiss's OPQ output: a multiple of m a little above min(d, 6m), so little is lost
     d_out = (min(dim // m, 6) + 1) * m if opq else dim
     nlist = ivf_nlist(n_vectors)
-    size = (n_vectors * (m + ID_BYTES + ID_MAP_BYTES) + nlist * d_out * 4
-            + PQ_CENTROIDS * d_out * 4 + (dim * d_out * 4 if opq else 0))
+    size = (_ivf_bytes(n_vectors, m, nlist, d_out) + PQ_CENTROIDS * d_out * 4 + (dim * d_out * 4 if opq else 0))
     prefix = f"OPQ{m}_{d_out}," if opq else ""
     return IndexChoice(kind="ivf-pq", factory=f"{prefix}IVF{nlist},PQ{m}x{PQ_NBITS}np", nlist=nlist, pq_m=m,
                        pq_nbits=PQ_NBITS, opq=opq, opq_dim=d_out if opq else 0,
@@ -192,27 +236,47 @@ def ivf_pq_for_code(n_vectors: int, dim: int, m: int, *, opq: bool | None = None
                        estimated_bytes=size)
 
 
+def index_ladder(n_vectors: int, dim: int, *, flat_max_vectors: int = FLAT_MAX_VECTORS,
+                 rerank: bool = True) -> list[IndexChoice]:
+    """Every index `choose_index` considers for this catalogue, most accurate first:
+    flat (small catalogues), IVF-Flat, IVF-SQfp16, IVF-SQ8, IVF-PQ from the largest
+    code down; SQ8 and PQ with an exact re-rank when `rerank`."""
+    if n_vectors < 0 or dim < 1:
+        raise ValueError(f"cannot index {n_vectors} vectors of dimension {dim}")
+    ladder = [flat_choice(n_vectors, dim)] if n_vectors < flat_max_vectors else []
+    ladder.append(ivf_flat_choice(n_vectors, dim))
+    sq8 = ivf_sq_choice(n_vectors, dim, "ivf-sq8")
+    ladder += [ivf_sq_choice(n_vectors, dim, "ivf-sqfp16"), _with_rerank(sq8, n_vectors, dim) if rerank else sq8]
+    return ladder + _pq_codes(n_vectors, dim, rerank=rerank)
+
+
 def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int, *,
-                 flat_max_vectors: int = FLAT_MAX_VECTORS) -> IndexChoice:
-    """Exact flat inner product for small catalogues; IVF-Flat when it fits the
-    budget; else IVF-PQ (with OPQ at high compression) with the largest code that fits.
+                 flat_max_vectors: int = FLAT_MAX_VECTORS, rerank: bool = True) -> IndexChoice:
+    """The most accurate index of `index_ladder` that fits the budget.
 
     HNSW is left out on purpose: it cannot remove ids, and nightly updates must.
     """
-    if n_vectors < 0 or dim < 1:
-        raise ValueError(f"cannot index {n_vectors} vectors of dimension {dim}")
-    flat = flat_choice(n_vectors, dim)
-    if n_vectors < flat_max_vectors and flat.estimated_bytes <= memory_budget_bytes:
-        return flat
-    ivf = ivf_flat_choice(n_vectors, dim)
-    if ivf.estimated_bytes <= memory_budget_bytes:
-        return ivf
-    pq = ivf_pq_choice(n_vectors, dim, memory_budget_bytes)
-    if pq is None:
-        need = min(c.estimated_bytes for c in [flat, *_pq_codes(n_vectors, dim)])
+    ladder = index_ladder(n_vectors, dim, flat_max_vectors=flat_max_vectors, rerank=rerank)
+    fitting = [c for c in ladder if c.estimated_bytes <= memory_budget_bytes]
+    if not fitting:
+        need = min(c.estimated_bytes for c in [flat_choice(n_vectors, dim), *ladder])
         raise ValueError(f"no index for {n_vectors:,} vectors of dimension {dim} fits in {memory_budget_bytes:,} "
                          f"bytes (the smallest needs about {need:,}); raise --index-memory")
-    return pq
+    return fitting[0]
+
+
+def stronger_choice(n_vectors: int, dim: int, choice: IndexChoice, *, flat_max_vectors: int = FLAT_MAX_VECTORS,
+                    rerank: bool = True) -> IndexChoice | None:
+    """The next rung up the ladder from `choice` (more memory, more recall), or None at the top;
+    named when a build misses its recall target."""
+    ladder = index_ladder(n_vectors, dim, flat_max_vectors=max(flat_max_vectors, n_vectors + 1), rerank=rerank)
+    above = [c for c in ladder if c.estimated_bytes > choice.estimated_bytes and (c.kind, c.pq_m) != (choice.kind, choice.pq_m)]
+    return min(above, key=lambda c: c.estimated_bytes) if above else None
+
+
+def _codes(factory: str) -> str:
+    """A factory string without its list count: what a vector's code is."""
+    return re.sub(r"IVF\d+", "IVF", factory)
 
 
 def index_kind(index_type: str) -> str:
@@ -227,6 +291,8 @@ def retrain_reason(previous: IndexState | None, choice: IndexChoice, n_vectors: 
         return "no index to update"
     if index_kind(previous.kind) != choice.kind:
         return f"the index kind changes from {index_kind(previous.kind)} to {choice.kind}"
+    if _codes(previous.factory) != _codes(choice.factory):
+        return f"the codes change from {previous.factory} to {choice.factory}"
     if choice.kind != "flat" and n_vectors > previous.trained_n * growth_factor:
         return (f"the catalogue grew to {n_vectors} vectors, past {growth_factor:g}x the "
                 f"{previous.trained_n} the index was trained at")
@@ -264,6 +330,7 @@ def trained_index(choice: IndexChoice, dim: int, training_sample: np.ndarray | N
     if ivf is not None:
         assert training_sample is not None and len(training_sample) >= max(choice.nlist, 1), \
             f"{choice.factory} needs at least {choice.nlist} training vectors"
+        ivf.cp.niter = IVF_KMEANS_ITERATIONS
         index.train(np.ascontiguousarray(training_sample, dtype=np.float32))
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
     return index
@@ -311,6 +378,56 @@ def deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
+class RerankVectors:
+    """The full vectors of an index, as float16 rows of a file read through a memory
+    map (only the rows a search touches come into RAM, via the page cache), and their
+    ids, to re-rank candidates exactly. The file is a `.npy` array; its ids (in row
+    order) are a second `.npy`."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        assert vectors.ndim == 2 and len(ids) == len(vectors), \
+            f"{len(ids)} ids for re-rank vectors of shape {vectors.shape}"
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted_ids = np.ascontiguousarray(ids[self.order], dtype=np.int64)
+        self.vectors = vectors
+
+    @classmethod
+    def open(cls, ids_path: str | os.PathLike[str], vectors_path: str | os.PathLike[str]) -> RerankVectors:
+        return cls(np.load(ids_path), np.load(vectors_path, mmap_mode="r"))
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id in the file; -1 for ids it does not hold (and for -1)."""
+        at = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+        held = (self.sorted_ids[at] == ids) if len(self.sorted_ids) else np.zeros(ids.shape, bool)
+        return np.where(held, self.order[at] if len(self.order) else -1, -1)
+
+    def scores(self, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Exact inner products [Q, C] of each query with its candidate ids; -inf where absent."""
+        rows = self.rows(candidates)
+        gathered = np.asarray(self.vectors[np.maximum(rows, 0).ravel()], dtype=np.float32)
+        out = np.matmul(gathered.reshape(*rows.shape, -1), queries[:, :, None])[:, :, 0]
+        out[rows < 0] = -np.inf
+        return out
+
+
+def write_rerank_vectors(blocks: Blocks, n_vectors: int, dim: int, ids_path: str | os.PathLike[str],
+                         vectors_path: str | os.PathLike[str]) -> None:
+    """Stream `blocks` into the two `.npy` files of `RerankVectors` (rows in block
+    order), by plain writes: a memory-mapped write would count the whole file in RSS."""
+    ids = np.empty(n_vectors, np.int64)
+    at = 0
+    with open(vectors_path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(RERANK_DTYPE)),
+                                                 "fortran_order": False, "shape": (n_vectors, dim)})
+        for block_ids, vectors in blocks:
+            assert at + len(block_ids) <= n_vectors, f"blocks hold more than the {n_vectors} vectors announced"
+            ids[at:at + len(block_ids)] = block_ids
+            f.write(np.ascontiguousarray(vectors, dtype=RERANK_DTYPE).tobytes())
+            at += len(block_ids)
+    assert at == n_vectors, f"blocks held {at} vectors, not the {n_vectors} announced"
+    np.save(ids_path, ids)
+
+
 def _search_params(index: faiss.Index, nprobe: int | None, allowed_ids: np.ndarray | None):
     """Per-call search parameters (the shared index is never mutated by a search)."""
     extra = {}
@@ -323,21 +440,58 @@ def _search_params(index: faiss.Index, nprobe: int | None, allowed_ids: np.ndarr
     return faiss.SearchParameters(**extra) if extra else None
 
 
+RERANK_CHUNK = 64  # queries re-ranked at a time: 64 x 250 candidates x 2048-d float32 is 128 MB
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int, *, nprobe: int | None = None,
-           allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           allowed_ids: np.ndarray | None = None, rerank: RerankVectors | None = None,
+           rerank_factor: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(scores [Q, k], ids [Q, k]), best first; missing neighbours have id -1.
-    `allowed_ids` restricts results to those ids (a filter applied inside the search)."""
+    `allowed_ids` restricts results to those ids (a filter applied inside the search).
+    With `rerank` and a `rerank_factor`, the index proposes k * factor candidates and
+    the top k by exact inner product from the full vectors are returned."""
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(k, index.ntotal)) if index.ntotal else 1
-    return index.search(queries, k, params=_search_params(index, nprobe, allowed_ids))
+    params = _search_params(index, nprobe, allowed_ids)
+    if rerank is None or rerank_factor <= 1:
+        return index.search(queries, k, params=params)
+    wide = min(k * rerank_factor, index.ntotal)
+    _, candidates = index.search(queries, wide, params=params)
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    for start in range(0, len(queries), RERANK_CHUNK):
+        q, c = queries[start:start + RERANK_CHUNK], candidates[start:start + RERANK_CHUNK]
+        exact = rerank.scores(q, c)
+        top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores[start:start + len(q)] = np.take_along_axis(exact, top, axis=1)
+        ids[start:start + len(q)] = np.take_along_axis(c, top, axis=1)
+    missing = ~np.isfinite(scores)
+    ids[missing], scores[missing] = -1, -np.inf
+    return scores, ids
+
+
+RERANK_RANGE_MARGIN = 0.05  # a range search on approximate codes looks this far below the threshold
 
 
 def range_search(index: faiss.Index, queries: np.ndarray, threshold: float, *,
-                 nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 nprobe: int | None = None, rerank: RerankVectors | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lims [Q+1], scores, ids): query i's matches with cosine above `threshold`
-    are scores[lims[i]:lims[i+1]]."""
+    are scores[lims[i]:lims[i+1]]. With `rerank`, the index is searched
+    RERANK_RANGE_MARGIN below the threshold and every match is rescored exactly:
+    scores are exact; a pair whose code score fell more than the margin short is missed."""
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    return index.range_search(queries, float(threshold), params=_search_params(index, nprobe, None))
+    params = _search_params(index, nprobe, None)
+    if rerank is None:
+        return index.range_search(queries, float(threshold), params=params)
+    lims, _, ids = index.range_search(queries, float(threshold) - RERANK_RANGE_MARGIN, params=params)
+    owner = np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64))
+    exact = np.empty(len(ids), np.float32)
+    for start in range(0, len(ids), 1 << 16):
+        stop = start + (1 << 16)
+        exact[start:stop] = rerank.scores(queries[owner[start:stop]], ids[start:stop, None])[:, 0]
+    keep = exact > threshold
+    new_lims = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(queries)))]).astype(lims.dtype)
+    return new_lims, exact[keep], ids[keep]
 
 
 def split_sample(ids: np.ndarray, n_queries: int, choice: IndexChoice,
@@ -394,18 +548,33 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
-                target: float) -> RecallReport:
+                target: float, *, rerank: RerankVectors | None = None) -> RecallReport:
     """Raise nprobe 1, 2, 4, ... until recall@k reaches `target`. IVF-Flat always
-    gets there (at nprobe = nlist it is exact). Where PQ codes cap recall below
+    gets there (at nprobe = nlist it is exact). Where codes cap recall below
     the target, stop when doubling gains under RECALL_PLATEAU and keep the
-    smallest nprobe within that of the best."""
+    smallest nprobe within that of the best. With `rerank`, each of RERANK_FACTORS
+    is tried in turn (fewest candidates first) until one reaches the target."""
+    if rerank is None:
+        return _tune_nprobe(index, queries, query_ids, truth, target, rerank=None, factor=0)
+    best = None
+    for factor in RERANK_FACTORS:
+        report = _tune_nprobe(index, queries, query_ids, truth, target, rerank=rerank, factor=factor)
+        if best is None or report.recall_at_10 > best.recall_at_10 + RECALL_PLATEAU:
+            best = report
+        if report.recall_at_10 >= target:
+            return report
+    return best
+
+
+def _tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
+                 target: float, *, rerank: RerankVectors | None, factor: int) -> RecallReport:
     k = truth.shape[1]
     ivf = faiss.extract_index_ivf(index)
     nlist, exact_codes = ivf.nlist, ivf.code_size == 4 * ivf.d  # IVF-Flat stores the float32 vectors
     curve: list[tuple[int, float]] = []
     nprobe = 1
     while True:
-        _, found = search(index, queries, k + 1, nprobe=nprobe)
+        _, found = search(index, queries, k + 1, nprobe=nprobe, rerank=rerank, rerank_factor=factor)
         curve.append((nprobe, recall_at_k(drop_self(found, query_ids, k), truth)))
         reached = curve[-1][1] >= target
         flat_out = not exact_codes and len(curve) > 1 and curve[-1][1] - curve[-2][1] < RECALL_PLATEAU
@@ -416,19 +585,20 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, 
     good_enough = target if best >= target else best - RECALL_PLATEAU
     chosen = next((p, r) for p, r in curve if r >= good_enough)
     return RecallReport(recall_at_10=chosen[1], nprobe=chosen[0], queries=len(queries), target=target,
-                        curve=tuple(curve))
+                        curve=tuple(curve), rerank_factor=factor)
 
 
 def measure_recall(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, blocks: Blocks, *,
-                   target: float, k: int = RECALL_K) -> RecallReport:
-    """recall@k of `index` against exact search over `blocks` (the same vectors),
-    for `queries` drawn from them; tunes and sets nprobe on an IVF index."""
+                   target: float, k: int = RECALL_K, rerank: RerankVectors | None = None) -> RecallReport:
+    """recall@k of `index` (re-ranked from `rerank` where given) against exact search
+    over `blocks` (the same vectors), for `queries` drawn from them; tunes and sets
+    nprobe on an IVF index, and the re-rank factor."""
     k = min(k, index.ntotal - 1)
     if not is_ivf(index) or k < 1:
         return RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=target)  # exact by construction
     _, truth = exact_neighbours(queries, blocks, k + 1)
-    report = tune_nprobe(index, queries, query_ids, drop_self(truth, query_ids, k), target)
+    report = tune_nprobe(index, queries, query_ids, drop_self(truth, query_ids, k), target, rerank=rerank)
     set_nprobe(index, report.nprobe)
-    log.info("recall@%s %.3f at nprobe %s (target %.2f, %s queries; tried %s)", k, report.recall_at_10,
-             report.nprobe, target, report.queries, report.curve)
+    log.info("recall@%s %.3f at nprobe %s, re-rank factor %s (target %.2f, %s queries; tried %s)", k,
+             report.recall_at_10, report.nprobe, report.rerank_factor, target, report.queries, report.curve)
     return report

@@ -30,32 +30,74 @@ def one_faiss_thread():
         yield
 
 
-@pytest.mark.parametrize("n,dim,budget,kind,factory", [
-    (0, 512, GiB, "flat", "IDMap2,Flat"),
-    (1_000, 512, GiB, "flat", "IDMap2,Flat"),
-    (49_999, 2048, 16 * GiB, "flat", "IDMap2,Flat"),
-    (50_000, 2048, 16 * GiB, "ivf-flat", "IVF1024,Flat"),
-    (100_000, 2048, 16 * GiB, "ivf-flat", "IVF1024,Flat"),
-    (1_000_000, 2048, 16 * GiB, "ivf-flat", "IVF4096,Flat"),
-    (1_000_000, 512, 4 * GiB, "ivf-flat", "IVF4096,Flat"),
-    # IVF-Flat does not fit: the largest PQ code that does (at most d/4 bytes)
-    (1_000_000, 2048, 4 * GiB, "ivf-pq", "IVF4096,PQ512x8np"),
-    (1_000_000, 512, GiB, "ivf-pq", "IVF4096,PQ128x8np"),
-    # 16 dims a code byte: OPQ rotates (and trims) the space first
-    (1_000_000, 2048, 256 * MiB, "ivf-pq", "OPQ128_896,IVF4096,PQ128x8np"),
-    (10_000_000, 512, GiB, "ivf-pq", "OPQ48_336,IVF16384,PQ48x8np"),
+@pytest.mark.parametrize("n,dim,budget,kind,factory,rerank", [
+    (0, 512, GiB, "flat", "IDMap2,Flat", False),
+    (1_000, 512, GiB, "flat", "IDMap2,Flat", False),
+    (49_999, 2048, 16 * GiB, "flat", "IDMap2,Flat", False),
+    (50_000, 2048, 16 * GiB, "ivf-flat", "IVF1024,Flat", False),
+    (100_000, 2048, 16 * GiB, "ivf-flat", "IVF1024,Flat", False),
+    (1_000_000, 2048, 16 * GiB, "ivf-flat", "IVF4096,Flat", False),
+    (1_000_000, 512, 4 * GiB, "ivf-flat", "IVF4096,Flat", False),
+    # IVF-Flat does not fit: 16-bit scalar codes (2d bytes a vector), then 8-bit (d) with a re-rank
+    (1_000_000, 2048, 8 * GiB, "ivf-sqfp16", "IVF4096,SQfp16", False),
+    (1_000_000, 512, 2 * GiB, "ivf-sqfp16", "IVF4096,SQfp16", False),
+    (1_000_000, 2048, 4 * GiB, "ivf-sq8", "IVF4096,SQ8", True),
+    (1_000_000, 512, GiB, "ivf-sq8", "IVF4096,SQ8", True),
+    (20_000, 512, 16 * MiB, "ivf-sq8", "IVF512,SQ8", True),  # issue 15: it was IVF512,PQ128x8np, recall 0.39
+    # SQ8 with its list slack does not fit 2 GiB at 1M x 2048: the largest PQ code (d/8 bytes), re-ranked
+    (1_000_000, 2048, 2 * GiB, "ivf-pq", "IVF4096,PQ256x8np", True),
+    (1_000_000, 2048, 256 * MiB, "ivf-pq", "IVF4096,PQ64x8np", True),
+    (10_000_000, 512, GiB, "ivf-pq", "IVF16384,PQ16x8np", True),
+    (20_000, 512, 8 * MiB, "ivf-pq", "IVF512,PQ64x8np", True),
     # a small catalogue whose flat index does not fit the budget
-    (40_000, 2048, 100 * MiB, "ivf-pq", "IVF1024,PQ512x8np"),
+    (40_000, 2048, 100 * MiB, "ivf-pq", "IVF1024,PQ256x8np", True),
 ])
-def test_choose_index(n, dim, budget, kind, factory):
+def test_choose_index(n, dim, budget, kind, factory, rerank):
     choice = fi.choose_index(n, dim, budget)
-    assert (choice.kind, choice.factory) == (kind, factory)
+    assert (choice.kind, choice.factory, choice.rerank) == (kind, factory, rerank)
     assert choice.estimated_bytes <= budget
+    assert choice.disk_bytes == (n * dim * 2 if rerank else 0)
+
+
+@pytest.mark.parametrize("n,dim,budget,factory", [
+    # without a re-rank, OPQ rotates (and trims) the space first at 8+ dims a code byte
+    (1_000_000, 2048, 2 * GiB, "OPQ256_1792,IVF4096,PQ256x8np"),
+    (1_000_000, 2048, 256 * MiB, "OPQ128_896,IVF4096,PQ128x8np"),
+    (10_000_000, 512, GiB, "OPQ32_224,IVF16384,PQ32x8np"),
+    (1_000_000, 2048, 4 * GiB, "IVF4096,SQ8"),
+])
+def test_choose_index_without_rerank(n, dim, budget, factory):
+    choice = fi.choose_index(n, dim, budget, rerank=False)
+    assert (choice.factory, choice.rerank, choice.disk_bytes) == (factory, False, 0)
+
+
+def test_the_ladder_runs_from_most_to_least_memory_and_counts_the_rerank_ids():
+    ladder = fi.index_ladder(1_000_000, 2048)
+    assert [c.kind for c in ladder[:3]] == ["ivf-flat", "ivf-sqfp16", "ivf-sq8"]
+    assert [c.pq_m for c in ladder[3:]] == [256, 128, 64, 32, 16, 8, 4]
+    sizes = [c.estimated_bytes for c in ladder]
+    assert sizes == sorted(sizes, reverse=True)
+    plain = fi.ivf_pq_for_code(1_000_000, 2048, 256, opq=False)
+    assert ladder[3].estimated_bytes - plain.estimated_bytes == 1_000_000 * fi.RERANK_ROW_BYTES
+    # codes and ids grow by doubling while added: 1M x (256 + 8) bytes is counted 1.35x, plus the id hashtable
+    assert plain.estimated_bytes > 1_000_000 * ((256 + 8) * 1.35 + 40)
+
+
+@pytest.mark.parametrize("n,dim,budget,stronger", [
+    (1_000_000, 2048, 2 * GiB, "IVF4096,SQ8"),
+    (1_000_000, 2048, 4 * GiB, "IVF4096,SQfp16"),
+    (1_000_000, 2048, 256 * MiB, "IVF4096,PQ128x8np"),
+    (100_000, 2048, 1000 * MiB, "IDMap2,Flat"),  # the top of the ladder is exact search, however slow
+])
+def test_a_missed_target_names_the_next_option_up(n, dim, budget, stronger):
+    choice = fi.choose_index(n, dim, budget)
+    up = fi.stronger_choice(n, dim, choice)
+    assert up.factory == stronger and up.estimated_bytes > choice.estimated_bytes
 
 
 def test_choose_index_refuses_a_budget_nothing_fits():
     with pytest.raises(ValueError, match=r"no index for 20,000 vectors of dimension 64 fits in 1,048,576 bytes "
-                                         r"\(the smallest needs about 1,133,184\); raise --index-memory"):
+                                         r"\(the smallest needs about 1,640,608\); raise --index-memory"):
         fi.choose_index(20_000, 64, MiB)
 
 
@@ -79,6 +121,10 @@ IVF_60K = fi.IndexState(kind="ivf-flat", factory="IVF1024,Flat", trained_n=60_00
     (IVF_60K, 240_001, 16 * GiB,
      "the catalogue grew to 240001 vectors, past 4x the 60000 the index was trained at"),
     (IVF_60K, 200_000, 100 * MiB, "the index kind changes from ivf-flat to ivf-pq"),
+    (IVF_60K, 200_000, 1200 * MiB, "the index kind changes from ivf-flat to ivf-sqfp16"),
+    (fi.IndexState("ivf-pq", "OPQ256_1792,IVF1024,PQ256x8np", 40_000, 1024), 41_000, 100 * MiB,
+     "the codes change from OPQ256_1792,IVF1024,PQ256x8np to IVF1024,PQ256x8np"),
+    (fi.IndexState("ivf-pq", "IVF512,PQ256x8np", 40_000, 512), 41_000, 100 * MiB, None),  # nlist may drift
     (IVF_60K, 20_000, 16 * GiB, "the index kind changes from ivf-flat to flat"),
 ])
 def test_retrain_only_when_the_kind_changes_or_the_catalogue_outgrows_the_training(previous, n, budget, reason):
@@ -159,8 +205,8 @@ def test_ivf_flat_on_30k_vectors_updates_by_id_survives_save_load_and_keeps_reca
 
 
 def test_ivf_pq_measures_the_recall_its_codes_allow_and_removes_by_id():
-    data = ClusteredVectors(12_000, 32, clusters=50, seed=2)
-    choice = fi.choose_index(data.n, data.dim, MiB, flat_max_vectors=1000)
+    data = ClusteredVectors(12_000, 64, clusters=50, seed=2)
+    choice = fi.ivf_pq_for_code(data.n, data.dim, 8, opq=False)
     assert choice.factory == "IVF307,PQ8x8np"
     index, ids, vectors, query_ids, queries = build(data, choice, n_queries=300)
     report = fi.measure_recall(index, queries, query_ids, data, target=0.95)
@@ -175,7 +221,7 @@ def test_ivf_pq_measures_the_recall_its_codes_allow_and_removes_by_id():
 
 def test_opq_index_supports_the_same_operations():
     data = ClusteredVectors(3000, 32, clusters=20, seed=3)
-    choice = fi.choose_index(data.n, data.dim, 200_000, flat_max_vectors=1000)
+    choice = fi.ivf_pq_for_code(data.n, data.dim, 4)
     assert choice.opq and choice.factory == "OPQ4_28,IVF76,PQ4x8np"
     index, ids, vectors, *_ = build(data, choice, n_queries=0)
     assert fi.remove_ids(index, ids[:10]) == 10
@@ -183,6 +229,56 @@ def test_opq_index_supports_the_same_operations():
     assert restored.reconstruct(int(ids[20])).shape == (32,)
     _, top = fi.search(restored, vectors[20:21], 5, nprobe=76)
     assert ids[20] in top[0] and not np.isin(top, ids[:10]).any()
+
+
+def rerank_files(tmp_path, data: ClusteredVectors) -> fi.RerankVectors:
+    fi.write_rerank_vectors(data, data.n, data.dim, tmp_path / "ids.npy", tmp_path / "vectors.npy")
+    return fi.RerankVectors.open(tmp_path / "ids.npy", tmp_path / "vectors.npy")
+
+
+def test_a_rerank_from_the_float16_file_lifts_coarse_codes_to_the_target_with_exact_scores(tmp_path):
+    data = ClusteredVectors(12_000, 64, clusters=50, seed=2, block_size=5000)
+    choice = fi._with_rerank(fi.ivf_pq_for_code(data.n, data.dim, 8, opq=False), data.n, data.dim)
+    index, ids, vectors, query_ids, queries = build(data, choice, n_queries=300)
+    rerank = rerank_files(tmp_path, data)
+    assert isinstance(rerank.vectors, np.memmap) and rerank.vectors.dtype == np.float16
+    assert (tmp_path / "vectors.npy").stat().st_size == pytest.approx(choice.disk_bytes, abs=128)
+
+    raw = fi.measure_recall(index, queries, query_ids, data, target=0.95)
+    report = fi.measure_recall(index, queries, query_ids, data, target=0.95, rerank=rerank)
+    assert raw.recall_at_10 < 0.9 <= 0.95 <= report.recall_at_10 and report.rerank_factor in fi.RERANK_FACTORS
+    scores, found = fi.search(index, queries, 11, nprobe=report.nprobe, rerank=rerank,
+                              rerank_factor=report.rerank_factor)
+    truth = brute_force(vectors, ids, queries, 11)
+    hits = sum(len(set(t[t != own][:10]) & set(f[f != own][:10])) for t, f, own in zip(truth, found, query_ids))
+    assert hits / (10 * len(queries)) == pytest.approx(report.recall_at_10)  # numpy agrees with the report
+    exact = np.einsum("qd,qkd->qk", queries, vectors[np.searchsorted(ids, found)])
+    np.testing.assert_allclose(scores, exact, atol=2e-3)  # float16 rows: exact to ~1e-3, not the codes' error
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+    # removed ids stay removed; ids the file lacks are never returned
+    assert fi.remove_ids(index, ids[:100]) == 100
+    _, top = fi.search(index, vectors[:100], 10, nprobe=report.nprobe, rerank=rerank, rerank_factor=10)
+    assert not np.isin(top, ids[:100]).any()
+    partial = fi.RerankVectors(ids[ids % 2 == 0], np.asarray(rerank.vectors)[ids % 2 == 0])
+    _, top = fi.search(index, vectors[200:260], 10, nprobe=report.nprobe, rerank=partial, rerank_factor=10)
+    assert set(top[top >= 0] % 2) == {0}
+    np.testing.assert_array_equal(partial.rows(np.array([ids[2], ids[3], -1])), [1, -1, -1])
+
+
+def test_range_search_with_a_rerank_has_exact_scores_and_matches_brute_force(tmp_path):
+    data = ClusteredVectors(6000, 64, clusters=30, seed=11, spread=0.3)
+    choice = fi._with_rerank(fi.ivf_sq_choice(data.n, data.dim, "ivf-sq8"), data.n, data.dim)
+    index, ids, vectors, *_ = build(data, choice, n_queries=0)
+    rerank = rerank_files(tmp_path, data)
+    queries = vectors[:50]
+    lims, scores, found = fi.range_search(index, queries, 0.9, nprobe=choice.nlist, rerank=rerank)
+    exact = queries @ vectors.T
+    for i in range(len(queries)):
+        got = found[lims[i]:lims[i + 1]]
+        # float16 rows: a pair within 2e-3 of the threshold may fall either side
+        assert set(ids[exact[i] > 0.902]) <= set(got) <= set(ids[exact[i] > 0.898]), i
+        np.testing.assert_allclose(scores[lims[i]:lims[i + 1]], exact[i][np.searchsorted(ids, got)], atol=2e-3)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
@@ -302,6 +398,44 @@ def test_catalogue_index_goes_flat_to_ivf_updates_in_place_and_retrains_past_the
     assert info["recall_at_10"] == pytest.approx(m.index_recall_at_10)
     text = runner.invoke(app, ["status", "--catalog", str(tmp_path / "cat")]).output
     assert f"recall@10 {m.index_recall_at_10:.3f} (target 0.95)" in " ".join(text.split())
+
+
+def test_catalogue_with_coarse_codes_keeps_a_versioned_rerank_file_and_reaches_the_target(tmp_path):
+    from tasks.catalog import verify_version
+
+    dim, n = 64, 6000
+    budget = fi._with_rerank(fi.ivf_pq_for_code(n + 200, dim, 8, opq=False), n + 200, dim).estimated_bytes + 1000
+    cat = SyntheticCatalogue(tmp_path / "cat", dim, fi.IndexSettings(flat_max_vectors=1000, memory_budget_bytes=budget))
+    pool = ClusteredVectors(n + 200, dim, clusters=40, seed=12)
+    _, vectors = pool.all()
+    keys = [f"photos/item-{i:05d}.jpg" for i in range(pool.n)]
+
+    v1 = cat.commit(keys[:n], vectors[:n])
+    m = v1.manifest
+    assert (m.index_type, m.index_factory) == ("ivf-pq", "IVF153,PQ8x8np")
+    assert m.index_rerank == f"index/{m.index.split('/')[1].removesuffix('.faiss')}.rerank-f16.npy"
+    assert m.index_rerank in m.files and m.index_rerank_ids in m.files and m.index_rerank in m.named_files
+    assert m.files[m.index_rerank].size == pytest.approx(n * dim * 2, abs=128)
+    assert m.index_recall_at_10 >= 0.95 and m.index_rerank_factor in fi.RERANK_FACTORS
+    assert v1.index.ntotal == len(v1.images) == n
+    ids, now = v1.embeddings()
+    sample = np.random.default_rng(1).choice(len(ids), 300, replace=False)
+    truth = brute_force(now, ids, now[sample], 11)
+    _, found = fi.search(v1.index, now[sample], 11, nprobe=m.index_nprobe, rerank=v1.rerank,
+                         rerank_factor=m.index_rerank_factor)
+    hits = sum(len(set(t[t != own][:10]) & set(f[f != own][:10])) for t, f, own in zip(truth, found, ids[sample]))
+    assert hits / 3000 >= m.index_recall_at_10 - 0.03
+
+    # nightly: 100 deleted, 200 new -> the index is updated in place, the re-rank file is written anew
+    v2 = cat.commit(keys[n:], vectors[n:], deleted=keys[:100])
+    m2 = v2.manifest
+    assert (m2.index_factory, m2.index_trained_n) == (m.index_factory, n) and m2.index_rerank != m.index_rerank
+    assert m2.index_recall_at_10 >= 0.95 and verify_version(cat.store, m2).problems == []
+    hits = similar_images(v2, key=keys[n + 5], k=3, include_self=True)
+    assert hits.iloc[0]["key"] == keys[n + 5] and hits.iloc[0]["score"] == pytest.approx(1.0, abs=2e-3)
+    gone = set(fi.search(v2.index, vectors[:100], 10, rerank=v2.rerank, rerank_factor=10)[1].ravel())
+    assert not gone & set(v1.images["image_id"][v1.images["key"].isin(keys[:100])])
+    assert Catalog.open(cat.store, version=1).rerank.vectors.shape == (n, dim)  # the old version keeps its file
 
 
 def test_manifests_written_before_ivf_still_load(tmp_path):
