@@ -530,7 +530,9 @@ def test_a_folder_and_a_csv_of_query_images_find_their_originals(tmp_path, resne
 
     pd.DataFrame({"image": [f"queries/{o.key.replace('photos/', 'copy-')}" for o in photos[:2]],
                   "key": [photos[5].key, photos[6].key]}).to_csv(tmp_path / "mixed.csv", index=False)
-    found = search_queries(str(tmp_path / "cat"), tmp_path / "mixed.csv", k=1)
+    alone = search_queries(str(tmp_path / "cat"), tmp_path / "mixed.csv", k=1).set_index("query")["key"]
+    assert alone[photos[5].key] != photos[5].key and alone[photos[6].key] != photos[6].key  # not their own hits
+    found = search_queries(str(tmp_path / "cat"), tmp_path / "mixed.csv", k=1, include_self=True)
     assert found.set_index("query")["key"].to_dict() == {
         photos[5].key: photos[5].key, photos[6].key: photos[6].key,
         str(tmp_path / "queries" / photos[0].key.replace("photos/", "copy-")): photos[0].key,
