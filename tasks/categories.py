@@ -95,7 +95,8 @@ def save_categorizer(store: ObjectStore, categorizer: Categorizer) -> str:
     """Write a new categoriser version and make it the active one."""
     created = datetime.now(UTC)
     categorizer.created_at = created.isoformat(timespec="seconds")
-    key = f"categorizers/{new_run_id(created)}.json"
+    # microseconds in the name: `categories list` orders by it, and two fits can share a second
+    key = f"categorizers/{created:%Y%m%dT%H%M%S%fZ}-{new_run_id(created).rsplit('-', 1)[1]}.json"
     store.put(key, categorizer.to_json(), if_none_match=True)
     # Nothing here depends on which categoriser was active before, so the pointer is
     # simply overwritten: of two fits finishing together, the later one is active.
