@@ -609,6 +609,8 @@ class ShardResult:
     failures: list[dict]
     times: dict[str, float]
     part_file: FileRecord | None = None  # size and sha256 of `embedding_part`
+    ran_on: str = ""  # host:pid of the process that ran the shard
+    model_loads: int = 0  # models that process had built when the shard ended (1: loaded once, then reused)
 
 
 @dataclass
