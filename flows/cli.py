@@ -44,6 +44,12 @@ class Precision(str, Enum):
 EndpointOpt = Annotated[str | None, typer.Option("--endpoint-url", envvar="AWS_ENDPOINT_URL",
                                                  help="S3-compatible endpoint (also AWS_ENDPOINT_URL).")]
 CatalogOpt = Annotated[str, typer.Option("--catalog", help="Output root of a run: folder or s3://bucket/prefix.")]
+ClusterOpt = Annotated[str | None, typer.Option(
+    envvar="BATCHSIGHT_DASK_CLUSTER", help="Run the shards on the Dask cluster whose scheduler is at this address "
+    "(tcp://HOST:8786); see docs/operations.md.")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    min=1, help="Run the shards on a local Dask cluster of this many worker processes (one per GPU on a GPU "
+    "machine). Default: in this process.")]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -130,6 +136,9 @@ def run_catalog(source: str, output: str, *, show_progress: bool = True, **param
 
     The listing is planned here first: a night with nothing to do records its run
     and returns without starting Prefect (whose temporary server takes 10-20 s)."""
+    from flows.runners import ShardRunner, check_reachable
+
+    check_reachable(ShardRunner(cluster=params.get("cluster"), workers=params.get("workers")))
     model = params.get("model", "resnet50")
     weights = preflight(source, output, model, params.get("endpoint_url"), params.get("weights"),
                         params.get("weights_sha256"))
@@ -239,12 +248,15 @@ def run(
     allow_mass_delete: Annotated[bool, typer.Option("--allow-mass-delete", help="Commit the deletions even past "
                                                     "--max-delete-share (an emptied bucket, a big clean-up).")]
     = False,
+    cluster: ClusterOpt = None,
+    workers: WorkersOpt = None,
     endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
     """Catalogue SOURCE into OUTPUT: embed new and changed images, index them, commit a new version."""
     try:
-        summary = run_catalog(source, output, show_progress=not as_json, model=model, weights=weights,
+        summary = run_catalog(source, output, show_progress=not as_json, cluster=cluster, workers=workers,
+                              model=model, weights=weights,
                               weights_sha256=weights_sha256, batch_size=batch_size, device=device.value,
                               precision=precision.value, limit=limit, shard_size=shard_size, io_workers=io_workers,
                               compile=compile.value, gpu_decode=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages,
@@ -493,6 +505,8 @@ def serve(
     = Path("~/.batchsight/prefect"),
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the Prefect server batchsight starts (its "
                                                              "UI is there too).")] = 4200,
+    cluster: ClusterOpt = None,
+    workers: WorkersOpt = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Serve the nightly deployment: schedule, one run at a time, retries.
@@ -509,6 +523,9 @@ def serve(
     api_url = os.environ.get("PREFECT_API_URL")
     try:
         ZoneInfo(timezone)
+        from flows.runners import ShardRunner, check_reachable
+
+        check_reachable(ShardRunner(cluster=cluster, workers=workers))
         preflight(source, output, model or "resnet50", endpoint_url, weights)
         if api_url:
             check_api(api_url)
@@ -529,7 +546,8 @@ def serve(
                           "Ctrl-C stops it", highlight=False, soft_wrap=True)
             with temporary_settings({PREFECT_API_URL: url}):
                 serve_nightly(source, output, name=name, cron=cron, timezone=timezone, interval_s=interval,
-                              model=model, weights=weights, batch_size=batch_size, endpoint_url=endpoint_url)
+                              model=model, weights=weights, batch_size=batch_size, endpoint_url=endpoint_url,
+                              cluster=cluster, workers=workers)
     except PrefectServerError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:

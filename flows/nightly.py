@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from models.engine import EmbedderSettings, get_embedder, should_compile
+from flows.runners import ShardRunner, check_reachable, run_shards, shard_progress
+from models.engine import EmbedderSettings, describe_model, get_embedder, should_compile
+from models.registry import get_model_spec
+from models.weights import resolve_weights
 from tasks import catalog as cat
 from tasks import planning
 from tasks.categories import active_categorizer
@@ -45,8 +47,11 @@ def list_and_plan(source: str, output: str, endpoint_url: str | None, fingerprin
 
 @task(name="process-shard", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def process_shard_task(spec: ShardSpec) -> cat.ShardResult:
-    progress = current_progress()
-    return process_shard(spec, on_progress=progress.advance if progress else None)
+    on_progress, finish = shard_progress(current_progress(), spec.progress_topic, spec.index)
+    try:
+        return process_shard(spec, on_progress=on_progress)
+    finally:
+        finish()
 
 
 @task(name="build-and-commit", cache_policy=NO_CACHE)
@@ -59,7 +64,7 @@ def build_and_commit(output: str, endpoint_url: str | None, previous_key: str | 
     return manifest, stats
 
 
-@flow(name="catalog-images", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="catalog-images")
 def catalog_images(
     source: str,
     output: str,
@@ -82,77 +87,99 @@ def catalog_images(
     max_delete_share: float = cat.DEFAULT_MAX_DELETE_SHARE,
     allow_mass_delete: bool = False,
     endpoint_url: str | None = None,
+    cluster: str | None = None,
+    workers: int | None = None,
 ) -> RunSummary:
     """Catalogue `source` into `output`: embed new and changed images, drop
-    deleted ones, and commit a new version atomically."""
+    deleted ones, and commit a new version atomically. Shards run in this
+    process, on a local Dask cluster of `workers` processes, or on the Dask
+    cluster at `cluster` (flows/runners.py)."""
     logger = get_run_logger()
     started = time.perf_counter()
     check_roots_apart(source, output)
+    runner = ShardRunner(cluster=cluster, workers=workers)
+    check_reachable(runner)
     run_id = cat.new_run_id()
     index_settings = IndexSettings(
         memory_budget_bytes=parse_memory_size(index_memory) if index_memory else None, recall_target=recall_target)
-    settings = EmbedderSettings(model=model, weights=weights, weights_sha256=weights_sha256, device=device,
+    # Weights are resolved and checked once, here; every shard's process checks
+    # the same sha256 when it loads them.
+    resolved = resolve_weights(weights, get_model_spec(model), expected_sha256=weights_sha256,
+                               endpoint_url=endpoint_url)
+    settings = EmbedderSettings(model=model, weights=weights, weights_sha256=resolved.sha256, device=device,
                                 precision=precision, endpoint_url=endpoint_url)
-    embedder = get_embedder(settings)  # fail fast on a bad model or weights, before any listing
+    model_info = describe_model(settings, resolved)
+    # The model is loaded where the shards run: here for the in-process runner
+    # (failing fast on a bad device), else once in each Dask worker process.
+    embedder = get_embedder(settings, weights=resolved) if runner.in_process else None
     out_store = cached_store(output, endpoint_url, create=True)
     active = active_categorizer(out_store)
     if active:  # refused here, before any work, if it was trained on other embeddings
-        active[0].check_fits(embedder.fingerprint)
+        active[0].check_fits(model_info.fingerprint)
     categorizer_key = active[1] if active else None
-    if gpu_decode and embedder.device.type != "cuda":
+    if gpu_decode and embedder is not None and embedder.device.type != "cuda":
         raise ValueError("--gpu-decode decodes JPEGs with nvJPEG and needs a CUDA device; drop it or use --device cuda")
     summary = RunSummary(run_id=run_id, status="failed", version=None, source=source, output=output,
-                         model=model, weights_sha256=embedder.weights.sha256,
+                         model=model, weights_sha256=resolved.sha256,
                          started_at=datetime.now(UTC).isoformat())
     lease = cat.RunLease(out_store, run_id)  # gc leaves this run's files alone while it lives
     try:
         lease.__enter__()
-        planned = list_and_plan(source, output, endpoint_url, embedder.fingerprint, max_attempts=max_attempts,
+        planned = list_and_plan(source, output, endpoint_url, model_info.fingerprint, max_attempts=max_attempts,
                                 limit=limit, max_delete_share=max_delete_share, allow_mass_delete=allow_mass_delete)
         previous, plan, reembed_all = planned.previous, planned.plan, planned.reembed_all
         summary.note_plan(planned)
         if reembed_all:
             logger.info("model or weights changed (%s -> %s): re-embedding every image",
-                        previous.manifest.fingerprint[:40], embedder.fingerprint[:40])
+                        previous.manifest.fingerprint[:40], model_info.fingerprint[:40])
         logger.info("listed %s objects under %s: %s", summary.listed, source, summary.counts)
         if plan.is_empty:
             return summary
 
         todo = plan.to_process
-        batch_size = batch_size or embedder.fitting_batch_size()
+        if embedder is not None:
+            batch_size = batch_size or embedder.fitting_batch_size()
         compiled = should_compile(compile, len(todo))
         t_compile = time.perf_counter()
-        if compiled:  # once, here, so shards in this process start warm (Dask workers compile on their first)
+        if compiled and embedder is not None:  # once, here, so shards in this process start warm
             embedder.enable_compile()
             embedder.warm_up(batch_size)
         compile_s = time.perf_counter() - t_compile
-        if progress := current_progress():  # after compiling, so the bar's rate is the shards' rate
+        progress = current_progress()
+        if progress:  # after compiling, so the bar's rate is the shards' rate
             progress.start(len(todo))
+        topic = None if runner.in_process else f"batchsight-progress-{run_id}"
         specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source, output=output,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
                            decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages),
-                           compile=compiled, categorizer=categorizer_key, endpoint_url=endpoint_url)
+                           compile=compiled, categorizer=categorizer_key, endpoint_url=endpoint_url,
+                           progress_topic=topic)
                  for i, start in enumerate(range(0, len(todo), shard_size))]
-        t_shards = time.perf_counter()
-        results = [f.result() for f in process_shard_task.map(specs)]
+        logger.info("%s shards of up to %s objects on %s", len(specs), shard_size, runner.describe())
+        t_shards, submitted_at = time.perf_counter(), time.time()
+        results = run_shards(process_shard_task, specs, runner, progress=progress, topic=topic)
         shard_wall = time.perf_counter() - t_shards
 
         manifest, stats = build_and_commit(
             output, endpoint_url, previous.manifest_key if previous else None, planned.pointer_etag, plan, results,
-            run_id=run_id, source=source, model=embedder.spec.name, weights=embedder.weights.spec,
-            weights_source=embedder.weights.source, weights_sha256=embedder.weights.sha256,
-            embedding_dim=embedder.embedding_dim, reembed_all=reembed_all, index_settings=index_settings,
+            run_id=run_id, source=source, model=model_info.name, weights=resolved.spec,
+            weights_source=resolved.source, weights_sha256=resolved.sha256,
+            embedding_dim=model_info.embedding_dim, reembed_all=reembed_all, index_settings=index_settings,
             categorizer=categorizer_key)
         times = StageTimes()
         for r in results:
-            times.add(StageTimes(**{k.removesuffix("_s"): v for k, v in r.times.items()
-                                     if k not in ("write_s", "batch_size")}))
-        summary.batch_size = min((int(r.times.get("batch_size", batch_size)) for r in results), default=batch_size)
+            times.add(StageTimes(**{k: r.times[f"{k}_s"] for k in ("fetch", "decode", "model", "wait")}))
+        summary.batch_size = min((int(r.times["batch_size"]) for r in results), default=batch_size or 0)
+        first_batch = [r.times["first_batch_at"] for r in results if r.times.get("first_batch_at")]
         summary.stage_s = times.as_dict() | {
             "write_s": sum(r.times["write_s"] for r in results) + stats.write_s,
             "index_s": stats.index_s,
             "compile_s": compile_s,
-        }
+            "load_s": sum(r.times.get("load_s", 0.0) for r in results),  # model loads in the shards' processes
+        } | ({"to_first_batch_s": min(first_batch) - submitted_at} if first_batch else {})
+        summary.shards, summary.runner = len(results), runner.describe()
+        summary.shards_by_process = dict(Counter(r.ran_on for r in results))
+        summary.models_built = max((r.model_loads for r in results), default=0)
         summary.pages = sum(len(r.rows) for r in results)
         summary.processed = len({k for r in results for k in r.rows["key"]})
         failures = [f for r in results for f in r.failures]

@@ -443,14 +443,41 @@ class Embedder:
 
 _cache_lock = threading.Lock()
 _embedders: dict[EmbedderSettings, Embedder] = {}
+_built = 0  # Embedders this process has built: a worker that reuses its model stays at 1
 
 
-def get_embedder(settings: EmbedderSettings) -> Embedder:
+def embedders_built() -> int:
+    return _built
+
+
+def get_embedder(settings: EmbedderSettings, *, weights: ResolvedWeights | None = None) -> Embedder:
     """The process's Embedder for `settings`: built once, reused by every shard
-    this process (a thread-pool worker or a Dask worker) runs."""
+    this process (a thread-pool worker or a Dask worker) runs. `weights`, when
+    the caller has resolved them already, are used instead of resolving again."""
     with _cache_lock:
         embedder = _embedders.get(settings)
         if embedder is None:
             _embedders.clear()  # one model per process: a new model replaces the old
-            embedder = _embedders[settings] = Embedder(settings)
+            embedder = _embedders[settings] = Embedder(settings, weights=weights)
+            global _built
+            _built += 1
         return embedder
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run records about its model without building it: the flow's
+    process needs this when the shards (and the model) run elsewhere."""
+
+    name: str
+    fingerprint: str
+    embedding_dim: int
+
+
+def describe_model(settings: EmbedderSettings, weights: ResolvedWeights) -> ModelInfo:
+    """Name, fingerprint and embedding size of `settings` with `weights`, from the
+    architecture built on the meta device (no memory, no weights loaded)."""
+    spec = get_model_spec(settings.model)
+    with torch.device("meta"):
+        head = FeaturesAndLogits(spec.builder(weights=None)).head
+    return ModelInfo(spec.name, f"{spec.name}@{weights.sha256}", head.in_features)

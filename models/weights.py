@@ -11,7 +11,7 @@ import hashlib
 import io
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,13 @@ def parse_random_spec(spec: str) -> int | None:
         raise WeightsError(f"bad weights spec {spec!r}: random weights are written random:SEED, e.g. random:0") from None
 
 
+# The last weights this process resolved from a file, keyed by the file's path,
+# size and mtime: the CLI's check, the flow and the model building in one process
+# read and hash a 100 MB file once, and a file replaced between nightly runs of a
+# long-lived server is read again.
+_last_file: tuple[tuple, ResolvedWeights] | None = None
+
+
 def resolve_weights(spec: str | None, model: ModelSpec, *, expected_sha256: str | None = None,
                     endpoint_url: str | None = None) -> ResolvedWeights:
     """Turn a `--weights` value into a state dict plus its sha256.
@@ -59,10 +66,13 @@ def resolve_weights(spec: str | None, model: ModelSpec, *, expected_sha256: str 
     `None` means the model's default torchvision weights (downloaded into the
     torch hub cache on first use).
     """
+    global _last_file
     spec = spec or "DEFAULT"
     seed = parse_random_spec(spec)
     if seed is not None:
-        return ResolvedWeights(spec, "random", sha256_bytes(f"random:{seed}:{model.name}".encode()), seed=seed)
+        resolved = ResolvedWeights(spec, "random", sha256_bytes(f"random:{seed}:{model.name}".encode()), seed=seed)
+        _check_sha(spec, spec, resolved.sha256, expected_sha256)
+        return resolved
     if spec.startswith("s3://"):
         from tasks.storage import open_store, parse_s3_url
 
@@ -75,7 +85,14 @@ def resolve_weights(spec: str | None, model: ModelSpec, *, expected_sha256: str 
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist; pass an existing file, an s3:// key, "
                                "or a torchvision weights name such as IMAGENET1K_V2")
-        return _from_bytes(spec, "file", path.read_bytes(), path.name, expected_sha256)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, model.name)
+        if _last_file is not None and _last_file[0] == key:
+            _check_sha(spec, path.name, _last_file[1].sha256, expected_sha256)
+            return replace(_last_file[1], spec=spec)
+        resolved = _from_bytes(spec, "file", path.read_bytes(), path.name, expected_sha256)
+        _last_file = (key, resolved)
+        return resolved
     return _from_torchvision(spec, model, expected_sha256)
 
 

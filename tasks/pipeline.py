@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -29,8 +30,8 @@ import pandas as pd
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from models.engine import (EmbedResult, Embedder, EmbedderSettings, get_embedder, preprocess_on_device, preprocess_pixels,
-                           stack_images)
+from models.engine import (EmbedResult, Embedder, EmbedderSettings, embedders_built, get_embedder, preprocess_on_device,
+                           preprocess_pixels, stack_images)
 from models.registry import Preprocessing
 from tasks import tables
 from tasks.catalog import ShardResult, crash_point, put_recorded
@@ -688,6 +689,7 @@ class ShardSpec:
     compile: bool = False
     categorizer: str | None = None  # key of the categoriser to apply, under `output`
     endpoint_url: str | None = None
+    progress_topic: str | None = None  # Dask event topic the flow listens on, when the shard runs elsewhere
 
 
 def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None = None) -> ShardResult:
@@ -695,19 +697,22 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
 
     Vectors go into the part batch by batch (one Parquet row group each) and are
     not kept, so a shard holds its compressed part, not its raw vectors."""
+    started_at = time.time()
     source = cached_store(spec.source, spec.endpoint_url)
     output = cached_store(spec.output, spec.endpoint_url, create=True)
-    embedder = get_embedder(spec.embedder)
+    embedder = get_embedder(spec.embedder)  # built on the process's first shard, then reused
     if spec.compile:
         embedder.enable_compile()
+    load_s = time.time() - started_at
     categorizer = load_categorizer(output, spec.categorizer) if spec.categorizer else None
     part_key = f"tables/embeddings/{spec.run_id}/shard-{spec.index:05d}.parquet"
     part = tables.EmbeddingsPartWriter(spec.run_id, embedder.embedding_dim)
     row_frames: list[pd.DataFrame] = []
-    write_s = 0.0
+    write_s, first_batch_at = 0.0, 0.0
 
     def keep(batch: ProcessedBatch) -> None:
-        nonlocal write_s
+        nonlocal write_s, first_batch_at
+        first_batch_at = first_batch_at or time.time()
         t0 = time.perf_counter()
         rows = images_rows([batch], embedder, run_id=spec.run_id, embedding_part=part_key)
         row_frames.append(categorize_rows(rows, batch.embeddings, categorizer))
@@ -724,11 +729,15 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
         rows = pd.concat(row_frames, ignore_index=True)
     else:
         part_key, part_file, rows = None, None, tables.empty_frame(tables.IMAGES_SCHEMA)
-    # `times` also carries the batch size the shard ended with, for the run summary.
-    times = out.times.as_dict() | {"write_s": write_s + time.perf_counter() - t0, "batch_size": float(out.batch_size)}
+    # `times` also carries the batch size the shard ended with, and when (epoch
+    # seconds) it started, embedded its first batch and ended, for the run summary.
+    times = out.times.as_dict() | {"write_s": write_s + time.perf_counter() - t0, "load_s": load_s,
+                                   "batch_size": float(out.batch_size), "started_at": started_at,
+                                   "first_batch_at": first_batch_at, "ended_at": time.time()}
     failures = [asdict(f) for f in out.failures]
     return ShardResult(shard=spec.index, rows=rows, embedding_part=part_key, failures=failures, times=times,
-                       part_file=part_file)
+                       part_file=part_file, ran_on=f"{socket.gethostname()}:{os.getpid()}",
+                       model_loads=embedders_built())
 
 
 def images_rows(batches: list[ProcessedBatch], embedder: Embedder, *, run_id: str, embedding_part: str) -> pd.DataFrame:

@@ -35,6 +35,10 @@ class RunSummary:
     stage_s: dict[str, float] = field(default_factory=dict)
     batch_size: int = 0  # model batch size used (the smallest any shard ended with: halved on GPU out-of-memory)
     bottleneck: str = ""  # what held the run back, from stage_s
+    shards: int = 0
+    runner: str = ""  # where the shards ran: this process, or a Dask cluster
+    shards_by_process: dict[str, int] = field(default_factory=dict)  # host:pid -> shards it ran
+    models_built: int = 0  # most models one shard process built (1: each loaded its model once)
     started_at: str = ""
     message: str = ""
 

@@ -1,0 +1,166 @@
+"""Shards on a Dask cluster, through `prefect_dask.DaskTaskRunner` (the choice
+of runner is flows/runners.py).
+
+- `--workers N`: a temporary `LocalCluster` of N worker processes, one shard at a
+  time each, the model's CPU threads shared out (`OMP_NUM_THREADS`), task runs
+  reported to this flow's Prefect API; on a machine with GPUs, one worker per
+  GPU, each pinned to its card by `PinGpu` and advertising `GPU=1`.
+- `--cluster ADDRESS`: a running cluster; its workers are set up by whoever
+  started them (docs/operations.md).
+
+Workers that advertise a `GPU` resource get shards annotated with
+`resources={"GPU": 1}`, so two shards never share a card. The model is loaded
+in each worker process on its first shard and reused (`models.engine.get_embedder`).
+Progress crosses processes as Dask events (`log_event` on the worker,
+`subscribe_topic` here): per shard and cumulative, so a shard rerun on another
+worker after the first one died does not count its images twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import dask
+from distributed import LocalCluster, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+from prefect_dask import DaskTaskRunner
+
+from flows.runners import RunnerError, ShardRunner
+from tasks.pipeline import ProgressReporter
+
+PROGRESS_EVERY_S = 0.5  # a worker sends a shard's count at most this often
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class PinGpu(WorkerPlugin):
+    """A Dask worker plugin: worker `name` (0, 1, ...) sees only GPU `name`, set
+    before anything in the worker touches CUDA."""
+
+    name = "batchsight-pin-gpu"
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus = gpus
+
+    def setup(self, worker) -> None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.name) % self.gpus)
+
+
+def _local_cluster_kwargs(workers: int, gpus: int, api_url: str | None) -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    env = {"OMP_NUM_THREADS": str(max(1, cores // workers))}  # the model's CPU streams share the cores
+    if api_url:  # task runs report to this flow's API, not to a temporary server of each worker's own
+        env["PREFECT_API_URL"] = api_url
+    kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                              "dashboard_address": None, "env": env}
+    if gpus:
+        kwargs["resources"] = {"GPU": 1}
+    return kwargs
+
+
+def _flow_api_url() -> str | None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
+@contextlib.contextmanager
+def _dask_runner(runner: ShardRunner) -> Iterator[Any]:
+    if runner.cluster:
+        with DaskTaskRunner(address=runner.cluster) as task_runner:
+            yield task_runner
+        return
+    gpus = local_gpus()
+    if gpus and runner.workers > gpus:
+        raise RunnerError(f"this machine has {gpus} GPUs and a worker takes one: use --workers {gpus} at most")
+    kwargs = _local_cluster_kwargs(runner.workers, gpus, _flow_api_url())
+    # GPU workers decode in processes of their own, which a daemonic process may not start.
+    with dask.config.set({"distributed.worker.daemon": not gpus}), \
+            DaskTaskRunner(cluster_class=LocalCluster, cluster_kwargs=kwargs) as task_runner:
+        if gpus:
+            task_runner.client.register_plugin(PinGpu(gpus))
+        yield task_runner
+
+
+def _wants_gpu(client) -> bool:
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return any(w.get("resources", {}).get("GPU") for w in workers)
+
+
+class _ForwardProgress:
+    """Events from the workers -> this process's progress bar: each event is
+    (timestamp, [shard, objects done so far in this attempt]); the bar advances
+    by the growth of each shard's largest count."""
+
+    def __init__(self, progress: ProgressReporter) -> None:
+        self.progress = progress
+        self.done: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, event: tuple[float, Any]) -> None:
+        shard, count = event[1]
+        with self.lock:
+            grown = count - self.done.get(shard, 0)
+            if grown <= 0:
+                return
+            self.done[shard] = count
+        self.progress.advance(grown)
+
+
+def run_on_dask(task, specs: Sequence[Any], runner: ShardRunner, *, progress: ProgressReporter | None = None,
+                topic: str | None = None) -> list[Any]:
+    """`task(spec)` for every spec on the Dask cluster `runner` names (or starts);
+    results in spec order."""
+    with _dask_runner(runner) as task_runner:
+        client = task_runner.client
+        if progress is not None and topic:
+            client.subscribe_topic(topic, _ForwardProgress(progress))
+        try:
+            with dask.annotate(resources={"GPU": 1}) if _wants_gpu(client) else contextlib.nullcontext():
+                futures = task_runner.map(task, {"spec": list(specs)})
+            return [f.result() for f in futures]
+        finally:
+            if progress is not None and topic:
+                with contextlib.suppress(Exception):  # a scheduler that went away takes its topics with it
+                    client.unsubscribe_topic(topic)
+
+
+class WorkerProgress:
+    """A shard's progress from a Dask worker: its running count, sent as an event
+    at most every `PROGRESS_EVERY_S` and once more at the end."""
+
+    def __init__(self, worker, topic: str, shard: int) -> None:
+        self.worker, self.topic, self.shard = worker, topic, shard
+        self.count, self.sent_at, self.sent = 0, 0.0, 0
+
+    @classmethod
+    def here(cls, topic: str | None, shard: int) -> WorkerProgress | None:
+        """A reporter when this code runs on a Dask worker and the run listens."""
+        if not topic:
+            return None
+        try:
+            return cls(get_worker(), topic, shard)
+        except ValueError:  # not on a Dask worker
+            return None
+
+    def advance(self, n: int) -> None:
+        self.count += n
+        if time.monotonic() - self.sent_at >= PROGRESS_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.count != self.sent:
+            self.worker.log_event(self.topic, [self.shard, self.count])
+            self.sent, self.sent_at = self.count, time.monotonic()
+
+

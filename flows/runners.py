@@ -1,0 +1,119 @@
+"""Where shards run: the task runner the caller chooses (CLI `--cluster` /
+`--workers`, or the deployment's `cluster` / `workers` parameters).
+
+- neither: in this process, one shard at a time (a shard already uses every
+  core: decode threads or processes, and the model's streams);
+- `workers=N`: a temporary `LocalCluster` of N worker processes on this machine,
+  one shard at a time each; on a machine with GPUs, one worker per GPU, each
+  pinned to its own card;
+- `cluster="tcp://scheduler:8786"`: an existing Dask cluster.
+
+This module is the choice, light enough for the CLI to check a flag before
+Prefect starts; the Dask side is flows/dask_shards.py. Another distributed
+runner (Ray, a batch system) would be one more module like that one, and one
+more branch in `run_shards`.
+
+Both Dask cases go through `prefect_dask.DaskTaskRunner`: a shard is the same
+Prefect task wherever it runs. The model is loaded where a shard runs, once per
+worker process (`models.engine.get_embedder`). Workers that advertise a `GPU`
+resource get shards annotated with `resources={"GPU": 1}`, so two shards never
+share a card. Progress crosses processes as Dask events (`log_event` on the
+worker, `subscribe_topic` here), per shard and cumulative, so a shard rerun on
+another worker after its first one died does not count its images twice.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from tasks.pipeline import ProgressReporter
+
+SCHEDULER_CONNECT_TIMEOUT_S = 10.0
+
+
+class RunnerError(ValueError):
+    """A --cluster / --workers choice that cannot work; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ShardRunner:
+    """Where the shards of a run go; plain data (a flow parameter)."""
+
+    cluster: str | None = None  # address of a running Dask scheduler
+    workers: int | None = None  # size of a temporary local cluster
+
+    def __post_init__(self) -> None:
+        if self.cluster and self.workers:
+            raise RunnerError("pass --cluster ADDRESS (a running Dask cluster) or --workers N (a local one), not both")
+        if self.workers is not None and self.workers < 1:
+            raise RunnerError(f"--workers must be 1 or more, not {self.workers}")
+        if self.cluster:
+            scheduler_address(self.cluster)
+
+    @property
+    def in_process(self) -> bool:
+        return not self.cluster and not self.workers
+
+    def describe(self) -> str:
+        if self.cluster:
+            return f"the Dask cluster at {self.cluster}"
+        if self.workers:
+            return f"a local Dask cluster of {self.workers} worker processes"
+        return "this process"
+
+
+def scheduler_address(cluster: str) -> tuple[str, int]:
+    """(host, port) of a Dask scheduler address such as tcp://10.0.0.5:8786."""
+    parsed = urlparse(cluster if "://" in cluster else f"tcp://{cluster}")
+    if parsed.scheme not in ("tcp", "tls") or not parsed.hostname:
+        raise RunnerError(f"--cluster {cluster!r} is not a Dask scheduler address; write it as tcp://HOST:8786")
+    return parsed.hostname, parsed.port or 8786
+
+
+def check_reachable(runner: ShardRunner, timeout_s: float = SCHEDULER_CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, before any listing, when the scheduler does not answer."""
+    if not runner.cluster:
+        return
+    host, port = scheduler_address(runner.cluster)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RunnerError(f"no Dask scheduler answers at {runner.cluster} ({exc}); start one with `dask scheduler` "
+                          "and workers with `dask worker ADDRESS --nthreads 1` (docs/operations.md), or drop "
+                          "--cluster to run here") from None
+
+
+def run_shards(task, specs: Sequence[Any], runner: ShardRunner, *, progress: ProgressReporter | None = None,
+               topic: str | None = None) -> list[Any]:
+    """Run `task(spec)` for every spec where `runner` says; results in spec order."""
+    if runner.in_process:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        with ThreadPoolTaskRunner(max_workers=1) as task_runner:
+            return [f.result() for f in task_runner.map(task, {"spec": list(specs)})]
+    from flows.dask_shards import run_on_dask
+
+    check_reachable(runner)
+    return run_on_dask(task, specs, runner, progress=progress, topic=topic)
+
+
+def shard_progress(local: ProgressReporter | None, topic: str | None, shard: int
+                   ) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    """(on_progress, finish) for a shard: the local bar when the shard runs in
+    the flow's process, else events to it from the Dask worker it runs on."""
+    if local is not None:
+        return local.advance, lambda: None
+    if not topic:
+        return None, lambda: None
+    from flows.dask_shards import WorkerProgress
+
+    remote = WorkerProgress.here(topic, shard)
+    if remote is None:
+        return None, lambda: None
+    return remote.advance, remote.flush
