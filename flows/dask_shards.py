@@ -19,6 +19,7 @@ worker after the first one died does not count its images twice.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -85,11 +86,26 @@ def _dask_runner(runner: ShardRunner) -> Iterator[Any]:
         raise RunnerError(f"this machine has {gpus} GPUs and a worker takes one: use --workers {gpus} at most")
     kwargs = _local_cluster_kwargs(runner.workers, gpus, _flow_api_url())
     # GPU workers decode in processes of their own, which a daemonic process may not start.
-    with dask.config.set({"distributed.worker.daemon": not gpus}), \
+    with dask.config.set({"distributed.worker.daemon": not gpus}), _quiet_cluster_logs(), \
             DaskTaskRunner(cluster_class=LocalCluster, cluster_kwargs=kwargs) as task_runner:
         if gpus:
             task_runner.client.register_plugin(PinGpu(gpus))
         yield task_runner
+
+
+@contextlib.contextmanager
+def _quiet_cluster_logs() -> Iterator[None]:
+    """A temporary cluster's start-up and shutdown chatter (INFO lines, a nanny
+    killing a worker that is slow to exit) stays out of a run's output; errors
+    still show."""
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with dask.config.set({"logging.distributed": "error"}):  # the worker processes too
+            yield
+    finally:
+        logger.setLevel(before)
 
 
 def _wants_gpu(client) -> bool:

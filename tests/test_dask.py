@@ -1,0 +1,254 @@
+"""Scale-out: shards on a real Dask cluster through prefect-dask.
+
+Real parts only: `distributed.LocalCluster` with worker processes (or a scheduler
+and a worker started as `dask scheduler` / `dask worker` subprocesses), moto's S3
+server, the Prefect test harness (its API URL handed to the workers, as the
+runner does for the clusters it starts), seeded random resnet18 weights from a file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.nightly import catalog_images
+from flows.runners import ShardRunner, run_shards
+from models import engine
+from tasks import catalog as cat
+from tasks.pipeline import reporting_progress
+from tasks.sample_data import generate_samples, write_samples
+from tasks.storage import LocalStore, S3Store
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.timeout(900)]
+
+
+def api_url() -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
+def assert_exactly_once(c: cat.Catalog, expected_keys: set[str]) -> None:
+    """Each live image once in images, once in embeddings, once in the index."""
+    images = c.images
+    assert set(images["key"]) == expected_keys
+    assert images["key"].is_unique and images["image_id"].is_unique
+    ids, vectors = c.embeddings()
+    assert len(ids) == len(images) and len(set(ids.tolist())) == len(ids)
+    assert c.index.ntotal == len(images)
+    np.testing.assert_allclose(c.index.reconstruct_batch(ids), vectors, atol=1e-6)
+
+
+def vectors_by_key(c: cat.Catalog) -> dict[str, np.ndarray]:
+    ids, vectors = c.embeddings()
+    key_of = dict(zip(c.images["image_id"], c.images["key"], strict=True))
+    return {key_of[i]: v for i, v in zip(ids.tolist(), vectors, strict=True)}
+
+
+class CountingProgress:
+    def __init__(self) -> None:
+        self.total, self.done = 0, 0
+        self.lock = threading.Lock()
+
+    def start(self, total: int) -> None:
+        self.total = total
+
+    def advance(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+
+
+def run(source, output, weights, endpoint=None, **kw):
+    return catalog_images(source=source, output=output, model="resnet18", weights=str(weights), batch_size=4,
+                          precision="fp32", device="cpu", endpoint_url=endpoint, **kw)
+
+
+def test_shards_on_a_local_cluster_give_the_same_catalogue_as_one_process(new_bucket, moto_endpoint,
+                                                                         resnet18_weights):
+    src_bucket = new_bucket()
+    samples = generate_samples(14, seed=51)  # generated photos and documents, and the broken files
+    write_samples(S3Store(src_bucket, "photos", endpoint_url=moto_endpoint), samples)
+    source = f"s3://{src_bucket}/photos"
+    here = f"s3://{new_bucket()}/here"
+    on_cluster = f"s3://{new_bucket()}/cluster"
+
+    one = run(source, here, resnet18_weights, moto_endpoint, shard_size=4)
+    built_before = engine.embedders_built()
+    progress = CountingProgress()
+    with reporting_progress(progress):
+        spread = run(source, on_cluster, resnet18_weights, moto_endpoint, shard_size=4, workers=2)
+
+    assert spread.status == "committed" and spread.runner == "a local Dask cluster of 2 worker processes"
+    assert engine.embedders_built() == built_before, "the flow's process loaded no model: the workers did"
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    assert me not in spread.shards_by_process and 1 <= len(spread.shards_by_process) <= 2
+    assert sum(spread.shards_by_process.values()) == spread.shards == one.shards
+    assert spread.models_built == 1, "each worker process built its model once and reused it for its next shards"
+    # The bar in this process counted every object the workers read, each once.
+    assert progress.total == progress.done == spread.processed + spread.failed == one.processed + one.failed
+    assert spread.stage_s["to_first_batch_s"] > 0 and spread.stage_s["model_s"] > 0
+
+    a, b = cat.open_catalog(here, endpoint_url=moto_endpoint), cat.open_catalog(on_cluster, endpoint_url=moto_endpoint)
+    assert_exactly_once(b, set(a.images["key"]))
+    assert set(b.failures["key"]) == set(a.failures["key"]) and len(b.failures) > 0
+    va, vb = vectors_by_key(a), vectors_by_key(b)
+    for key, v in va.items():
+        np.testing.assert_allclose(vb[key], v, atol=1e-4)
+    assert b.manifest.weights_sha256 == a.manifest.weights_sha256
+
+
+@pytest.fixture
+def cluster():
+    """Two worker processes, one thread each, reporting task runs to the harness."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={"PREFECT_API_URL": api_url(), "OMP_NUM_THREADS": "1"}) as c, Client(c) as client:
+        yield c, client
+
+
+def test_a_worker_killed_mid_shard_leaves_every_image_exactly_once(tmp_path, resnet18_weights, cluster):
+    local_cluster, client = cluster
+    src, out = tmp_path / "src", tmp_path / "out"
+    samples = generate_samples(40, seed=52, broken=False)
+    write_samples(LocalStore(src, create=True), samples)
+    pids = client.run(os.getpid)
+    outcome: dict = {}
+
+    def go():
+        try:
+            outcome["summary"] = run(str(src), str(out), resnet18_weights, shard_size=5,
+                                     cluster=local_cluster.scheduler_address)
+        except BaseException as exc:  # noqa: BLE001 - the test decides what is acceptable
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    killed = None
+    deadline = time.time() + 600
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        parts = out / "tables" / "embeddings"
+        if parts.exists() and any(parts.rglob("*.parquet")):  # warm: a shard has finished, others run
+            busy = [w for w, keys in client.processing().items() if keys]
+            if busy:
+                killed = pids[busy[0]]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert killed is not None, f"no shard was caught running: {outcome}"
+
+    expected = {s.key for s in samples}
+    print(f"killed worker {killed} mid-shard; the run {'completed' if 'summary' in outcome else 'failed'}: "
+          f"{outcome.get('summary', outcome.get('error'))!r:.300}")
+    if "summary" in outcome:  # the shard reran on a worker that lived
+        assert outcome["summary"].status == "committed"
+        assert str(killed) not in " ".join(outcome["summary"].shards_by_process)
+        assert_exactly_once(cat.open_catalog(str(out)), expected)
+    else:  # or the run failed cleanly: nothing committed, and a rerun finishes
+        assert not (out / "CURRENT").exists()
+        run(str(src), str(out), resnet18_weights, shard_size=5)
+        assert_exactly_once(cat.open_catalog(str(out)), expected)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_lost_scheduler_commits_nothing_and_a_rerun_finishes(tmp_path, resnet18_weights):
+    src, out = tmp_path / "src", tmp_path / "out"
+    samples = generate_samples(40, seed=53, broken=False)
+    write_samples(LocalStore(src, create=True), samples)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = dict(os.environ, PREFECT_API_URL=api_url(), OMP_NUM_THREADS="1")
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", address.rsplit(":", 1)[1], "--dashboard-address", ":0"],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=120)
+        outcome: dict = {}
+
+        def go():
+            try:
+                outcome["summary"] = run(str(src), str(out), resnet18_weights, shard_size=5, cluster=address)
+            except BaseException as exc:  # noqa: BLE001
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=go)
+        thread.start()
+        parts = out / "tables" / "embeddings"
+        deadline = time.time() + 600
+        while time.time() < deadline and thread.is_alive():
+            if parts.exists() and any(parts.rglob("*.parquet")):
+                break
+            time.sleep(0.05)
+        scheduler.send_signal(signal.SIGKILL)
+        scheduler.wait(timeout=30)
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "the run hung after its scheduler went away"
+        assert "error" in outcome, f"the run went on without its scheduler: {outcome}"
+        assert not (out / "CURRENT").exists(), "nothing is committed by a run that lost its cluster"
+    finally:
+        for proc in (worker, scheduler):
+            proc.kill()
+            proc.wait(timeout=30)
+    rerun = run(str(src), str(out), resnet18_weights, shard_size=5)  # in this process: the cluster is gone
+    assert rerun.status == "committed" and rerun.counts["new"] == len(samples)
+    assert_exactly_once(cat.open_catalog(str(out)), {s.key for s in samples})
+
+
+@task(cache_policy=NO_CACHE)
+def hold_the_card(spec: int) -> tuple[int, int, float, float]:
+    """Stands in for a shard: which process ran it, and when."""
+    started = time.time()
+    time.sleep(0.5)
+    return spec, os.getpid(), started, time.time()
+
+
+def _overlaps(runs: list[tuple[int, int, float, float]]) -> bool:
+    by_pid: dict[int, list[tuple[float, float]]] = {}
+    for _, pid, start, end in runs:
+        by_pid.setdefault(pid, []).append((start, end))
+    return any(b[0] < a[1] for spans in by_pid.values() for a, b in zip(sorted(spans), sorted(spans)[1:]))
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_two_shards_never_share_a_gpu(gpu):
+    """One worker with two threads: with a GPU resource, its shards run one at a
+    time; without one (the control), two run at once, so the check can fail."""
+    resources = {"GPU": 1} if gpu else None
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
+                      resources=resources, env={"PREFECT_API_URL": api_url()}) as local_cluster:
+        runs = run_shards(hold_the_card, list(range(4)), ShardRunner(cluster=local_cluster.scheduler_address))
+    assert [r[0] for r in runs] == [0, 1, 2, 3]
+    assert _overlaps(runs) is not gpu
+
+
+def test_cluster_flags_are_checked_before_any_work(tmp_path):
+    cli = CliRunner()
+    args = ["run", "--source", str(tmp_path / "src"), "--output", str(tmp_path / "out")]
+    (tmp_path / "src").mkdir()
+    both = cli.invoke(app, [*args, "--cluster", "tcp://127.0.0.1:8786", "--workers", "2"])
+    assert both.exit_code == 2 and "not both" in both.output
+    nobody = cli.invoke(app, [*args, "--cluster", f"tcp://127.0.0.1:{_free_port()}"])
+    assert nobody.exit_code == 2 and "no Dask scheduler answers" in nobody.output
+    assert not (tmp_path / "out").exists(), "nothing was written"
+    bad = cli.invoke(app, [*args, "--cluster", "http://example:8786"])
+    assert bad.exit_code == 2 and "tcp://HOST:8786" in bad.output
