@@ -31,7 +31,7 @@ from distributed import LocalCluster, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 
-from flows.runners import RunnerError, ShardRunner
+from flows.runners import RunnerError, ShardRunner, ShardsDone
 from tasks.pipeline import ProgressReporter
 
 PROGRESS_EVERY_S = 0.5  # a worker sends a shard's count at most this often
@@ -134,17 +134,20 @@ class _ForwardProgress:
 
 
 def run_on_dask(task, specs: Sequence[Any], runner: ShardRunner, *, progress: ProgressReporter | None = None,
-                topic: str | None = None) -> list[Any]:
-    """`task(spec)` for every spec on the Dask cluster `runner` names (or starts);
-    results in spec order."""
+                topic: str | None = None) -> ShardsDone:
+    """`task(spec)` for every spec on the Dask cluster `runner` names (or starts)."""
+    t0 = time.perf_counter()
     with _dask_runner(runner) as task_runner:
-        client = task_runner.client
+        client = task_runner.client  # starts the local cluster, or connects
+        if runner.workers:
+            client.wait_for_workers(runner.workers)
+        start_s, ready_at = time.perf_counter() - t0, time.time()
         if progress is not None and topic:
             client.subscribe_topic(topic, _ForwardProgress(progress))
         try:
             with dask.annotate(resources={"GPU": 1}) if _wants_gpu(client) else contextlib.nullcontext():
                 futures = task_runner.map(task, {"spec": list(specs)})
-            return [f.result() for f in futures]
+            return ShardsDone([f.result() for f in futures], start_s, ready_at)
         finally:
             if progress is not None and topic:
                 with contextlib.suppress(Exception):  # a scheduler that went away takes its topics with it

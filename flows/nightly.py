@@ -156,8 +156,9 @@ def catalog_images(
                            progress_topic=topic)
                  for i, start in enumerate(range(0, len(todo), shard_size))]
         logger.info("%s shards of up to %s objects on %s", len(specs), shard_size, runner.describe())
-        t_shards, submitted_at = time.perf_counter(), time.time()
-        results = run_shards(process_shard_task, specs, runner, progress=progress, topic=topic)
+        t_shards = time.perf_counter()
+        done = run_shards(process_shard_task, specs, runner, progress=progress, topic=topic)
+        results = done.results
         shard_wall = time.perf_counter() - t_shards
 
         manifest, stats = build_and_commit(
@@ -176,7 +177,8 @@ def catalog_images(
             "index_s": stats.index_s,
             "compile_s": compile_s,
             "load_s": sum(r.times.get("load_s", 0.0) for r in results),  # model loads in the shards' processes
-        } | ({"to_first_batch_s": min(first_batch) - submitted_at} if first_batch else {})
+            "cluster_start_s": done.start_s,  # starting or reaching a Dask cluster
+        } | ({"to_first_batch_s": min(first_batch) - done.ready_at} if first_batch else {})
         summary.shards, summary.runner = len(results), runner.describe()
         summary.shards_by_process = dict(Counter(r.ran_on for r in results))
         summary.models_built = max((r.model_loads for r in results), default=0)

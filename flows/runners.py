@@ -25,6 +25,7 @@ another worker after its first one died does not count its images twice.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,14 +90,22 @@ def check_reachable(runner: ShardRunner, timeout_s: float = SCHEDULER_CONNECT_TI
                           "--cluster to run here") from None
 
 
+@dataclass
+class ShardsDone:
+    results: list[Any]  # in spec order
+    start_s: float  # seconds to start or reach the cluster (0 in process)
+    ready_at: float  # epoch seconds when the first shard was submitted to a running cluster
+
+
 def run_shards(task, specs: Sequence[Any], runner: ShardRunner, *, progress: ProgressReporter | None = None,
-               topic: str | None = None) -> list[Any]:
-    """Run `task(spec)` for every spec where `runner` says; results in spec order."""
+               topic: str | None = None) -> ShardsDone:
+    """Run `task(spec)` for every spec where `runner` says."""
     if runner.in_process:
         from prefect.task_runners import ThreadPoolTaskRunner
 
+        ready_at = time.time()
         with ThreadPoolTaskRunner(max_workers=1) as task_runner:
-            return [f.result() for f in task_runner.map(task, {"spec": list(specs)})]
+            return ShardsDone([f.result() for f in task_runner.map(task, {"spec": list(specs)})], 0.0, ready_at)
     from flows.dask_shards import run_on_dask
 
     check_reachable(runner)

@@ -236,7 +236,7 @@ def test_two_shards_never_share_a_gpu(gpu):
     resources = {"GPU": 1} if gpu else None
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
                       resources=resources, env={"PREFECT_API_URL": api_url()}) as local_cluster:
-        runs = run_shards(hold_the_card, list(range(4)), ShardRunner(cluster=local_cluster.scheduler_address))
+        runs = run_shards(hold_the_card, list(range(4)), ShardRunner(cluster=local_cluster.scheduler_address)).results
     assert [r[0] for r in runs] == [0, 1, 2, 3]
     assert _overlaps(runs) is not gpu
 
