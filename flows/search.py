@@ -21,6 +21,7 @@ import pandas as pd
 from models.engine import EmbedderSettings, get_embedder, stack_images
 from tasks import duplicates as dups
 from tasks import index as faiss_index
+from tasks import layout
 from tasks import tables
 from tasks.catalog import Catalog, open_catalog
 from tasks.decode import DecodeError, decode_pages, has_image_extension
@@ -229,7 +230,7 @@ class DuplicatesReport:
 def find_duplicates(catalog: str | Catalog, *, threshold: float = 0.95, endpoint_url: str | None = None,
                     write: bool = True) -> DuplicatesReport:
     """Groups of near-identical images in the live version (cosine above
-    `threshold`), written as `tables/duplicates/<version>/threshold-T.parquet`."""
+    `threshold`), written as `tables/duplicates/<version>/threshold-T.parquet` (`layout.duplicates_key`)."""
     cat = _catalog(catalog, endpoint_url)
     m = cat.manifest
     pairs = dups.similar_pairs(cat.index, cat.embedding_blocks(), threshold, n_images=len(cat.images),
@@ -237,7 +238,7 @@ def find_duplicates(catalog: str | Catalog, *, threshold: float = 0.95, endpoint
     groups = dups.duplicates_frame(dups.group_pairs(pairs), cat.images)
     key = None
     if write:
-        key = dups.duplicates_key(m.version, m.run_id, threshold)
+        key = layout.duplicates_key(m.version, m.run_id, threshold)
         cat.store.put(key, dups.duplicates_parquet(groups, manifest_key=cat.manifest_key, version=m.version,
                                                    threshold=threshold, index_factory=m.index_factory,
                                                    nprobe=m.index_nprobe))

@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from tasks import index as faiss_index
 from tasks import tables
-from tasks.catalog import version_stem
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +97,6 @@ def duplicates_frame(groups: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame
     rows = images.set_index("image_id").reindex(groups["image_id"])
     out = groups.assign(key=rows["key"].to_numpy(), page=rows["page"].to_numpy())
     return out[DUPLICATES_SCHEMA.names]
-
-
-def duplicates_key(version: int, run_id: str, threshold: float) -> str:
-    """Named by the version it was computed from (and the threshold), so a report
-    always says which images it describes and a rerun rewrites the same key."""
-    return f"tables/duplicates/{version_stem(version, run_id)}/threshold-{threshold:.4f}.parquet"
 
 
 def duplicates_parquet(frame: pd.DataFrame, *, manifest_key: str, version: int, threshold: float,

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 import pandas as pd
 import pyarrow as pa
 
-from tasks import tables
+from tasks import layout, tables
 from tasks.storage import ObjectStore
 
-LABELS_PREFIX = "labels/"
+LABELS_PREFIX = layout.LABELS
 MAX_LABEL_LENGTH = 100
 
 LABELS_SCHEMA = pa.schema([
@@ -51,10 +51,6 @@ def check_label(label: str) -> str:
     return text
 
 
-def labels_file_key(now: datetime) -> str:
-    return f"{LABELS_PREFIX}{now:%Y%m%dT%H%M%S.%f}Z-{secrets.token_hex(8)}.parquet"
-
-
 def save_labels(store: ObjectStore, labels: list[Label], *, labeller: str, catalog_version: int,
                 now: datetime | None = None) -> str:
     """Append `labels` to the log as one new file; returns its key."""
@@ -66,7 +62,7 @@ def save_labels(store: ObjectStore, labels: list[Label], *, labeller: str, catal
         "page": [lb.page for lb in labels], "label": [check_label(lb.label) for lb in labels],
         "previous_category": [lb.previous_category for lb in labels], "labeller": labeller[:100],
         "labelled_at": now, "catalog_version": catalog_version})
-    key = labels_file_key(now)
+    key = layout.labels_file_key(now, secrets.token_hex(8))
     store.put(key, tables.to_parquet_bytes(tables.frame_to_table(frame, LABELS_SCHEMA)), if_none_match=True)
     return key
 

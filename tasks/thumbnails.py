@@ -1,29 +1,23 @@
 """Thumbnails for the web page: small WebP images, a few KB each, addressed by
 image id. Made from the source object on first request and cached in the
-catalogue under `thumbnails/cache/`, keyed by image id and the object's ETag so
+catalogue under `thumbnails/cache/` (`layout.thumbnail_key`), keyed by image id and the object's ETag so
 a changed object never shows a stale picture; later requests read the cache."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import pandas as pd
 from PIL import Image
 
+from tasks import layout
 from tasks.decode import DecodeError, decode_pages
 from tasks.storage import ObjectNotFound, ObjectStore
 
-THUMBNAIL_PREFIX = "thumbnails/cache/"
+THUMBNAIL_PREFIX = layout.THUMBNAILS
 THUMBNAIL_SIDE = 160  # the longer side, in pixels: a grid cell on the page
 THUMBNAIL_QUALITY = 70
 THUMBNAIL_MEDIA_TYPE = "image/webp"
-
-
-def thumbnail_key(image_id: int, etag: str) -> str:
-    """Where the cached thumbnail of one version of one page lives; immutable."""
-    tag = hashlib.sha256(str(etag).encode()).hexdigest()[:12]
-    return f"{THUMBNAIL_PREFIX}{int(image_id)}-{tag}.webp"
 
 
 def make_thumbnail(data: bytes, *, page: int = 1, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -42,7 +36,7 @@ def make_thumbnail(data: bytes, *, page: int = 1, side: int = THUMBNAIL_SIDE) ->
 def cached_thumbnail(catalog_store: ObjectStore, source_store: ObjectStore, row: pd.Series) -> bytes:
     """The thumbnail of one `images` row: from the cache, or made from the source
     object and cached. `row` carries image_id, key, etag and page."""
-    key = thumbnail_key(int(row["image_id"]), str(row["etag"]))
+    key = layout.thumbnail_key(int(row["image_id"]), str(row["etag"]))
     try:
         return catalog_store.get(key)
     except ObjectNotFound:
