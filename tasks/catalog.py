@@ -1,9 +1,10 @@
-"""The catalogue: versioned manifests, change planning, building the next
-version and the atomic commit.
+"""The catalogue: versioned manifests, the atomic commit, the reader, change
+planning, the runs log, leases and gc. Versions are built in `tasks/versions.py`;
+every key is named in `tasks/layout.py`.
 
-Every file a run writes has a new key (named by version and run id), so nothing
-live is ever overwritten; the only mutable object is `CURRENT`, moved by a
-conditional put. Readers follow `CURRENT` and never see a half-written version.
+Every file a writer writes has a new key (named by version and run id), so
+nothing live is ever overwritten; the only mutable object is `CURRENT`, moved by
+a conditional put. Readers follow `CURRENT` and never see a half-written version.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import json
 import logging
 import os
 import signal
-import mmap
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -32,13 +30,14 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks import index as faiss_index
-from tasks import tables
+from tasks import layout, tables
+from tasks.layout import manifest_key, version_stem  # noqa: F401  (part of this module's API)
 from tasks.storage import (LocalStore, ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed, StorageError,
                            cached_store)
 
 log = logging.getLogger(__name__)
 
-POINTER_KEY = "CURRENT"
+POINTER_KEY = layout.POINTER_KEY
 FORMAT_VERSION = 1
 
 
@@ -87,20 +86,33 @@ def put_recorded(store: ObjectStore, key: str, data: bytes | memoryview) -> File
     return record
 
 
-@dataclass
-class Manifest:
-    """One complete catalogue version: what to read, and what produced it."""
+@dataclass(kw_only=True)
+class Provenance:
+    """What made a version's rows: where they were listed, the model and weights
+    that embedded them, the categoriser that named their categories."""
 
-    version: int
-    run_id: str
-    created_at: str
-    parent: str | None  # manifest key of the version this one was built from
     source: str
     model: str
     weights: str
     weights_source: str
     weights_sha256: str
     embedding_dim: int
+    categorizer: str | None = None  # key of the categoriser whose labels are in `images.category`
+
+    @classmethod
+    def of(cls, made: Provenance) -> Provenance:
+        """Just the provenance of `made` (a manifest, say), to describe another version's."""
+        return cls(**{f.name: getattr(made, f.name) for f in fields(cls)})
+
+
+@dataclass(kw_only=True)
+class Manifest(Provenance):
+    """One complete catalogue version: what to read, and what produced it."""
+
+    version: int
+    run_id: str
+    created_at: str
+    parent: str | None  # manifest key of the version this one was built from
     images: str  # key of the images snapshot
     failures: str  # key of the failures snapshot
     embeddings: list[str]  # embedding parts that hold at least one live vector
@@ -108,7 +120,6 @@ class Manifest:
     index_type: str  # flat | ivf-flat | ivf-pq ("flat-ip" in versions written before IVF)
     counts: dict[str, int] = field(default_factory=dict)
     rolled_back_from: int | None = None  # set on a version made by `batchsight rollback`
-    categorizer: str | None = None  # key of the categoriser whose labels are in `images.category`
     format: int = FORMAT_VERSION
     # The index in detail (defaults describe the exact flat index of older versions).
     index_factory: str = "IDMap2,Flat"
@@ -164,15 +175,6 @@ class Pointer:
 
     def to_json(self) -> bytes:
         return json.dumps({"version": self.version, "manifest": self.manifest}).encode()
-
-
-def version_stem(version: int, run_id: str) -> str:
-    """What every file of one version is named by: `v000042-<run_id>`."""
-    return f"v{version:06d}-{run_id}"
-
-
-def manifest_key(version: int, run_id: str) -> str:
-    return f"manifests/{version_stem(version, run_id)}.json"
 
 
 ROLLBACK_HINT = ("`batchsight status --catalog OUT --verify` names every damaged file; "
@@ -462,10 +464,10 @@ def find_version(store: ObjectStore, version: int, *, start: str | None) -> str:
             key = manifest.parent
     except CatalogCorrupt as exc:
         log.warning("history is broken (%s); looking for version %s among the manifests", exc, version)
-    candidates = [o.key for o in store.list("manifests/") if o.key.startswith(f"manifests/v{version:06d}-")]
+    candidates = [o.key for o in store.list(layout.manifests_of_version(version))]
     if len(candidates) > 1:
         parents = set()
-        for o in store.list("manifests/"):
+        for o in store.list(layout.MANIFESTS):
             try:
                 parents.add(read_manifest(store, o.key).parent)
             except CatalogCorrupt:
@@ -482,8 +484,8 @@ def find_version(store: ObjectStore, version: int, *, start: str | None) -> str:
 
 def newest_listed_version(store: ObjectStore) -> int:
     """The highest version number among the manifests (0 when there are none)."""
-    stems = (o.key.removeprefix("manifests/v")[:6] for o in store.list("manifests/"))
-    return max((int(s) for s in stems if s.isdigit()), default=0)
+    numbers = (layout.manifest_version(o.key) for o in store.list(layout.MANIFESTS))
+    return max((n for n in numbers if n is not None), default=0)
 
 
 def list_versions(store: ObjectStore) -> list[Manifest]:
@@ -624,191 +626,38 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
                        weights: str, weights_source: str, weights_sha256: str, embedding_dim: int,
                        reembed_all: bool, index_settings: faiss_index.IndexSettings | None = None,
                        categorizer: str | None = None) -> tuple[Manifest, BuildStats]:
-    """Apply one run's changes to the previous version and write the new
-    version's snapshot tables and index (not yet committed)."""
-    version = (previous.manifest.version if previous else 0) + 1
-    now = datetime.now(UTC)
-    removed_keys = {o.key for o in plan.changed} | {o.key for o in plan.deferred} | set(plan.deleted)
+    """One run's changes to the previous version, written by the one builder of
+    versions (`tasks.versions.build_version`); not yet committed."""
+    from tasks import versions  # it builds on this module
 
-    if previous is None or reembed_all:
-        kept = tables.empty_frame(tables.IMAGES_SCHEMA)
-        prev_failures = tables.empty_frame(tables.FAILURES_SCHEMA)
-    else:
-        kept = previous.images
-        prev_failures = previous.failures
-    gone = kept[kept["key"].isin(removed_keys)]
-    kept = kept[~kept["key"].isin(removed_keys)]
-    new_rows = [r.rows for r in shard_results if len(r.rows)]
-    images = pd.concat([kept, *new_rows], ignore_index=True) if new_rows else kept.reset_index(drop=True)
-    images = images.sort_values("key", kind="stable").reset_index(drop=True)
-    duplicated = images["image_id"].duplicated()
-    assert not duplicated.any(), f"image ids collide for keys {images.loc[duplicated, 'key'].tolist()[:5]}"
-
-    t_index = time.perf_counter()
-    built = _next_index(store, None if reembed_all else previous, images, gone["image_id"].to_numpy(np.int64),
-                        shard_results, dim=embedding_dim, settings=index_settings or faiss_index.IndexSettings(), seed=version)
-    index = built.index
-    index_s = time.perf_counter() - t_index
-    assert index.ntotal == len(images), f"index holds {index.ntotal} vectors for {len(images)} rows"
-
-    failures = _next_failures(prev_failures, plan, shard_results, run_id=run_id, now=now)
-
-    t_write = time.perf_counter()
-    stem = version_stem(version, run_id)
-    images_key = f"tables/images/{stem}.parquet"
-    failures_key = f"tables/failures/{stem}.parquet"
-    index_key = f"index/{stem}.faiss"
-    files = {
-        images_key: put_recorded(store, images_key,
-                                 tables.to_parquet_bytes(tables.frame_to_table(images, tables.IMAGES_SCHEMA))),
-        failures_key: put_recorded(store, failures_key,
-                                   tables.to_parquet_bytes(tables.frame_to_table(failures, tables.FAILURES_SCHEMA))),
-    }
-    crash_point("before-index-write")
-    files[index_key] = put_recorded(store, index_key, faiss_index.serialize(index))
-    rerank_keys = (None, None)
-    if built.rerank_dir is not None:
-        try:
-            rerank_keys = (f"index/{stem}.rerank-ids.npy", f"index/{stem}.rerank-f16.npy")
-            for key, name in zip(rerank_keys, (RERANK_IDS_FILE, RERANK_VECTORS_FILE), strict=True):
-                files[key] = _put_file(store, key, built.rerank_dir / name)
-        finally:
-            shutil.rmtree(built.rerank_dir, ignore_errors=True)
-    crash_point("after-index-write")
-    write_s = time.perf_counter() - t_write
-    parts = sorted(set(images["embedding_part"].dropna().tolist()))
-    known = (previous.manifest.files if previous else {}) | _part_files(shard_results)
-    files |= {part: known[part] for part in parts if part in known}
-
-    manifest = Manifest(
-        version=version, run_id=run_id, created_at=now.isoformat(timespec="seconds"),
-        parent=previous.manifest_key if previous else None, source=source, model=model, weights=weights,
-        weights_source=weights_source, weights_sha256=weights_sha256, embedding_dim=embedding_dim,
-        images=images_key, failures=failures_key,
-        embeddings=parts, files=files,
-        index=index_key, index_type=built.state.kind, categorizer=categorizer,
-        counts={"images": len(images), "failures": len(failures), "vectors": int(index.ntotal)},
-        index_factory=built.state.factory, index_trained_n=built.state.trained_n, index_nlist=built.state.nlist,
-        index_nprobe=built.recall.nprobe, index_recall_at_10=built.recall.recall_at_10,
-        index_recall_target=built.recall.target, index_recall_queries=built.recall.queries,
-        index_rerank_ids=rerank_keys[0], index_rerank=rerank_keys[1], index_rerank_factor=built.recall.rerank_factor,
-    )
-    return manifest, BuildStats(index_s=index_s, write_s=write_s)
-
-
-def _part_files(results: Sequence[ShardResult]) -> dict[str, FileRecord]:
-    return {r.embedding_part: r.part_file for r in results if r.embedding_part and r.part_file}
+    deferred, deleted = {o.key for o in plan.deferred}, set(plan.deleted)
+    change = versions.VersionChange(
+        provenance=Provenance(source=source, model=model, weights=weights, weights_source=weights_source,
+                              weights_sha256=weights_sha256, embedding_dim=embedding_dim, categorizer=categorizer),
+        from_scratch=reembed_all,
+        removed_keys=frozenset({o.key for o in plan.changed} | deferred | deleted),
+        new_rows=[r.rows for r in shard_results],
+        new_parts={r.embedding_part: r.part_file for r in shard_results if r.embedding_part is not None},
+        index=index_settings or faiss_index.IndexSettings(),
+        redecided=frozenset({o.key for o in plan.to_process} | deferred | deleted),
+        new_failures=[f for r in shard_results for f in r.failures])
+    parent = Pointer(previous.manifest.version, previous.manifest_key) if previous else None
+    return versions.build_version(store, previous, change, parent=parent, run_id=run_id)
 
 
 RERANK_CACHE_ENV = "BATCHSIGHT_RERANK_CACHE"
-RERANK_IDS_FILE, RERANK_VECTORS_FILE = "ids.npy", "vectors-f16.npy"
-
-
-def _put_file(store: ObjectStore, key: str, path: Path) -> FileRecord:
-    """`put_recorded` of a local file through a memory map (a 4 GB re-rank file is
-    never copied into memory by us; the map's pages are the page cache's)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        view = memoryview(mapped)
-        try:
-            return put_recorded(store, key, view)
-        finally:
-            view.release()
-
-
-@dataclass
-class IndexBuild:
-    index: faiss.Index
-    state: faiss_index.IndexState
-    recall: faiss_index.RecallReport
-    rerank_dir: Path | None = None  # the re-rank files, to be written with the index (then removed)
-
-
-def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFrame, gone_ids: np.ndarray,
-                new_parts: Sequence[ShardResult], *, dim: int, settings: faiss_index.IndexSettings,
-                seed: int) -> IndexBuild:
-    """The index of the next version: the previous one updated by id (remove the
-    gone, add the new parts) while it still suits the catalogue, else a new one
-    trained on a sample of the live vectors. Then recall is measured and nprobe tuned."""
-    n = len(images)
-    choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors,
-                                      rerank=settings.rerank)
-    reason = faiss_index.retrain_reason(previous.manifest.index_state if previous else None, choice, n)
-    blocks = LiveEmbeddings(store, images, (previous.manifest.files if previous else {}) | _part_files(new_parts))
-    rng = np.random.default_rng(seed)
-    query_ids, train_ids = faiss_index.split_sample(images["image_id"].to_numpy(np.int64),
-                                                    min(faiss_index.RECALL_QUERIES, n), choice, rng)
-    if reason is None:
-        index = previous.load_index()
-        removed = faiss_index.remove_ids(index, gone_ids)
-        assert removed == len(gone_ids), f"index held {removed} of {len(gone_ids)} vectors to remove"
-        for part in (r.embedding_part for r in new_parts if r.embedding_part is not None):
-            for ids, _runs, vectors in read_embedding_batches(store, part, blocks.files.get(part)):
-                faiss_index.add_vectors(index, ids, vectors)
-        state = replace(previous.manifest.index_state, rerank=choice.rerank)
-        queries = faiss_index.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
-    else:
-        log.info("building a new %s index for %s vectors: %s", choice.factory, n, reason)
-        queries = sample = None
-        if choice.kind != "flat":  # one pass for the held-out queries and the training sample
-            sample = faiss_index.gather_vectors(blocks, np.concatenate([query_ids, train_ids]), dim)
-            queries = sample[:len(query_ids)].copy()
-        index = faiss_index.trained_index(choice, dim, None if sample is None else sample[len(query_ids):])
-        del sample  # 2 GB at 1M x 2048-d: not held while every vector is added
-        for ids, vectors in blocks:
-            faiss_index.add_vectors(index, ids, vectors)
-        state = faiss_index.IndexState(kind=choice.kind, factory=choice.factory,
-                                       trained_n=n if choice.kind != "flat" else 0, nlist=choice.nlist,
-                                       rerank=choice.rerank)
-    rerank = rerank_dir = None
-    if state.rerank:  # written anew each version from the live vectors (one more pass over the parts)
-        rerank_dir = Path(tempfile.mkdtemp(prefix="batchsight-rerank-"))
-        try:
-            faiss_index.write_rerank_vectors(blocks, n, dim, rerank_dir / RERANK_IDS_FILE,
-                                             rerank_dir / RERANK_VECTORS_FILE)
-            rerank = faiss_index.RerankVectors.open(rerank_dir / RERANK_IDS_FILE, rerank_dir / RERANK_VECTORS_FILE)
-        except BaseException:
-            shutil.rmtree(rerank_dir, ignore_errors=True)
-            raise
-    if queries is None:
-        recall = faiss_index.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
-    else:
-        recall = faiss_index.measure_recall(index, queries, query_ids, blocks, target=settings.recall_target,
-                                            rerank=rerank)
-        if recall.recall_at_10 < settings.recall_target:
-            stronger = faiss_index.stronger_choice(n, dim, faiss_index.choose_index(
-                n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank),
-                flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank)
-            log.warning("index recall@10 %.3f misses the target %.2f within %s bytes; %s", recall.recall_at_10,
-                        settings.recall_target, f"{settings.budget():,}",
-                        f"the next option up is {stronger.describe()}: raise --index-memory to about "
-                        f"{stronger.estimated_bytes:,} bytes" if stronger else "no index reaches it")
-    return IndexBuild(index=index, state=state, recall=recall, rerank_dir=rerank_dir)
-
-
-def _next_failures(previous: pd.DataFrame, plan: ChangePlan, shard_results: Sequence[ShardResult], *,
-                   run_id: str, now: datetime) -> pd.DataFrame:
-    """Failures still standing: earlier ones not re-decided this run, plus this run's
-    (with attempts counted across runs while the bytes stay the same)."""
-    redecided = {o.key for o in plan.to_process} | {o.key for o in plan.deferred} | set(plan.deleted)
-    kept = previous[~previous["key"].isin(redecided)]
-    prior_attempts = {(k, e): int(a) for k, e, a in zip(previous["key"], previous["etag"], previous["attempts"], strict=True)}
-    fresh = [dict(f, attempts=prior_attempts.get((f["key"], f["etag"]), 0) + 1, run_id=run_id, failed_at=now)
-             for r in shard_results for f in r.failures]
-    if not fresh:
-        return kept.reset_index(drop=True)
-    return pd.concat([kept, pd.DataFrame(fresh)], ignore_index=True).sort_values("key").reset_index(drop=True)
 
 
 def read_runs(store: ObjectStore) -> pd.DataFrame:
     """The runs log: one row per run, committed or not, oldest first."""
-    parts = [tables.read_parquet_bytes(store.get(o.key)) for o in store.list("tables/runs/")]
+    parts = [tables.read_parquet_bytes(store.get(o.key)) for o in store.list(layout.RUNS)]
     if not parts:
         return tables.empty_frame(tables.RUNS_SCHEMA)
     return tables.table_to_frame(pa.concat_tables(parts)).sort_values("started_at").reset_index(drop=True)
 
 
 def write_run_row(store: ObjectStore, row: dict) -> str:
-    key = f"tables/runs/{row['run_id']}.parquet"
+    key = layout.run_row_key(row["run_id"])
     store.put(key, tables.to_parquet_bytes(tables.frame_to_table(pd.DataFrame([row]), tables.RUNS_SCHEMA)))
     return key
 
@@ -836,21 +685,22 @@ def rollback(store: ObjectStore, to_version: int) -> Manifest:
     if problems:
         raise CatalogCorrupt(f"version {to_version} is damaged too ({'; '.join(problems[:3])}); "
                              "roll back to an earlier one")
-    number = (pointer.version if pointer else newest_listed_version(store)) + 1
-    with RunLease(store, f"rollback-{new_run_id()}") as lease:
-        restored = replace(target, version=number, run_id=lease.run_id,
-                           created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                           parent=pointer.manifest if pointer else target_key, rolled_back_from=to_version)
-        commit_manifest(store, restored, etag)
-    return restored
+    from tasks import versions  # it builds on this module
+
+    # The restored version is the target's files unchanged, after the live one
+    # (or, with CURRENT damaged, after the newest manifest listed).
+    parent = pointer or Pointer(newest_listed_version(store), target_key)
+    return versions.make_version(store, Catalog(store, target, target_key),
+                                 versions.VersionChange(rolled_back_from=to_version), parent=parent,
+                                 pointer_etag=etag, writer="rollback")
 
 
-LEASE_PREFIX = "leases/"
+LEASE_PREFIX = layout.LEASES
 LEASE_TTL_S = 15 * 60  # a lease not renewed for this long belongs to a run that died
 
 
 class RunLease:
-    """`leases/<run_id>.json`, renewed every `ttl_s / 15` while a run writes: gc
+    """`leases/<run_id>.json` (`layout.lease_key`), renewed every `ttl_s / 15` while a run writes: gc
     leaves every file named by a run with a fresh lease alone, however long the
     run takes, so no grace period has to outlast a night."""
 
@@ -858,7 +708,7 @@ class RunLease:
         self.store = store
         self.run_id = run_id
         self.ttl_s = ttl_s
-        self.key = f"{LEASE_PREFIX}{run_id}.json"
+        self.key = layout.lease_key(run_id)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="batchsight-lease", daemon=True)
 
@@ -898,15 +748,15 @@ def live_leases(store: ObjectStore, now: float) -> tuple[set[str], list[ObjectIn
         except (ValueError, AttributeError, ObjectNotFound):
             ttl = LEASE_TTL_S
         if now - obj.modified < ttl:
-            live.add(obj.key.removeprefix(LEASE_PREFIX).removesuffix(".json"))
+            live.add(layout.lease_run_id(obj.key))
         else:
             expired.append(obj)
     return live, expired
 
 
-# gc looks under these prefixes only: anything else under the root is not the catalogue's.
-VERSION_FILE_PREFIXES = ("manifests/", "tables/images/", "tables/failures/", "tables/embeddings/", "index/")
-VERSION_REPORT_PREFIXES = ("tables/duplicates/", "tables/category_suggestions/")
+# gc looks under these prefixes only (`layout.GC_POLICY`): anything else under the root is not its to delete.
+VERSION_FILE_PREFIXES = layout.VERSION_FILE_PREFIXES
+VERSION_REPORT_PREFIXES = layout.VERSION_REPORT_PREFIXES
 
 
 @dataclass
@@ -924,25 +774,25 @@ def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min
     of crashed or losing runs, and (with `keep_versions`) the files and reports of
     versions older than the newest N.
 
-    Only keys under the catalogue's prefixes are considered (`VERSION_FILE_PREFIXES`,
-    `VERSION_REPORT_PREFIXES`, expired leases); nothing else under the root is
-    touched: never the runs log or the categorisers (the audit trail of what made
-    which rows). Files of a run whose lease is fresh are kept, however old;
+    Only keys whose `layout.GC_POLICY` allows it are considered (version files,
+    version reports, expired leases); nothing else under the root is touched:
+    never the runs log, the categorisers or the labels (the audit trail of what
+    made which rows). Files of a run whose lease is fresh are kept, however old;
     `min_age_s` is a last guard for writers without a lease.
     """
-    versions = list_versions(store)
+    retained = list_versions(store)
     if keep_versions is not None:
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be at least 1, not {keep_versions}")
-        versions = versions[:keep_versions]
+        retained = retained[:keep_versions]
     referenced = {POINTER_KEY}
     kept_prefixes = []
-    for m in versions:
+    for m in retained:
         referenced |= {manifest_key(m.version, m.run_id), *m.named_files}
-        kept_prefixes += [f"{p}{version_stem(m.version, m.run_id)}/" for p in VERSION_REPORT_PREFIXES]
+        kept_prefixes += layout.version_report_prefixes(m.version, m.run_id)
     now = time.time() if now is None else now
     running, expired = live_leases(store, now)
-    report = GcReport(kept_versions=[m.version for m in versions], deleted=[], bytes_freed=0, skipped_recent=0)
+    report = GcReport(kept_versions=[m.version for m in retained], deleted=[], bytes_freed=0, skipped_recent=0)
     candidates = [o for prefix in VERSION_FILE_PREFIXES + VERSION_REPORT_PREFIXES for o in store.list(prefix)]
     for obj in candidates + expired:
         if obj.key in referenced or obj.key.startswith(tuple(kept_prefixes)):

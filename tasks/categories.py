@@ -2,7 +2,8 @@
 out; applying it to every row from stored embeddings; clusters to start labelling.
 
 Categorisers live under `categorizers/` in the output root; `categorizers/ACTIVE`
-names the one nightly runs apply (moved with a conditional put, like CURRENT).
+names the one nightly runs apply (a plain overwrite: the last fit or `use` wins).
+Applying one makes a new version through the one builder (`tasks/versions.py`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import pandas as pd
 
 from models.categorizer import Categorizer, fit_categorizer
 from tasks import index as faiss_index
-from tasks import tables
-from tasks.catalog import (Catalog, Manifest, RunLease, commit_manifest, new_run_id, put_recorded, read_pointer,
-                           version_stem)
+from tasks import layout
+from tasks.catalog import Catalog, ConcurrentCommitError, Pointer, Provenance, new_run_id, read_pointer
 from tasks.storage import ObjectNotFound, ObjectStore, cached_store
+from tasks.versions import CATEGORY_COLUMNS, VersionChange, make_version
 
-ACTIVE_KEY = "categorizers/ACTIVE"
+ACTIVE_KEY = layout.ACTIVE_CATEGORIZER_KEY
 
 
 class LabelsError(ValueError):
@@ -95,8 +96,7 @@ def save_categorizer(store: ObjectStore, categorizer: Categorizer) -> str:
     """Write a new categoriser version and make it the active one."""
     created = datetime.now(UTC)
     categorizer.created_at = created.isoformat(timespec="seconds")
-    # microseconds in the name: `categories list` orders by it, and two fits can share a second
-    key = f"categorizers/{created:%Y%m%dT%H%M%S%fZ}-{new_run_id(created).rsplit('-', 1)[1]}.json"
+    key = layout.categorizer_key(created, new_run_id(created).rsplit("-", 1)[1])
     store.put(key, categorizer.to_json(), if_none_match=True)
     # Nothing here depends on which categoriser was active before, so the pointer is
     # simply overwritten: of two fits finishing together, the later one is active.
@@ -107,7 +107,7 @@ def save_categorizer(store: ObjectStore, categorizer: Categorizer) -> str:
 def list_categorizers(store: ObjectStore) -> list[tuple[str, Categorizer, bool]]:
     """(key, categoriser, is active) for every saved categoriser, oldest first."""
     active = active_categorizer(store)
-    keys = sorted(o.key for o in store.list("categorizers/") if o.key.endswith(".json"))
+    keys = sorted(o.key for o in store.list(layout.CATEGORIZERS) if layout.is_categorizer_key(o.key))
     return [(key, load_categorizer(store, key), bool(active) and active[1] == key) for key in keys]
 
 
@@ -118,8 +118,7 @@ def use_categorizer(store: ObjectStore, which: str) -> str:
     if which.isdigit() and 1 <= int(which) <= len(keys):
         key = keys[int(which) - 1]
     else:
-        matches = [k for k in keys if k == which or k.removeprefix("categorizers/").removesuffix(".json") == which
-                   or k.removeprefix("categorizers/") == which]
+        matches = [k for k in keys if which in (k, layout.categorizer_name(k), layout.categorizer_name(k) + ".json")]
         if len(matches) != 1:
             raise LabelsError(f"no categoriser {which!r} in {store.url}; `batchsight categories list` shows "
                               f"{len(keys)} (pass a number or a name)")
@@ -168,27 +167,25 @@ class ApplyReport:
 
 def apply_to_catalog(cat: Catalog, categorizer: Categorizer, categorizer_key: str) -> ApplyReport:
     """Re-categorise every row from stored embeddings (no CNN) and commit the result
-    as a new version that shares the previous version's vectors and index."""
+    as a new version that shares the previous version's vectors and index.
+    Raises `ConcurrentCommitError` when another writer commits first."""
     categorizer.check_fits(cat.manifest.fingerprint)
     pointer, etag = read_pointer(cat.store)
     if pointer is None or pointer.manifest != cat.manifest_key:
-        raise RuntimeError("the catalogue moved on while categorising; run the command again")
+        raise ConcurrentCommitError(
+            f"the catalogue at {cat.store.url} moved on from version {cat.manifest.version} (to "
+            f"{pointer.version if pointer else 'none'}) before categorising began; nothing was committed. "
+            "Run the command again: it will start from the newer version.")
     t0 = time.perf_counter()
     _, vectors = cat.embeddings()
     rows = categorize_rows(cat.images, vectors, categorizer)
     elapsed = time.perf_counter() - t0
-    version = cat.manifest.version + 1
-    with RunLease(cat.store, f"categorize-{new_run_id()}") as lease:
-        images_key = f"tables/images/{version_stem(version, lease.run_id)}.parquet"
-        record = put_recorded(cat.store, images_key,
-                              tables.to_parquet_bytes(tables.frame_to_table(rows, tables.IMAGES_SCHEMA)))
-        files = {k: v for k, v in cat.manifest.files.items() if k != cat.manifest.images} | {images_key: record}
-        manifest: Manifest = replace(cat.manifest, version=version, run_id=lease.run_id, parent=cat.manifest_key,
-                                     created_at=datetime.now(UTC).isoformat(timespec="seconds"), images=images_key,
-                                     files=files, categorizer=categorizer_key, rolled_back_from=None)
-        commit_manifest(cat.store, manifest, etag)
+    change = VersionChange(provenance=replace(Provenance.of(cat.manifest), categorizer=categorizer_key),
+                           categories=rows[["image_id", *CATEGORY_COLUMNS]])
+    manifest = make_version(cat.store, cat, change, parent=Pointer(cat.manifest.version, cat.manifest_key),
+                            pointer_etag=etag, writer="categorize")
     counts = rows["category"].value_counts().to_dict() if len(rows) else {}
-    return ApplyReport(version=version, rows=len(rows), rows_per_s=len(rows) / elapsed if elapsed > 0 else 0.0,
+    return ApplyReport(version=manifest.version, rows=len(rows), rows_per_s=len(rows) / elapsed if elapsed > 0 else 0.0,
                        counts={str(k): int(v) for k, v in counts.items()})
 
 
@@ -212,7 +209,7 @@ def suggest_clusters(cat: Catalog, k: int, *, samples_per_cluster: int = 5, seed
 
 
 def write_suggestions(cat: Catalog, frame: pd.DataFrame, k: int) -> str:
-    key = f"tables/category_suggestions/{version_stem(cat.manifest.version, cat.manifest.run_id)}/k{k}.parquet"
+    key = layout.category_suggestions_key(cat.manifest.version, cat.manifest.run_id, k)
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     cat.store.put(key, buf.getvalue())
