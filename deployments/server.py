@@ -15,13 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from models.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 180  # migrations on a fresh state folder, on a busy 2-core machine
 
 
-class PrefectServerError(RuntimeError):
+class PrefectServerError(UserError, RuntimeError):
     """The Prefect server could not be started or reached; the message says what to do."""
 
 

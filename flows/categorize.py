@@ -18,6 +18,7 @@ from prefect import flow
 from flows.search import query_embedder_settings
 from models.categorizer import Categorizer
 from models.engine import get_embedder, stack_images
+from models.errors import UserError
 from tasks.catalog import Catalog, open_catalog
 from tasks.categories import (ApplyReport, LabelsError, active_categorizer, apply_to_catalog, fit_from_catalog,
                               labels_from_prefix, read_labels_csv, suggest_clusters, write_suggestions)
@@ -56,11 +57,11 @@ def fit_categories(catalog: str, *, labels_csv: str | None = None, labels_prefix
     `batchsight ui` (they win over the file's for the same key).
     Returns (categoriser with its report, its key, labelled images embedded now)."""
     if labels_csv is not None and labels_prefix is not None:
-        raise ValueError("pass exactly one of --labels FILE or --labels-prefix SRC/labelled/, not both")
+        raise UserError("pass exactly one of --labels FILE or --labels-prefix SRC/labelled/, not both")
     cat = open_catalog(catalog, endpoint_url=endpoint_url)
     reviewed = read_review_labels(cat.store) if review_labels else None
     if labels_csv is None and labels_prefix is None and (reviewed is None or reviewed.empty):
-        raise ValueError("pass exactly one of --labels FILE or --labels-prefix SRC/labelled/ (or label images on "
+        raise UserError("pass exactly one of --labels FILE or --labels-prefix SRC/labelled/ (or label images on "
                          "the review page of `batchsight ui` first)")
     source = None
     if labels_csv is None and labels_prefix is None:

@@ -16,6 +16,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from models.errors import UserError
+
 app = typer.Typer(help="Catalogue buckets of images into Parquet tables and a FAISS index; search them.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -52,27 +54,18 @@ WorkersOpt = Annotated[int | None, typer.Option(
     "machine). Default: in this process.")]
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from models.weights import WeightsError
-    from tasks.catalog import CatalogError, ConcurrentCommitError
-    from tasks.storage import StorageError
-
-    return (WeightsError, StorageError, CatalogError, ConcurrentCommitError, ValueError, KeyError, FileNotFoundError)
+BUG_REPORT = ("this is a bug in batchsight, not something you did: please report it with the command you ran "
+              "and the lines above")
 
 
-EXIT_USER_ERROR = 2
-EXIT_LOST_COMMIT_RACE = 3  # another run committed first; rerun to continue from its version
-EXIT_DAMAGED = 4  # a file of the catalogue is missing or damaged; `status --verify` names it, rollback restores
-
-
-def _fail(exc: BaseException) -> typer.Exit:
-    from tasks.catalog import CatalogCorrupt, ConcurrentCommitError
-
+def _fail(exc: UserError) -> typer.Exit:
+    """Print a user error's message (whole, for grep and logs) and exit with its
+    code: 2 bad input, 3 another run committed first (rerun to continue from its
+    version), 4 a file of the catalogue is missing or damaged (`status --verify`
+    names it, rollback restores)."""
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     err.print(f"[bold red]error:[/] {message}", highlight=False)
-    if isinstance(exc, CatalogCorrupt):
-        return typer.Exit(code=EXIT_DAMAGED)
-    return typer.Exit(code=EXIT_LOST_COMMIT_RACE if isinstance(exc, ConcurrentCommitError) else EXIT_USER_ERROR)
+    return typer.Exit(code=exc.exit_code)
 
 
 def _print_version(value: bool) -> None:
@@ -201,6 +194,11 @@ def print_summary(summary) -> None:
         t.add_row("throughput", f"{summary.images_per_s:.1f} objects/s ({summary.elapsed_s:.1f} s in all)")
     else:
         t.add_row("time", f"{summary.elapsed_s:.1f} s")
+    if summary.shards:
+        t.add_row("shards", f"{summary.shards} on {summary.runner}"
+                  + (f" ({len(summary.shards_by_process)} processes ran them, each loading its model "
+                     f"{'once' if summary.models_built == 1 else f'{summary.models_built} times'})"
+                     if summary.shards_by_process and summary.runner != "this process" else ""))
     if summary.batch_size:
         t.add_row("batch size", str(summary.batch_size))
     if summary.stage_s:
@@ -263,7 +261,7 @@ def run(
                               index_memory=index_memory, recall_target=recall_target,
                               max_delete_share=max_delete_share, allow_mass_delete=allow_mass_delete,
                               endpoint_url=endpoint_url)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     if as_json:
         from dataclasses import asdict
@@ -296,7 +294,7 @@ def search(
     from flows.search import results_format, search_queries, similar_images, write_results
 
     if sum(q is not None for q in (key, image, queries)) != 1:
-        raise _fail(ValueError("pass exactly one of --key KEY or --image FILE (or --queries FOLDER|CSV for many)"))
+        raise _fail(UserError("pass exactly one of --key KEY or --image FILE (or --queries FOLDER|CSV for many)"))
     try:
         if out is not None:
             results_format(out)  # a bad name fails before any embedding work
@@ -308,7 +306,7 @@ def search(
             result = similar_images(catalog, key=key, image=image, **filters)
         if out is not None:
             write_results(result, out)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     if out is not None:
         console.print(f"wrote {len(result)} results to {out}", highlight=False)
@@ -339,7 +337,7 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
         history = list_versions(cat.store)
         runs = read_runs(cat.store)
         checked = verify_version(cat.store, cat.manifest) if verify else None
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     m = cat.manifest
     made_by = runs[runs["run_id"] == m.run_id]
@@ -391,7 +389,9 @@ def _exit_if_damaged(checked, catalog: str, history) -> None:
     earlier = [v.version for v in history if v.version < checked.version]
     err.print(f"version {checked.version} is damaged; restore those files, or make an earlier version live: "
               f"batchsight rollback --catalog {catalog} --to {earlier[0] if earlier else 'N'}", highlight=False)
-    raise typer.Exit(code=EXIT_DAMAGED)
+    from tasks.catalog import CatalogCorrupt
+
+    raise typer.Exit(code=CatalogCorrupt.exit_code)
 
 
 def _index_line(index: dict) -> str:
@@ -420,7 +420,7 @@ def duplicates(
 
     try:
         report = find_duplicates(catalog, threshold=threshold, endpoint_url=endpoint_url)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     if as_json:
         console.print_json(json.dumps({"version": report.version, "threshold": threshold, "table": report.key,
@@ -454,7 +454,7 @@ def rollback(catalog: CatalogOpt,
 
     try:  # not through open_catalog: rollback must work when the live version is the damaged one
         restored = rollback_catalog(cached_store(catalog, endpoint_url), to)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     console.print(f"version {restored.version} is live: the content of version {to} "
                   f"({restored.counts.get('images')} images)")
@@ -476,7 +476,7 @@ def gc(catalog: CatalogOpt,
     try:
         report = collect_garbage(open_catalog(catalog, endpoint_url=endpoint_url).store, keep_versions=keep_versions,
                                  min_age_s=min_age_hours * 3600, dry_run=dry_run)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     verb = "would delete" if dry_run else "deleted"
     for key in report.deleted:
@@ -518,7 +518,7 @@ def serve(
     from contextlib import nullcontext
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    from deployments.server import PrefectServerError, check_api, prefect_server
+    from deployments.server import check_api, prefect_server
 
     api_url = os.environ.get("PREFECT_API_URL")
     try:
@@ -530,8 +530,8 @@ def serve(
         if api_url:
             check_api(api_url)
     except ZoneInfoNotFoundError:
-        raise _fail(ValueError(f"unknown timezone {timezone!r}; use an IANA name such as UTC or Europe/Berlin")) from None
-    except (PrefectServerError, *_user_errors()) as exc:
+        raise _fail(UserError(f"unknown timezone {timezone!r}; use an IANA name such as UTC or Europe/Berlin")) from None
+    except UserError as exc:
         raise _fail(exc) from None
     server = nullcontext(api_url) if api_url else prefect_server(state_dir, port=port)
     try:
@@ -548,7 +548,7 @@ def serve(
                 serve_nightly(source, output, name=name, cron=cron, timezone=timezone, interval_s=interval,
                               model=model, weights=weights, batch_size=batch_size, endpoint_url=endpoint_url,
                               cluster=cluster, workers=workers)
-    except PrefectServerError as exc:
+    except UserError as exc:  # the server did not start, or a run's flag was refused
         raise _fail(exc) from None
     except KeyboardInterrupt:
         console.print("stopped; the schedule is paused while nothing serves it", highlight=False)
@@ -576,7 +576,7 @@ def ui(
                       highlight=False)
         serve_ui(catalog, host=host, port=port, token=token, endpoint_url=endpoint_url,
                  max_upload_bytes=int(max_upload_mb * 1024 * 1024))
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
 
 
@@ -612,7 +612,7 @@ def demo(
     output = workdir / "catalog"
     try:
         summary = run_catalog(str(bucket), str(output), model=model, weights=weights)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     print_summary(summary)
 
@@ -670,7 +670,7 @@ def categories_fit(
         categorizer, key, embedded_now = fit_categories(
             catalog, labels_csv=str(labels) if labels else None, labels_prefix=labels_prefix,
             review_labels=review_labels, endpoint_url=endpoint_url, val_fraction=val_fraction, target_precision=target_precision)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     r = categorizer.report
     console.print(f"trained on {r.n_train} examples, checked on {r.n_val} held out "
@@ -714,26 +714,27 @@ def categories_apply(catalog: CatalogOpt, endpoint_url: EndpointOpt = None) -> N
 
     try:
         _print_apply(apply_categories(catalog, endpoint_url=endpoint_url))
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
 
 
 @categories_app.command("list")
 def categories_list(catalog: CatalogOpt, endpoint_url: EndpointOpt = None) -> None:
     """List the saved categorisers, oldest first, with their held-out accuracy; * marks the active one."""
+    from tasks import layout
     from tasks.catalog import open_catalog
     from tasks.categories import list_categorizers
 
     try:
         saved = list_categorizers(open_catalog(catalog, endpoint_url=endpoint_url).store)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     t = Table(title=f"{len(saved)} categorisers in {catalog}", title_justify="left")
     for col in ("#", "active", "name", "created", "categories", "examples", "held-out accuracy"):
         t.add_column(col)
     for i, (key, c, active) in enumerate(saved, 1):
         r = c.report
-        t.add_row(str(i), "*" if active else "", key.removeprefix("categorizers/").removesuffix(".json"),
+        t.add_row(str(i), "*" if active else "", layout.categorizer_name(key),
                   c.created_at, ", ".join(c.labels), f"{r.n_train} + {r.n_val}" if r else "?",
                   f"{r.accuracy:.3f}" if r else "?")
     console.print(t)
@@ -750,7 +751,7 @@ def categories_use(catalog: CatalogOpt,
 
     try:
         key = use_categorizer(open_catalog(catalog, endpoint_url=endpoint_url).store, which)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     console.print(f"{key} is active; re-categorise existing rows with: batchsight categories apply --catalog "
                   f"{catalog}", highlight=False, soft_wrap=True)
@@ -768,7 +769,7 @@ def categories_suggest(
 
     try:
         frame, key = suggest_categories(catalog, k=k, samples_per_cluster=samples, endpoint_url=endpoint_url)
-    except _user_errors() as exc:
+    except UserError as exc:
         raise _fail(exc) from None
     t = Table(title=f"{k} clusters (written to {key})", title_justify="left")
     for col in ("cluster", "size", "key", "page", "score"):
@@ -801,7 +802,14 @@ def main() -> None:
     # its 20 s start timeout is too short on a loaded machine: the run would be lost.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    app()
+    try:
+        app()
+    except Exception:  # a UserError never gets here: each command turns it into its message and exit code
+        import traceback
+
+        traceback.print_exc()
+        err.print(f"[bold red]error:[/] {BUG_REPORT}", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

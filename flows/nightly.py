@@ -1,7 +1,8 @@
-"""The nightly flow: list -> plan -> shards -> index -> commit -> report.
+"""The nightly flow: list -> plan -> shards -> build + commit -> report.
 
 Thin by design: each step is a plain function in `tasks/`; this module wires
-them, picks the task runner and reports.
+them, hands the shards to the runner the caller chose (flows/runners.py) and
+reports.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.runners import ShardRunner, check_reachable, run_shards, shard_progress
 from models.engine import EmbedderSettings, describe_model, get_embedder, should_compile
+from models.errors import UserError
 from models.registry import get_model_spec
 from models.weights import resolve_weights
 from tasks import catalog as cat
@@ -118,7 +120,7 @@ def catalog_images(
         active[0].check_fits(model_info.fingerprint)
     categorizer_key = active[1] if active else None
     if gpu_decode and embedder is not None and embedder.device.type != "cuda":
-        raise ValueError("--gpu-decode decodes JPEGs with nvJPEG and needs a CUDA device; drop it or use --device cuda")
+        raise UserError("--gpu-decode decodes JPEGs with nvJPEG and needs a CUDA device; drop it or use --device cuda")
     summary = RunSummary(run_id=run_id, status="failed", version=None, source=source, output=output,
                          model=model, weights_sha256=resolved.sha256,
                          started_at=datetime.now(UTC).isoformat())

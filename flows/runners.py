@@ -10,7 +10,8 @@
 
 This module is the choice, light enough for the CLI to check a flag before
 Prefect starts; the Dask side is flows/dask_shards.py. Another distributed
-runner (Ray, a batch system) would be one more module like that one, and one
+runner (Ray, a batch system) would be one more module like that one, and here
+its address scheme (`scheduler_address` takes tcp:// and tls:// only) and one
 more branch in `run_shards`.
 
 Both Dask cases go through `prefect_dask.DaskTaskRunner`: a shard is the same
@@ -31,13 +32,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from models.errors import UserError
+
 if TYPE_CHECKING:
     from tasks.pipeline import ProgressReporter
 
 SCHEDULER_CONNECT_TIMEOUT_S = 10.0
 
 
-class RunnerError(ValueError):
+class RunnerError(UserError):
     """A --cluster / --workers choice that cannot work; the message says what to do."""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from models.engine import EmbedderSettings, get_embedder, stack_images
+from models.errors import UserError
 from tasks import duplicates as dups
 from tasks import index as faiss_index
 from tasks import layout
@@ -29,6 +30,9 @@ from tasks.decode import DecodeError, decode_pages, has_image_extension
 RESULT_COLUMNS = ["rank", "key", "page", "score", "top_class", "category", "image_id"]
 QUERY_RESULT_COLUMNS = ["query", *RESULT_COLUMNS]
 EMBED_BATCH = 32
+
+class UnknownKey(UserError, KeyError):
+    """Keys asked for that the catalogue does not hold (a 404 on the search page)."""
 
 
 def query_embedder_settings(cat: Catalog, *, weights: str | None = None, device: str = "auto") -> EmbedderSettings:
@@ -53,7 +57,7 @@ def similar_images(catalog: str | Catalog, *, key: str | None = None, image: str
     top_class, category, image_id. `prefix` and `category` restrict what is
     returned; a `key` query leaves its own object (every page) out unless `include_self`."""
     if (key is None) == (image is None):
-        raise ValueError("pass exactly one of key= (a catalogued object) or image= (a file)")
+        raise UserError("pass exactly one of key= (a catalogued object) or image= (a file)")
     _check_k(k)
     cat = _catalog(catalog, endpoint_url)
     allowed = allowed_ids(cat, prefix=prefix, category=category)
@@ -85,7 +89,7 @@ def search_queries(catalog: str | Catalog, queries: str | Path, *, k: int = 10, 
 
 def _check_k(k: int) -> None:
     if k < 1:
-        raise ValueError(f"k must be at least 1, not {k}")
+        raise UserError(f"k must be at least 1, not {k}")
 
 
 def read_queries(path: Path) -> tuple[list[str], list[Path]]:
@@ -93,20 +97,20 @@ def read_queries(path: Path) -> tuple[list[str], list[Path]]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and has_image_extension(p.name))
         if not files:
-            raise ValueError(f"no image files under {path} (looked for .jpg, .png, ... in every subfolder)")
+            raise UserError(f"no image files under {path} (looked for .jpg, .png, ... in every subfolder)")
         return [], files
     if path.suffix.lower() != ".csv":
-        raise ValueError(f"queries {path} must be a folder of images or a .csv file")
+        raise UserError(f"queries {path} must be a folder of images or a .csv file")
     if not path.exists():
-        raise FileNotFoundError(f"queries file {path} does not exist")
+        raise UserError(f"queries file {path} does not exist")
     frame = pd.read_csv(path, dtype=str)
     if not {"key", "image"} & set(frame.columns):
-        raise ValueError(f"{path} needs a 'key' column (catalogued objects) or an 'image' column (files); "
+        raise UserError(f"{path} needs a 'key' column (catalogued objects) or an 'image' column (files); "
                          f"it has {', '.join(frame.columns)}")
     keys = frame["key"].dropna().tolist() if "key" in frame else []
     files = [path.parent / f for f in frame["image"].dropna()] if "image" in frame else []
     if not keys and not files:
-        raise ValueError(f"{path} lists no queries")
+        raise UserError(f"{path} lists no queries")
     return keys, files
 
 
@@ -121,13 +125,13 @@ def allowed_ids(cat: Catalog, *, prefix: str | None = None, category: str | None
     if category is not None:
         known = sorted(images["category"].dropna().unique())
         if not known:
-            raise ValueError(f"catalogue version {cat.manifest.version} has no categories (its category column "
+            raise UserError(f"catalogue version {cat.manifest.version} has no categories (its category column "
                              "is empty); search without --category")
         if category not in known:
-            raise ValueError(f"no image has category {category!r}; categories are {', '.join(known[:20])}")
+            raise UserError(f"no image has category {category!r}; categories are {', '.join(known[:20])}")
         keep &= (images["category"] == category).to_numpy()
     if not keep.any():
-        raise ValueError(f"no catalogued image matches prefix {prefix!r} and category {category!r} "
+        raise UserError(f"no catalogued image matches prefix {prefix!r} and category {category!r} "
                          f"(version {cat.manifest.version})")
     return images["image_id"].to_numpy(np.int64)[keep]
 
@@ -139,9 +143,9 @@ def vectors_for_keys(cat: Catalog, keys: Sequence[str]) -> np.ndarray:
     rows = cat.images.sort_values(["key", "page"]).drop_duplicates("key").set_index("key").reindex(keys)
     missing = [k for k, i in zip(keys, rows["image_id"], strict=True) if pd.isna(i)]
     if missing:
-        raise KeyError(f"{missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
-                       f"not in the catalogue (version {cat.manifest.version}); check the key, or search by "
-                       "--image FILE")
+        raise UnknownKey(f"{missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
+                         f"not in the catalogue (version {cat.manifest.version}); check the key, or search by "
+                         "--image FILE")
     out = np.empty((len(keys), cat.manifest.embedding_dim), np.float32)
     positions = pd.Series(np.arange(len(keys)))
     for part, group in positions.groupby(rows["embedding_part"].to_numpy()):
@@ -166,7 +170,7 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
                                        max_pages=1)[0]
             except DecodeError as exc:
                 name = "query bytes" if isinstance(image, bytes) else str(image)
-                raise ValueError(f"query image {name} cannot be read ({exc}); remove it or fix the file") from None
+                raise UserError(f"query image {name} cannot be read ({exc}); remove it or fix the file") from None
             batch.append(decoded.image)
         out.append(embedder.embed(stack_images(batch)).embeddings)
     return np.concatenate(out)
@@ -204,7 +208,7 @@ def results_format(path: Path) -> str:
     """'csv' or 'parquet', from the file name."""
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("csv", "parquet"):
-        raise ValueError(f"results file {path} must end in .csv or .parquet")
+        raise UserError(f"results file {path} must end in .csv or .parquet")
     return fmt
 
 

@@ -4,9 +4,12 @@
 Duplicates, Review, Runs) and the JSON API under `/api/` they call. The app reads
 the live version and follows `CURRENT`: a new version is loaded whole in the
 background and swapped in at once, and each request keeps the one version it
-started with, so no request ever sees half of a version. Wiring only: search,
-duplicates, thumbnails and labels are the plain functions of `flows/search.py`,
-`tasks/thumbnails.py` and `tasks/labels.py`.
+started with, so no request ever sees half of a version. Search, duplicates,
+thumbnails and labels are the plain functions of `flows/search.py`,
+`tasks/thumbnails.py` and `tasks/labels.py`, except one fast path of its own:
+on an exact index (flat, IVF-Flat) `CatalogView.neighbours` searches the index
+and reads result rows from per-version dicts, giving the rows
+`flows.search.neighbours` gives (tests/test_ui.py compares them).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pydantic import BaseModel, Field
 
 from flows import search as image_search
 from models.categorizer import UNCERTAIN
+from models.errors import UserError
 from tasks import index as faiss_index
 from tasks.catalog import Catalog, CatalogError, read_manifest, read_pointer, read_runs
 from tasks.categories import active_categorizer
@@ -73,7 +77,7 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to serve beyond this machine without a token."""
     if not is_loopback(host) and not token:
-        raise ValueError(f"--host {host} makes the page reachable from other machines; pass --token SECRET (or set "
+        raise UserError(f"--host {host} makes the page reachable from other machines; pass --token SECRET (or set "
                          f"{TOKEN_ENV}) so every request must carry it, or keep the default --host 127.0.0.1")
 
 
@@ -526,7 +530,7 @@ def _user_call(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except KeyError as exc:
         raise HTTPException(404, str(exc.args[0]) if exc.args else "not found") from None
-    except ValueError as exc:  # DecodeError and LabelsError are ValueErrors
+    except (UserError, DecodeError) as exc:  # anything else is a bug: a 500, with its traceback in the log
         raise HTTPException(400, str(exc)) from None
 
 

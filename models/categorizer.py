@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from models.errors import UserError
+
 UNCERTAIN = "uncertain"
 
 
-class CategorizerMismatch(ValueError):
+class CategorizerMismatch(UserError):
     """The categoriser was trained on embeddings of another model or weights."""
 
 
@@ -151,11 +153,11 @@ def fit_categorizer(embeddings: np.ndarray, labels: list[str] | np.ndarray, *, m
     labels = np.asarray(labels, dtype=object)
     names = sorted(set(labels.tolist()))
     if len(names) < 2:
-        raise ValueError(f"need at least two categories to learn, got {names}")
+        raise UserError(f"need at least two categories to learn, got {names}")
     group_of = np.arange(len(labels)) if groups is None else np.asarray(groups, dtype=object)
     counts = {n: len(set(group_of[labels == n].tolist())) for n in names}
     if min(counts.values()) < 2:
-        raise ValueError(f"every category needs at least 2 labelled objects (one to train, one to check); got {counts}")
+        raise UserError(f"every category needs at least 2 labelled objects (one to train, one to check); got {counts}")
     x = np.asarray(embeddings, dtype=np.float32)
     y = np.asarray([names.index(v) for v in labels], dtype=np.int64)
     train, val = stratified_split(labels, val_fraction, seed, groups=group_of)
@@ -164,7 +166,7 @@ def fit_categorizer(embeddings: np.ndarray, labels: list[str] | np.ndarray, *, m
     w, b = _train_probe((x[train] - mean) / scale, y[train], len(names), l2=l2, seed=seed)
     probe = Categorizer(names, mean, scale, w, b, threshold=0.0, model=model, weights_sha256=weights_sha256)
     if len(val) == 0:
-        raise ValueError("no examples left for validation; label more images")
+        raise UserError("no examples left for validation; label more images")
     p = probe.probabilities(x[val])
     pred = p.argmax(axis=1)
     conf = p[np.arange(len(p)), pred]

@@ -2,8 +2,9 @@
 L2-normalised embeddings (the input of the last Linear layer) and top-k classes.
 
 Preprocessing is split so the expensive part (resize and crop, in Pillow) runs in
-decode threads and the cheap part (scale and normalise) runs on the batch, on
-the model's device.
+decode threads or processes (on the device for JPEGs with `--gpu-decode`) and
+the cheap part (scale and normalise) runs on the batch, on the model's device.
+Batches run on the model's streams (`stream_pool`, `cpu_streams`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from models.errors import UserError
 from models.registry import ModelSpec, Preprocessing, get_model_spec
 from models.weights import ResolvedWeights, apply_weights, resolve_weights
 
@@ -45,11 +47,11 @@ class EmbedderSettings:
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
-            raise ValueError(f"unknown device {self.device!r}: use one of {', '.join(DEVICES)}")
+            raise UserError(f"unknown device {self.device!r}: use one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+            raise UserError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if not 1 <= self.top_k <= 20:
-            raise ValueError(f"top_k must be between 1 and 20, not {self.top_k}")
+            raise UserError(f"top_k must be between 1 and 20, not {self.top_k}")
 
 
 @dataclass
@@ -68,7 +70,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return torch.device(device)
 
 
@@ -153,7 +155,7 @@ COMPILE_MIN_IMAGES = 3000
 
 def should_compile(mode: str, n_images: int) -> bool:
     if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        raise UserError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
     return mode == "on" or (mode == "auto" and n_images >= COMPILE_MIN_IMAGES)
 
 
@@ -260,7 +262,7 @@ def stack_images(images: list[torch.Tensor], device: torch.device | str | None =
 def _last_linear_name(module: torch.nn.Module) -> str:
     names = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
     if not names:
-        raise ValueError(f"{type(module).__name__} has no Linear classification head to take embeddings from")
+        raise UserError(f"{type(module).__name__} has no Linear classification head to take embeddings from")
     return names[-1]
 
 

@@ -1,7 +1,9 @@
 """Model name -> builder, default weights, preprocessing and label metadata.
 
 Everything comes from torchvision's own registry and weights enums, so mean,
-std, crop size and category names are never copied by hand.
+std, crop size and category names are never copied by hand. A model family from
+elsewhere is a branch in `get_model_spec` here, plus its weights in
+`models/weights.py` (`_from_torchvision` knows torchvision's enums only).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 import torchvision.models as tvm
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode
+
+from models.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def get_model_spec(name: str) -> ModelSpec:
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise UserError(
             f"unknown model {name!r}: --model takes a torchvision classification model name "
             f"such as resnet50, resnet18, resnet101, convnext_tiny, efficientnet_b0.{hint}"
         )

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from models.errors import UserError
 from models.registry import ModelSpec
 
 # torch.hub's convention: `resnet50-11ad3fa6.pth` carries a prefix of its sha256.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|safetensors)$")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Weights that cannot be used; the message says what to pass instead."""
 
 

@@ -1,10 +1,12 @@
-"""The catalogue: versioned manifests, the atomic commit, the reader, change
-planning, the runs log, leases and gc. Versions are built in `tasks/versions.py`;
-every key is named in `tasks/layout.py`.
+"""The catalogue: versioned manifests, the atomic commit, the reader and its
+checks, change planning, the runs log, leases, gc and the crash hook.
+Versions are built in `tasks/versions.py` (`build_next_version` and `rollback`
+here are thin callers); every key is named in `tasks/layout.py`.
 
-Every file a writer writes has a new key (named by version and run id), so
-nothing live is ever overwritten; the only mutable object is `CURRENT`, moved by
-a conditional put. Readers follow `CURRENT` and never see a half-written version.
+Every file a writer writes has a new key (named by version and run id), so no
+file a version names is ever overwritten; a version goes live only when
+`CURRENT` moves, by a conditional put. Readers follow `CURRENT` and never see a
+half-written version.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models.errors import UserError
 from tasks import index as faiss_index
 from tasks import layout, tables
 from tasks.layout import manifest_key, version_stem  # noqa: F401  (part of this module's API)
@@ -41,16 +44,20 @@ POINTER_KEY = layout.POINTER_KEY
 FORMAT_VERSION = 1
 
 
-class CatalogError(RuntimeError):
+class CatalogError(UserError, RuntimeError):
     """The output root holds no usable catalogue, or a version asked for is missing."""
 
 
 class CatalogCorrupt(CatalogError):
     """A file the catalogue names is missing, truncated, altered or unreadable."""
 
+    exit_code = 4  # `status --verify` names the file, rollback restores
 
-class ConcurrentCommitError(RuntimeError):
+
+class ConcurrentCommitError(UserError, RuntimeError):
     """Another run moved `CURRENT` while this one was running; nothing was committed."""
+
+    exit_code = 3  # rerun to continue from the winner's version
 
 
 def crash_point(name: str) -> None:
@@ -783,7 +790,7 @@ def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min
     retained = list_versions(store)
     if keep_versions is not None:
         if keep_versions < 1:
-            raise ValueError(f"keep_versions must be at least 1, not {keep_versions}")
+            raise UserError(f"keep_versions must be at least 1, not {keep_versions}")
         retained = retained[:keep_versions]
     referenced = {POINTER_KEY}
     kept_prefixes = []

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from models.categorizer import Categorizer, fit_categorizer
+from models.errors import UserError
 from tasks import index as faiss_index
 from tasks import layout
 from tasks.catalog import Catalog, ConcurrentCommitError, Pointer, Provenance, new_run_id, read_pointer
@@ -30,7 +31,7 @@ from tasks.versions import CATEGORY_COLUMNS, VersionChange, make_version
 ACTIVE_KEY = layout.ACTIVE_CATEGORIZER_KEY
 
 
-class LabelsError(ValueError):
+class LabelsError(UserError):
     """Labelled examples that cannot be used; the message says what to fix."""
 
 
@@ -194,7 +195,7 @@ def suggest_clusters(cat: Catalog, k: int, *, samples_per_cluster: int = 5, seed
     nearest its centre, as a starting point for labelling."""
     ids, vectors = cat.embeddings()
     if len(vectors) < k:
-        raise ValueError(f"cannot make {k} clusters of {len(vectors)} images; pass a smaller --k")
+        raise UserError(f"cannot make {k} clusters of {len(vectors)} images; pass a smaller --k")
     kmeans = faiss.Kmeans(vectors.shape[1], k, niter=25, seed=seed, spherical=True, verbose=False)
     kmeans.train(np.ascontiguousarray(vectors))
     distances, assignment = kmeans.index.search(np.ascontiguousarray(vectors), 1)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models.errors import UserError
 from tasks import index as faiss_index
 from tasks import tables
 
@@ -50,7 +51,7 @@ def similar_pairs(index: faiss.Index, blocks: faiss_index.Blocks, threshold: flo
     and wherever `rerank` rescoring is given (SQ8/PQ codes with a re-rank file);
     without it they are the codes' approximations."""
     if not -1 <= threshold < 1:
-        raise ValueError(f"threshold is a cosine similarity in [-1, 1), not {threshold}")
+        raise UserError(f"threshold is a cosine similarity in [-1, 1), not {threshold}")
     found_a, found_b, found_s = [], [], []
     total = 0
     for ids, vectors in blocks:
@@ -62,7 +63,7 @@ def similar_pairs(index: faiss.Index, blocks: faiss_index.Blocks, threshold: flo
         found_s.append(scores[keep])
         total += int(keep.sum())
         if total > MAX_PAIRS_PER_IMAGE * max(n_images, 1):
-            raise ValueError(f"threshold {threshold} already matches {total:,} pairs among {n_images:,} images (more than "
+            raise UserError(f"threshold {threshold} already matches {total:,} pairs among {n_images:,} images (more than "
                              f"{MAX_PAIRS_PER_IMAGE} an image): that is similarity, not duplication; use a higher "
                              "threshold")
     if not found_a:

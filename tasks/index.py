@@ -20,6 +20,8 @@ from math import log2, sqrt
 import faiss
 import numpy as np
 
+from models.errors import UserError
+
 log = logging.getLogger(__name__)
 
 Blocks = Iterable[tuple[np.ndarray, np.ndarray]]  # (int64 ids [n], float32 vectors [n, d]) per block
@@ -102,9 +104,9 @@ class IndexSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.recall_target <= 1:
-            raise ValueError(f"recall target must be in (0, 1], not {self.recall_target}")
+            raise UserError(f"recall target must be in (0, 1], not {self.recall_target}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
-            raise ValueError(f"index memory budget must be positive, not {self.memory_budget_bytes}")
+            raise UserError(f"index memory budget must be positive, not {self.memory_budget_bytes}")
 
     def budget(self) -> int:
         if self.memory_budget_bytes is not None:
@@ -113,7 +115,7 @@ class IndexSettings:
             try:
                 return parse_memory_size(os.environ[MEMORY_ENV])
             except ValueError as exc:
-                raise ValueError(f"${MEMORY_ENV}: {exc}") from None
+                raise UserError(f"${MEMORY_ENV}: {exc}") from None
         return default_memory_budget()
 
 
@@ -142,7 +144,7 @@ def parse_memory_size(text: str) -> int:
     """'16G', '512MiB', '2.5GB', '1000000' -> bytes (binary units: G = 2^30)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ValueError(f"memory size {text!r} is not a size; use a number of bytes or e.g. 512M, 16G")
+        raise UserError(f"memory size {text!r} is not a size; use a number of bytes or e.g. 512M, 16G")
     unit = m.group(2).lower()
     return int(float(m.group(1)) * (1024 ** ("kmgt".index(unit) + 1) if unit else 1))
 
@@ -260,7 +262,7 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int, *,
     fitting = [c for c in ladder if c.estimated_bytes <= memory_budget_bytes]
     if not fitting:
         need = min(c.estimated_bytes for c in [flat_choice(n_vectors, dim), *ladder])
-        raise ValueError(f"no index for {n_vectors:,} vectors of dimension {dim} fits in {memory_budget_bytes:,} "
+        raise UserError(f"no index for {n_vectors:,} vectors of dimension {dim} fits in {memory_budget_bytes:,} "
                          f"bytes (the smallest needs about {need:,}); raise --index-memory")
     return fitting[0]
 

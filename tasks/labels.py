@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import pyarrow as pa
 
+from models.errors import UserError
 from tasks import layout, tables
 from tasks.storage import ObjectStore
 
@@ -47,7 +48,7 @@ def check_label(label: str) -> str:
     """A label is a short, printable category name."""
     text = label.strip()
     if not text or len(text) > MAX_LABEL_LENGTH or not text.isprintable() or "/" in text:
-        raise ValueError(f"label {label!r} must be 1-{MAX_LABEL_LENGTH} printable characters without '/'")
+        raise UserError(f"label {label!r} must be 1-{MAX_LABEL_LENGTH} printable characters without '/'")
     return text
 
 
@@ -55,7 +56,7 @@ def save_labels(store: ObjectStore, labels: list[Label], *, labeller: str, catal
                 now: datetime | None = None) -> str:
     """Append `labels` to the log as one new file; returns its key."""
     if not labels:
-        raise ValueError("no labels to save")
+        raise UserError("no labels to save")
     now = now or datetime.now(UTC)
     frame = pd.DataFrame({
         "image_id": [lb.image_id for lb in labels], "key": [lb.key for lb in labels],

@@ -6,7 +6,7 @@ CURRENT                                           the live pointer: {"version": 
 manifests/v000042-<run_id>.json                   one version: the files it reads, their sha256, provenance
 tables/images/v000042-<run_id>.parquet            a version's rows: one per live image (page)
 tables/failures/v000042-<run_id>.parquet          a version's failures still standing
-tables/embeddings/<run_id>/shard-00000.parquet    immutable vectors of one shard of one run
+tables/embeddings/<run_id>/shard-00000-<attempt>.parquet  immutable vectors of one shard attempt of one run
 index/v000042-<run_id>.faiss                      a version's FAISS index
 index/v000042-<run_id>.rerank-ids.npy             ... and its exact re-rank vectors, when it has them
 index/v000042-<run_id>.rerank-f16.npy
@@ -124,8 +124,11 @@ def rerank_keys(version: int, run_id: str) -> tuple[str, str]:
     return f"{stem}.rerank-ids.npy", f"{stem}.rerank-f16.npy"
 
 
-def embeddings_part_key(run_id: str, shard: int) -> str:
-    return f"{EMBEDDINGS}{run_id}/shard-{shard:05d}.parquet"
+def embeddings_part_key(run_id: str, shard: int, attempt: str = "") -> str:
+    """A shard's part. Runs name each attempt of a shard (a random token), so an
+    attempt that was given up for dead and wakes later (a cut-off Dask worker)
+    writes a key of its own, never over the part a version lists."""
+    return f"{EMBEDDINGS}{run_id}/shard-{shard:05d}{f'-{attempt}' if attempt else ''}.parquet"
 
 
 def duplicates_key(version: int, run_id: str, threshold: float) -> str:

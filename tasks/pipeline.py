@@ -1,10 +1,14 @@
 """Inside one shard: a bounded streaming pipeline.
 
-Fetch + decode + resize run in a thread pool (S3 GETs wait on the network;
-Pillow releases the GIL while decoding and resizing), the calling thread
-assembles batches, and the embedder's model streams run them (on a CPU, one
-single-threaded stream per core). Every stage is bounded, so memory does not
-grow with the shard size.
+Fetch + decode + resize run in forked decode processes (a chunk of objects per
+task; on a GPU or from 4 cores, `decodes_in_processes`) or in a thread pool
+(S3 GETs wait on the network; Pillow releases the GIL while decoding and
+resizing); the shard's thread assembles batches; the embedder's model streams
+run them (`Embedder.stream_pool()`: on a CPU one single-threaded stream per
+core, at most 8; on a GPU one). Decoding runs about `(streams + 1) * batch + 8`
+objects ahead of batching and the streams hold at most `streams + 1` batches,
+so memory does not grow with the shard size. `process_shard` runs one
+`ShardSpec` end to end and writes its embeddings part.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import secrets
 import socket
 import threading
 import time
@@ -33,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from models.engine import (EmbedResult, Embedder, EmbedderSettings, embedders_built, get_embedder, preprocess_on_device,
                            preprocess_pixels, stack_images)
 from models.registry import Preprocessing
-from tasks import tables
+from tasks import layout, tables
 from tasks.catalog import ShardResult, crash_point, put_recorded
 from tasks.categories import categorize_rows, load_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode_pages
@@ -69,9 +74,9 @@ def reporting_progress(reporter: ProgressReporter | None) -> Iterator[None]:
 
 @dataclass
 class StageTimes:
-    """Seconds spent per stage, summed over the threads that do it: decode threads
-    (fetch, decode), model streams (model); `wait` is the batching thread's time
-    waiting for decoded images."""
+    """Seconds spent per stage, summed over the threads and processes that do it:
+    decode threads or processes (fetch, decode), model streams (model); `wait` is
+    the batching thread's time waiting for decoded images."""
 
     fetch: float = 0.0
     decode: float = 0.0
@@ -524,10 +529,14 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
 
     Three stages run at once: fetch and decode (in worker processes, a chunk of
     objects per task, where `decodes_in_processes` and the store can be opened
-    there: `source` is its (url, endpoint), known for a `LocalStore`; else in
-    threads), this thread assembling batches, and the embedder's model streams
-    (`Embedder.stream_pool`; with `decode.on_device` they decode the batch's JPEGs
-    on the device first), each bounded, so memory does not grow with the shard. Every page reaches the model's device through `stack_images`,
+    there: `source` is its (url, endpoint), known for a `LocalStore`; else
+    fetched in threads and decoded in a worker process an object at a time, or
+    in the thread where not `decodes_in_processes`), this thread assembling
+    batches, and the embedder's model streams (`Embedder.stream_pool`; with
+    `decode.on_device` they decode the batch's JPEGs on the device first). Each
+    is bounded: decoding runs at most `(streams + 1) * batch + 8` objects ahead
+    of this thread (in processes, in whole chunks, two at least), and at most `streams + 1` batches are at the model, so
+    memory does not grow with the shard. Every page reaches the model's device through `stack_images`,
     whatever decoded it. On a GPU, a batch that runs out of memory is retried at
     half the size (`ShardOutput.batch_size` is the size the shard ended with).
     Each embedded batch goes to `on_batch` on this thread, in input order (and is
@@ -705,7 +714,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
         embedder.enable_compile()
     load_s = time.time() - started_at
     categorizer = load_categorizer(output, spec.categorizer) if spec.categorizer else None
-    part_key = f"tables/embeddings/{spec.run_id}/shard-{spec.index:05d}.parquet"
+    part_key = layout.embeddings_part_key(spec.run_id, spec.index, attempt=secrets.token_hex(4))
     part = tables.EmbeddingsPartWriter(spec.run_id, embedder.embedding_dim)
     row_frames: list[pd.DataFrame] = []
     write_s, first_batch_at = 0.0, 0.0

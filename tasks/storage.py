@@ -2,7 +2,8 @@
 
 Keys are always relative, '/'-separated and confined to the store's root; the
 conditional put (`if_match` / `if_none_match`) is the primitive the catalogue
-commit is built on.
+commit is built on. Another backend (GCS, say) is one more `ObjectStore`
+here, with its URL scheme in `open_store` and `_root_parts`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
                                  ResponseStreamingError)
 
+from models.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 Buffer = Union[bytes, bytearray, memoryview]
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A store cannot be reached or used as asked; the message says what to do."""
 
 

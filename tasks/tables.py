@@ -1,6 +1,6 @@
 """Parquet schemas and (de)serialisation of the catalogue's tables.
 
-Column meanings are documented in docs/architecture.md and the README; the
+Column meanings are documented in the README ("Reading the tables"); the
 schemas here are the single source of truth for names and types.
 """
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +14,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.sample_data import generate_samples, write_samples
 from tasks.storage import LocalStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 runner = CliRunner()
@@ -103,3 +106,26 @@ def test_the_installed_command_runs_in_a_real_process(bucket, tmp_path, resnet18
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--source", str(tmp_path / "missing"),
                           "--output", str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("bug", ["ValueError", "ZeroDivisionError"])
+def test_a_bug_exits_1_with_its_traceback_and_asks_for_a_report(tmp_path, bug):
+    """Only `UserError`s are the user's to fix (exit 2-4). Any other exception is
+    a bug: exit 1, the traceback, a line asking for a report. A bug cannot be
+    produced on purpose, so this one is injected: `open_catalog` is replaced, in a
+    subprocess running the real `main()`, by a function that raises."""
+    code = ("import sys, flows.cli as cli, tasks.catalog as cat\n"
+            f"def broken(*a, **k): raise {bug}('injected bug')\n"
+            "cat.open_catalog = broken\n"
+            "sys.argv = ['batchsight', 'status', '--catalog', sys.argv[1]]\n"
+            "cli.main()\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"{bug}: injected bug" in proc.stderr and "Traceback" in proc.stderr
+    assert "this is a bug in batchsight" in proc.stderr
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
+    out = CliRunner().invoke(app, ["status", "--catalog", str(tmp_path / "nothing-here")])
+    assert out.exit_code == 2 and "error:" in out.output and "Traceback" not in out.output
