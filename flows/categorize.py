@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from prefect import flow
 
-from flows.search import query_embedder_settings
+from flows.search import query_embedder_settings, weights_reader
 from models.categorizer import Categorizer
 from models.engine import get_embedder, stack_images
 from models.errors import UserError
@@ -30,7 +30,7 @@ from tasks.storage import ObjectStore, cached_store
 
 def embed_objects(cat: Catalog, store: ObjectStore, keys: list[str]) -> list[list[np.ndarray]]:
     """Embed objects the catalogue does not hold (every page), with its own model."""
-    embedder = get_embedder(query_embedder_settings(cat))
+    embedder = get_embedder(query_embedder_settings(cat), read=weights_reader(cat))
     out = []
     for key in keys:
         try:

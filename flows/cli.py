@@ -115,13 +115,13 @@ def preflight(source: str, output: str, model: str, endpoint_url: str | None, we
     weights (downloaded or read, sha256 checked, loaded safely). Returns them."""
     from models.registry import get_model_spec
     from models.weights import resolve_weights
-    from tasks.storage import cached_store, check_roots_apart
+    from tasks.storage import cached_store, check_roots_apart, url_reader
 
     spec = get_model_spec(model)
     check_roots_apart(source, output)
     cached_store(source, endpoint_url)
     cached_store(output, endpoint_url, create=True)
-    return resolve_weights(weights, spec, expected_sha256=weights_sha256, endpoint_url=endpoint_url)
+    return resolve_weights(weights, spec, expected_sha256=weights_sha256, read=url_reader(endpoint_url))
 
 
 def run_catalog(source: str, output: str, *, show_progress: bool = True, **params):

@@ -27,7 +27,7 @@ from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI
 from tasks.index import DEFAULT_RECALL_TARGET, IndexSettings, parse_memory_size
 from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, bottleneck, current_progress, process_shard
 from tasks.runs import RunSummary
-from tasks.storage import StorageError, cached_store, check_roots_apart
+from tasks.storage import StorageError, cached_store, check_roots_apart, url_reader
 
 DEFAULT_SHARD_SIZE = 2000
 
@@ -107,9 +107,9 @@ def catalog_images(
     # Weights are resolved and checked once, here; every shard's process checks
     # the same sha256 when it loads them.
     resolved = resolve_weights(weights, get_model_spec(model), expected_sha256=weights_sha256,
-                               endpoint_url=endpoint_url)
+                               read=url_reader(endpoint_url))
     settings = EmbedderSettings(model=model, weights=weights, weights_sha256=resolved.sha256, device=device,
-                                precision=precision, endpoint_url=endpoint_url)
+                                precision=precision)
     model_info = describe_model(settings, resolved)
     # The model is loaded where the shards run: here for the in-process runner
     # (failing fast on a bad device), else once in each Dask worker process.

@@ -26,6 +26,7 @@ from tasks import layout
 from tasks import tables
 from tasks.catalog import Catalog, open_catalog
 from tasks.decode import DecodeError, decode_pages, has_image_extension
+from tasks.storage import url_reader
 
 RESULT_COLUMNS = ["rank", "key", "page", "score", "top_class", "category", "image_id"]
 QUERY_RESULT_COLUMNS = ["query", *RESULT_COLUMNS]
@@ -33,6 +34,11 @@ EMBED_BATCH = 32
 
 class UnknownKey(UserError, KeyError):
     """Keys asked for that the catalogue does not hold (a 404 on the search page)."""
+
+
+def weights_reader(cat: Catalog):
+    """Reads weights given as a URL with the catalogue's own S3 endpoint."""
+    return url_reader(getattr(cat.store, "endpoint_url", None))
 
 
 def query_embedder_settings(cat: Catalog, *, weights: str | None = None, device: str = "auto") -> EmbedderSettings:
@@ -159,7 +165,7 @@ def embed_images(cat: Catalog, images: Sequence[str | Path | bytes], *, weights:
     """Embed query images with the catalogue's own model and weights, in batches;
     a document (PDF, multi-page TIFF) queries with its first page, the page by
     which search finds a catalogued document."""
-    embedder = get_embedder(query_embedder_settings(cat, weights=weights))
+    embedder = get_embedder(query_embedder_settings(cat, weights=weights), read=weights_reader(cat))
     out = []
     for start in range(0, len(images), EMBED_BATCH):
         batch = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +43,6 @@ class EmbedderSettings:
     device: str = "auto"
     precision: str = "auto"
     top_k: int = 5
-    endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -300,11 +299,12 @@ class Embedder:
     inputs copied from pinned memory without blocking.
     """
 
-    def __init__(self, settings: EmbedderSettings, *, weights: ResolvedWeights | None = None) -> None:
+    def __init__(self, settings: EmbedderSettings, *, weights: ResolvedWeights | None = None,
+                 read: Callable[[str], bytes] | None = None) -> None:
         self.settings = settings
         self.spec: ModelSpec = get_model_spec(settings.model)
         self.weights = weights or resolve_weights(settings.weights, self.spec, expected_sha256=settings.weights_sha256,
-                                                  endpoint_url=settings.endpoint_url)
+                                                  read=read)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.precision, self.device)
         self.preprocessing = self.spec.preprocessing
@@ -452,15 +452,17 @@ def embedders_built() -> int:
     return _built
 
 
-def get_embedder(settings: EmbedderSettings, *, weights: ResolvedWeights | None = None) -> Embedder:
+def get_embedder(settings: EmbedderSettings, *, weights: ResolvedWeights | None = None,
+                 read: Callable[[str], bytes] | None = None) -> Embedder:
     """The process's Embedder for `settings`: built once, reused by every shard
     this process (a thread-pool worker or a Dask worker) runs. `weights`, when
-    the caller has resolved them already, are used instead of resolving again."""
+    the caller has resolved them already, are used instead of resolving again;
+    `read` fetches weights given as a URL (see `resolve_weights`)."""
     with _cache_lock:
         embedder = _embedders.get(settings)
         if embedder is None:
             _embedders.clear()  # one model per process: a new model replaces the old
-            embedder = _embedders[settings] = Embedder(settings, weights=weights)
+            embedder = _embedders[settings] = Embedder(settings, weights=weights, read=read)
             global _built
             _built += 1
         return embedder

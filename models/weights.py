@@ -11,6 +11,7 @@ import hashlib
 import io
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -61,11 +62,13 @@ _last_file: tuple[tuple, ResolvedWeights] | None = None
 
 
 def resolve_weights(spec: str | None, model: ModelSpec, *, expected_sha256: str | None = None,
-                    endpoint_url: str | None = None) -> ResolvedWeights:
+                    read: Callable[[str], bytes] | None = None) -> ResolvedWeights:
     """Turn a `--weights` value into a state dict plus its sha256.
 
     `None` means the model's default torchvision weights (downloaded into the
-    torch hub cache on first use).
+    torch hub cache on first use). Weights at a URL (`s3://bucket/key`) come as
+    bytes from `read(url)`, which the caller supplies (`tasks.storage.url_reader`):
+    this package knows files and bytes, not object stores.
     """
     global _last_file
     spec = spec or "DEFAULT"
@@ -74,13 +77,11 @@ def resolve_weights(spec: str | None, model: ModelSpec, *, expected_sha256: str 
         resolved = ResolvedWeights(spec, "random", sha256_bytes(f"random:{seed}:{model.name}".encode()), seed=seed)
         _check_sha(spec, spec, resolved.sha256, expected_sha256)
         return resolved
-    if spec.startswith("s3://"):
-        from tasks.storage import open_store, parse_s3_url
-
-        bucket, key = parse_s3_url(spec)
-        store = open_store(f"s3://{bucket}", endpoint_url=endpoint_url)
-        data = store.get(key)
-        return _from_bytes(spec, "s3", data, key, expected_sha256)
+    if "://" in spec:
+        if read is None:
+            raise WeightsError(f"weights {spec} are at a URL and nothing was given to read it; pass a local file, "
+                               "or call with read=tasks.storage.url_reader(...)")
+        return _from_bytes(spec, spec.split("://", 1)[0], read(spec), spec.rsplit("/", 1)[-1], expected_sha256)
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt", ".safetensors", ".bin") or path.exists():
         if not path.is_file():

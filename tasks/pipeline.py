@@ -42,7 +42,7 @@ from tasks import layout, tables
 from tasks.catalog import ShardResult, crash_point, put_recorded
 from tasks.categories import categorize_rows, load_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode_pages
-from tasks.storage import LocalStore, ObjectInfo, ObjectStore, cached_store, open_store
+from tasks.storage import LocalStore, ObjectInfo, ObjectStore, cached_store, open_store, url_reader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -709,7 +709,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
     started_at = time.time()
     source = cached_store(spec.source, spec.endpoint_url)
     output = cached_store(spec.output, spec.endpoint_url, create=True)
-    embedder = get_embedder(spec.embedder)  # built on the process's first shard, then reused
+    embedder = get_embedder(spec.embedder, read=url_reader(spec.endpoint_url))  # built on the first shard, then reused
     if spec.compile:
         embedder.enable_compile()
     load_s = time.time() - started_at

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -460,6 +460,20 @@ def open_store(url: str, *, endpoint_url: str | None = None, create: bool = Fals
 
 
 @functools.lru_cache(maxsize=16)
+def url_reader(endpoint_url: str | None = None) -> Callable[[str], bytes]:
+    """A function that reads one object by its full URL (`s3://bucket/key`, or a
+    local path): how model weights at a URL reach `models/`, which knows nothing
+    of stores."""
+
+    def read(url: str) -> bytes:
+        if not is_s3_url(url):
+            return Path(url).expanduser().read_bytes()
+        bucket, key = parse_s3_url(url)
+        return cached_store(f"s3://{bucket}", endpoint_url).get(key)
+
+    return read
+
+
 def cached_store(url: str, endpoint_url: str | None = None, *, create: bool = False) -> ObjectStore:
     """One store (and so one boto3 client and connection pool) per root per process."""
     return open_store(url, endpoint_url=endpoint_url, create=create)

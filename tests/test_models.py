@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,35 @@ def test_cuda_request_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present; the refusal only applies without one")
     with pytest.raises(ValueError, match="no CUDA GPU is visible; use --device cpu"):
         Embedder(EmbedderSettings(model="resnet18", weights="random:0", device="cuda"))
+
+
+def test_models_import_nothing_from_tasks_or_flows():
+    """The model layer takes weights as a file or bytes; stores, catalogues and
+    flows sit above it (weights at s3:// reach it through tasks.storage.url_reader)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("tasks", "flows", "deployments")]
+    assert offenders == []
+
+
+def test_weights_at_s3_are_read_through_the_store_and_checked(new_bucket, s3, moto_endpoint, resnet18_weights):
+    from tasks.storage import url_reader
+
+    bucket = new_bucket()
+    s3.put_object(Bucket=bucket, Key="models/resnet18-random.pth", Body=resnet18_weights.read_bytes())
+    url = f"s3://{bucket}/models/resnet18-random.pth"
+    spec = get_model_spec("resnet18")
+    local = resolve_weights(str(resnet18_weights), spec)
+    remote = resolve_weights(url, spec, read=url_reader(moto_endpoint), expected_sha256=local.sha256)
+    assert remote.source == "s3" and remote.sha256 == local.sha256
+    assert set(remote.state_dict) == set(local.state_dict)
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        resolve_weights(url, spec, read=url_reader(moto_endpoint), expected_sha256="0" * 64)
+    with pytest.raises(WeightsError, match="at a URL"):
+        resolve_weights(url, spec)
