@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from models.errors import UserError
+from tasks.options import RUN_DEFAULTS as D
 
 app = typer.Typer(help="Catalogue buckets of images into Parquet tables and a FAISS index; search them.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -132,7 +133,7 @@ def run_catalog(source: str, output: str, *, show_progress: bool = True, **param
     from flows.runners import ShardRunner, check_reachable
 
     check_reachable(ShardRunner(cluster=params.get("cluster"), workers=params.get("workers")))
-    model = params.get("model", "resnet50")
+    model = params.get("model", D.model)
     weights = preflight(source, output, model, params.get("endpoint_url"), params.get("weights"),
                         params.get("weights_sha256"))
     quiet = _nothing_to_do(source, output, f"{model}@{weights.sha256}", **params)
@@ -215,40 +216,40 @@ def print_summary(summary) -> None:
 def run(
     source: Annotated[str, typer.Option(help="Images to catalogue: a folder or s3://bucket/prefix.")],
     output: Annotated[str, typer.Option(help="Catalogue root: a folder or s3://bucket/prefix.")],
-    model: Annotated[str, typer.Option(help="torchvision classification model name.")] = "resnet50",
+    model: Annotated[str, typer.Option(help="torchvision classification model name.")] = D.model,
     weights: Annotated[str | None, typer.Option(
         help="torchvision weights name (default: the model's DEFAULT), a file (.pth/.safetensors), "
-             "an s3:// key, or random:SEED (smoke tests only).")] = None,
-    weights_sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the weights file.")] = None,
+             "an s3:// key, or random:SEED (smoke tests only).")] = D.weights,
+    weights_sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the weights file.")] = D.weights_sha256,
     batch_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Images per model batch "
-                                                   "(default: 16 on CPU, 256 on CUDA).")] = None,
-    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.auto,
+                                                   "(default: 16 on CPU, what fits on a GPU).")] = D.batch_size,
+    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device(D.device),
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs and bf16-capable CPUs, else fp32.")]
-    = Precision.auto,
-    limit: Annotated[int | None, typer.Option(min=1, help="Process at most this many images this run.")] = None,
-    shard_size: Annotated[int, typer.Option(min=1, help="Images per Prefect task.")] = 2000,
+    = Precision(D.precision),
+    limit: Annotated[int | None, typer.Option(min=1, help="Process at most this many images this run.")] = D.limit,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per Prefect task.")] = D.shard_size,
     io_workers: Annotated[int | None, typer.Option(min=1, max=256, help="Fetch/decode threads per shard "
-                                                   "(default: twice the cores, at least 4).")] = None,
+                                                   "(default: twice the cores, at least 4).")] = D.io_workers,
     compile: Annotated[Compile, typer.Option(help="torch.compile the model: auto = when the run has 3,000+ "
                                                   "images (compiling takes 10-20 s, then ~1.6x on CPU).")]
-    = Compile.auto,
-    gpu_decode: Annotated[bool, typer.Option("--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG).")] = False,
-    pdf_dpi: Annotated[int, typer.Option(min=36, max=600, help="Resolution PDF pages are rendered at.")] = 150,
-    max_pages: Annotated[int, typer.Option(min=1, help="Pages read from one PDF or TIFF at most.")] = 50,
+    = Compile(D.compile),
+    gpu_decode: Annotated[bool, typer.Option("--gpu-decode", help="Decode JPEGs on the GPU (nvJPEG).")] = D.gpu_decode,
+    pdf_dpi: Annotated[int, typer.Option(min=36, max=600, help="Resolution PDF pages are rendered at.")] = D.pdf_dpi,
+    max_pages: Annotated[int, typer.Option(min=1, help="Pages read from one PDF or TIFF at most.")] = D.max_pages,
     index_memory: Annotated[str | None, typer.Option(
         envvar="BATCHSIGHT_INDEX_MEMORY", help="Memory the FAISS index may use, e.g. 8GiB (default: half of RAM); "
-                                              "decides flat, IVF-Flat or IVF-PQ.")] = None,
+                                              "decides flat, IVF-Flat or IVF-PQ.")] = D.index_memory,
     recall_target: Annotated[float, typer.Option(min=0.5, max=1.0, help="recall@10 the search setting (nprobe) "
-                                                                        "is tuned to reach.")] = 0.95,
+                                                                        "is tuned to reach.")] = D.recall_target,
     max_delete_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Refuse a run that would delete more "
                                                     "than this share of the catalogue (a typo'd prefix lists "
-                                                    "nothing).")] = 0.2,
+                                                    "nothing).")] = D.max_delete_share,
     allow_mass_delete: Annotated[bool, typer.Option("--allow-mass-delete", help="Commit the deletions even past "
                                                     "--max-delete-share (an emptied bucket, a big clean-up).")]
-    = False,
-    cluster: ClusterOpt = None,
-    workers: WorkersOpt = None,
-    endpoint_url: EndpointOpt = None,
+    = D.allow_mass_delete,
+    cluster: ClusterOpt = D.cluster,
+    workers: WorkersOpt = D.workers,
+    endpoint_url: EndpointOpt = D.endpoint_url,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
     """Catalogue SOURCE into OUTPUT: embed new and changed images, index them, commit a new version."""
@@ -526,7 +527,7 @@ def serve(
         from flows.runners import ShardRunner, check_reachable
 
         check_reachable(ShardRunner(cluster=cluster, workers=workers))
-        preflight(source, output, model or "resnet50", endpoint_url, weights)
+        preflight(source, output, model or D.model, endpoint_url, weights)
         if api_url:
             check_api(api_url)
     except ZoneInfoNotFoundError:
@@ -584,7 +585,7 @@ def ui(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the sample bucket and catalogue go.")] = Path("demo-data"),
     images: Annotated[int, typer.Option(min=10, help="How many sample images to generate.")] = 300,
-    model: Annotated[str, typer.Option(help="torchvision classification model name.")] = "resnet50",
+    model: Annotated[str, typer.Option(help="torchvision classification model name.")] = D.model,
 ) -> None:
     """Generate a sample bucket, catalogue it, and search it."""
     from models.registry import get_model_spec

@@ -8,7 +8,6 @@ reports.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
@@ -23,13 +22,11 @@ from models.weights import resolve_weights
 from tasks import catalog as cat
 from tasks import planning
 from tasks.categories import active_categorizer
-from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI
-from tasks.index import DEFAULT_RECALL_TARGET, IndexSettings, parse_memory_size
-from tasks.pipeline import DecodeOptions, ShardSpec, StageTimes, bottleneck, current_progress, process_shard
+from tasks.index import IndexSettings, parse_memory_size
+from tasks.options import RUN_DEFAULTS as D
+from tasks.pipeline import DecodeOptions, ShardSpec, current_progress, process_shard
 from tasks.runs import RunSummary
 from tasks.storage import StorageError, cached_store, check_roots_apart, url_reader
-
-DEFAULT_SHARD_SIZE = 2000
 
 
 def _worth_retrying(task, task_run, state) -> bool:
@@ -70,27 +67,27 @@ def build_and_commit(output: str, endpoint_url: str | None, previous_key: str | 
 def catalog_images(
     source: str,
     output: str,
-    model: str = "resnet50",
-    weights: str | None = None,
-    weights_sha256: str | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    limit: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    io_workers: int | None = None,
-    compile: str = "auto",
-    gpu_decode: bool = False,
-    pdf_dpi: int = DEFAULT_PDF_DPI,
-    max_pages: int = DEFAULT_MAX_PAGES,
-    index_memory: str | None = None,
-    recall_target: float = DEFAULT_RECALL_TARGET,
-    max_attempts: int = 3,
-    max_delete_share: float = cat.DEFAULT_MAX_DELETE_SHARE,
-    allow_mass_delete: bool = False,
-    endpoint_url: str | None = None,
-    cluster: str | None = None,
-    workers: int | None = None,
+    model: str = D.model,
+    weights: str | None = D.weights,
+    weights_sha256: str | None = D.weights_sha256,
+    batch_size: int | None = D.batch_size,
+    device: str = D.device,
+    precision: str = D.precision,
+    limit: int | None = D.limit,
+    shard_size: int = D.shard_size,
+    io_workers: int | None = D.io_workers,
+    compile: str = D.compile,
+    gpu_decode: bool = D.gpu_decode,
+    pdf_dpi: int = D.pdf_dpi,
+    max_pages: int = D.max_pages,
+    index_memory: str | None = D.index_memory,
+    recall_target: float = D.recall_target,
+    max_attempts: int = D.max_attempts,
+    max_delete_share: float = D.max_delete_share,
+    allow_mass_delete: bool = D.allow_mass_delete,
+    endpoint_url: str | None = D.endpoint_url,
+    cluster: str | None = D.cluster,
+    workers: int | None = D.workers,
 ) -> RunSummary:
     """Catalogue `source` into `output`: embed new and changed images, drop
     deleted ones, and commit a new version atomically. Shards run in this
@@ -169,31 +166,9 @@ def catalog_images(
             weights_source=resolved.source, weights_sha256=resolved.sha256,
             embedding_dim=model_info.embedding_dim, reembed_all=reembed_all, index_settings=index_settings,
             categorizer=categorizer_key)
-        times = StageTimes()
-        for r in results:
-            times.add(StageTimes(**{k: r.times[f"{k}_s"] for k in ("fetch", "decode", "model", "wait")}))
-        summary.batch_size = min((int(r.times["batch_size"]) for r in results), default=batch_size or 0)
-        first_batch = [r.times["first_batch_at"] for r in results if r.times.get("first_batch_at")]
-        summary.stage_s = times.as_dict() | {
-            "write_s": sum(r.times["write_s"] for r in results) + stats.write_s,
-            "index_s": stats.index_s,
-            "compile_s": compile_s,
-            "load_s": sum(r.times.get("load_s", 0.0) for r in results),  # model loads in the shards' processes
-            "cluster_start_s": done.start_s,  # starting or reaching a Dask cluster
-        } | ({"to_first_batch_s": min(first_batch) - done.ready_at} if first_batch else {})
-        summary.shards, summary.runner = len(results), runner.describe()
-        summary.shards_by_process = dict(Counter(r.ran_on for r in results))
-        summary.models_built = max((r.model_loads for r in results), default=0)
-        summary.pages = sum(len(r.rows) for r in results)
-        summary.processed = len({k for r in results for k in r.rows["key"]})
-        failures = [f for r in results for f in r.failures]
-        summary.failed = len({f["key"] for f in failures})
-        summary.failures_by_reason = dict(Counter(f"{f['stage']}:{f['error_type']}" for f in failures).most_common())
-        summary.top_classes = dict(Counter(c for r in results for c in r.rows["top_class"]).most_common(10))
-        summary.images_per_s = (summary.processed + summary.failed) / shard_wall if shard_wall > 0 else 0.0
-        summary.bottleneck = bottleneck(summary.stage_s, shard_wall) if summary.processed + summary.failed else ""
-        summary.status, summary.version = "committed", manifest.version
-        summary.message = f"committed version {manifest.version}"
+        summary.note_shards(results, runner=runner.describe(), wall_s=shard_wall, cluster_start_s=done.start_s,
+                            ready_at=done.ready_at, compile_s=compile_s, build=stats, batch_size=batch_size)
+        summary.note_commit(manifest.version)
         logger.info("run %s committed version %s: %s images, %s failures, %.1f images/s", run_id,
                     manifest.version, manifest.counts["images"], manifest.counts["failures"], summary.images_per_s)
         return summary

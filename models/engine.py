@@ -37,7 +37,7 @@ class EmbedderSettings:
     """Everything that decides which model runs and how; hashable, so one Embedder
     per distinct settings is cached per process."""
 
-    model: str = "resnet50"
+    model: str  # a name `models.registry` knows (the run's default lives in tasks.options)
     weights: str | None = None
     weights_sha256: str | None = None
     device: str = "auto"

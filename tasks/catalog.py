@@ -35,6 +35,7 @@ from models.errors import UserError
 from tasks import index as faiss_index
 from tasks import layout, tables
 from tasks.layout import manifest_key, version_stem  # noqa: F401  (part of this module's API)
+from tasks.options import RUN_DEFAULTS
 from tasks.storage import (LocalStore, ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed, StorageError,
                            cached_store)
 
@@ -539,7 +540,8 @@ class ChangePlan:
 
 
 def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame, failed: pd.DataFrame, *,
-                 reembed_all: bool = False, max_attempts: int = 3, limit: int | None = None) -> ChangePlan:
+                 reembed_all: bool = False, max_attempts: int = RUN_DEFAULTS.max_attempts,
+                 limit: int | None = None) -> ChangePlan:
     """Diff a listing against the live rows by (key, etag, size).
 
     `catalogued` has columns key, etag, size; `failed` has key, etag, size,
@@ -587,7 +589,7 @@ class MassDeleteRefused(CatalogError):
     """A plan would delete more of the catalogue than the run is allowed to."""
 
 
-DEFAULT_MAX_DELETE_SHARE = 0.2
+DEFAULT_MAX_DELETE_SHARE = RUN_DEFAULTS.max_delete_share
 
 
 def check_deletions(plan: ChangePlan, catalogued: int, *, source: str, max_share: float = DEFAULT_MAX_DELETE_SHARE,

@@ -22,6 +22,8 @@ from typing import Any, Generic, TypeVar
 import pypdfium2 as pdfium
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tasks.options import RUN_DEFAULTS
+
 # An image or TIFF frame above ~180 MP (a 4000x3000 photo is 12 MP) is refused
 # from its header. Pillow's own check is set to the same limit as a backstop for
 # images its plugins open internally (an ICO's PNG); its warning is never turned
@@ -34,8 +36,8 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 MAX_RENDER_PIXELS = 4096 * 4096
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pdf"})
-DEFAULT_PDF_DPI = 150
-DEFAULT_MAX_PAGES = 50
+DEFAULT_PDF_DPI = RUN_DEFAULTS.pdf_dpi
+DEFAULT_MAX_PAGES = RUN_DEFAULTS.max_pages
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})

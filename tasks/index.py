@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 
 from models.errors import UserError
+from tasks.options import RUN_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ ID_BYTES = 8
 ID_MAP_BYTES = 40  # an id -> position hashtable entry (IDMap2's rev_map, an IVF's direct map); ~36 measured
 RECALL_K = 10
 RECALL_QUERIES = 1000
-DEFAULT_RECALL_TARGET = 0.95
+DEFAULT_RECALL_TARGET = RUN_DEFAULTS.recall_target
 RECALL_PLATEAU = 0.005  # raising nprobe stops when doubling it gains less recall than this
 # The index is built and then held in one process, next to a training sample and
 # a block of vectors; half of memory leaves the rest of the machine its share.

@@ -12,6 +12,7 @@ from PIL import Image
 
 from tasks import catalog as cat
 from tasks import tables
+from tasks.options import RUN_DEFAULTS
 from tasks.storage import ObjectInfo, ObjectStore
 
 # Pillow's registered stubs and write-only formats cannot be read without extra software.
@@ -82,9 +83,9 @@ class RunPlan:
     reembed_all: bool
 
 
-def plan_run(source: ObjectStore, output: ObjectStore, fingerprint: str, *, max_attempts: int = 3,
-             limit: int | None = None, max_delete_share: float = cat.DEFAULT_MAX_DELETE_SHARE,
-             allow_mass_delete: bool = False) -> RunPlan:
+def plan_run(source: ObjectStore, output: ObjectStore, fingerprint: str, *,
+             max_attempts: int = RUN_DEFAULTS.max_attempts, limit: int | None = None,
+             max_delete_share: float = RUN_DEFAULTS.max_delete_share, allow_mass_delete: bool = False) -> RunPlan:
     """List `source`, open the live version of `output`, refuse to build on a
     damaged one, and diff the two. A plan that deletes too much is refused
     (`MassDeleteRefused`) unless `allow_mass_delete`."""

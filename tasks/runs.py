@@ -3,10 +3,15 @@ shows, and the runs log keeps (one row per run, committed or not)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from tasks.planning import RunPlan
+
+if TYPE_CHECKING:
+    from tasks.catalog import BuildStats, ShardResult
 
 
 @dataclass
@@ -41,6 +46,40 @@ class RunSummary:
     models_built: int = 0  # most models one shard process built (1: each loaded its model once)
     started_at: str = ""
     message: str = ""
+
+    def note_shards(self, results: list[ShardResult], *, runner: str, wall_s: float, cluster_start_s: float,
+                    ready_at: float, compile_s: float, build: BuildStats, batch_size: int | None) -> None:
+        """Record what the shards did: objects, pages, failures by reason, classes,
+        stage times summed over shards (and the build's), throughput over the
+        shards' wall time, where they ran, and what held them back."""
+        from tasks.pipeline import StageTimes, bottleneck  # torch: only where shards ran
+
+        times = StageTimes()
+        for r in results:
+            times.add(StageTimes(**{k: r.times[f"{k}_s"] for k in ("fetch", "decode", "model", "wait")}))
+        self.batch_size = min((int(r.times["batch_size"]) for r in results), default=batch_size or 0)
+        first_batch = [r.times["first_batch_at"] for r in results if r.times.get("first_batch_at")]
+        self.stage_s = times.as_dict() | {
+            "write_s": sum(r.times["write_s"] for r in results) + build.write_s,
+            "index_s": build.index_s,
+            "compile_s": compile_s,
+            "load_s": sum(r.times.get("load_s", 0.0) for r in results),  # model loads in the shards' processes
+            "cluster_start_s": cluster_start_s,  # starting or reaching a Dask cluster
+        } | ({"to_first_batch_s": min(first_batch) - ready_at} if first_batch else {})
+        self.shards, self.runner = len(results), runner
+        self.shards_by_process = dict(Counter(r.ran_on for r in results))
+        self.models_built = max((r.model_loads for r in results), default=0)
+        self.pages = sum(len(r.rows) for r in results)
+        self.processed = len({k for r in results for k in r.rows["key"]})
+        failures = [f for r in results for f in r.failures]
+        self.failed = len({f["key"] for f in failures})
+        self.failures_by_reason = dict(Counter(f"{f['stage']}:{f['error_type']}" for f in failures).most_common())
+        self.top_classes = dict(Counter(c for r in results for c in r.rows["top_class"]).most_common(10))
+        self.images_per_s = (self.processed + self.failed) / wall_s if wall_s > 0 else 0.0
+        self.bottleneck = bottleneck(self.stage_s, wall_s) if self.processed + self.failed else ""
+
+    def note_commit(self, version: int) -> None:
+        self.status, self.version, self.message = "committed", version, f"committed version {version}"
 
     def note_plan(self, planned: RunPlan) -> None:
         """Record what listing and planning found; a plan with nothing to do ends the run here."""
