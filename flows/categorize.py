@@ -15,34 +15,34 @@ import numpy as np
 import pandas as pd
 from prefect import flow
 
-from flows.search import query_embedder_settings, weights_reader
 from models.categorizer import Categorizer
-from models.engine import get_embedder, stack_images
+from models.engine import get_embedder
 from models.errors import UserError
 from tasks.catalog import Catalog, open_catalog
 from tasks.categories import (ApplyReport, LabelsError, active_categorizer, apply_to_catalog, fit_from_catalog,
                               labels_from_prefix, read_labels_csv, suggest_clusters, write_suggestions)
-from tasks.decode import DecodeError, decode_pages
 from tasks.labels import review_labels as read_review_labels
 from tasks.labels import with_review_labels
+from tasks.pipeline import embed_blobs
+from tasks.search import query_embedder_settings, weights_reader
 from tasks.storage import ObjectStore, cached_store
 
 
 def embed_objects(cat: Catalog, store: ObjectStore, keys: list[str]) -> list[list[np.ndarray]]:
     """Embed objects the catalogue does not hold (every page), with its own model."""
     embedder = get_embedder(query_embedder_settings(cat), read=weights_reader(cat))
-    out = []
+    blobs = []
     for key in keys:
         try:
-            pages = decode_pages(store.get(key), prepare=embedder.preprocess,
-                                 min_side=embedder.preprocessing.resize_size)
-        except DecodeError as exc:
-            raise LabelsError(f"labelled image {store.describe(key)} cannot be decoded ({exc.reason}: {exc.message}); "
-                              "fix or drop it from the labels") from None
+            blobs.append(store.get(key))
         except KeyError:
             raise LabelsError(f"labelled key {key!r} is neither in the catalogue nor at {store.url}") from None
-        batch = stack_images([p.image for p in pages])
-        out.append(list(embedder.embed(batch).embeddings))
+    out = []
+    for key, embedded in zip(keys, embed_blobs(embedder, blobs), strict=True):
+        if isinstance(embedded, tuple):
+            raise LabelsError(f"labelled image {store.describe(key)} cannot be decoded ({embedded[0]}: "
+                              f"{embedded[1]}); fix or drop it from the labels")
+        out.append(list(embedded))
     return out
 
 

@@ -292,7 +292,8 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON records.")] = False,
 ) -> None:
     """Print (or write) the images most similar to --key, --image, or each of --queries."""
-    from flows.search import results_format, search_queries, similar_images, write_results
+    from flows.search import search_queries, similar_images
+    from tasks.search import results_format, write_results
 
     if sum(q is not None for q in (key, image, queries)) != 1:
         raise _fail(UserError("pass exactly one of --key KEY or --image FILE (or --queries FOLDER|CSV for many)"))

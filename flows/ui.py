@@ -5,11 +5,11 @@ Duplicates, Review, Runs) and the JSON API under `/api/` they call. The app read
 the live version and follows `CURRENT`: a new version is loaded whole in the
 background and swapped in at once, and each request keeps the one version it
 started with, so no request ever sees half of a version. Search, duplicates,
-thumbnails and labels are the plain functions of `flows/search.py`,
+thumbnails and labels are the plain functions of `tasks/search.py`,
 `tasks/thumbnails.py` and `tasks/labels.py`, except one fast path of its own:
 on an exact index (flat, IVF-Flat) `CatalogView.neighbours` searches the index
 and reads result rows from per-version dicts, giving the rows
-`flows.search.neighbours` gives (tests/test_ui.py compares them).
+`tasks.search.neighbours` gives (tests/test_ui.py compares them).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
-from flows import search as image_search
+from flows.search import find_duplicates
 from models.categorizer import UNCERTAIN
 from models.errors import UserError
 from tasks import index as faiss_index
+from tasks import search as image_search
 from tasks.catalog import Catalog, CatalogError, read_manifest, read_pointer, read_runs
 from tasks.categories import active_categorizer
 from tasks.decode import DecodeError
@@ -127,7 +128,7 @@ class CatalogView:
                            lambda: image_search.allowed_ids(self.cat, prefix=prefix or None, category=category or None))
 
     def vectors_for_keys(self, keys: Sequence[str]) -> np.ndarray:
-        """Stored embeddings of `keys` (a document's first page), as `flows.search` reads them."""
+        """Stored embeddings of `keys` (a document's first page), as `tasks.search` reads them."""
         ids = [self.first_page.get(k) for k in keys]
         if None in ids or not self.exact_vectors:
             return image_search.vectors_for_keys(self.cat, keys)  # names the missing key, or reads PQ parts
@@ -136,10 +137,10 @@ class CatalogView:
     def neighbours(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
                    exclude_keys: Sequence[str | None] | None = None,
                    labels: Sequence[str] | None = None) -> list[dict]:
-        """The rows `flows.search.neighbours` gives (same ranks, order, scores), as
+        """The rows `tasks.search.neighbours` gives (same ranks, order, scores), as
         JSON-ready records; `labels[i]` is query i's `query` field. On an exact
         index (flat, IVF-Flat) the rows are read from arrays here, since building
-        a DataFrame costs ten times the search; IVF-PQ goes through flows.search."""
+        a DataFrame costs ten times the search; IVF-PQ goes through tasks.search."""
         if not self.exact_vectors:
             found = image_search.neighbours(self.cat, queries, k, allowed_ids=allowed, exclude_keys=exclude_keys)
             hits = zip(*(found[c].tolist() for c in ("query_index", "rank", "key", "page", "score", "image_id")),
@@ -552,7 +553,7 @@ async def read_capped(request: Request, limit: int) -> bytes:
 
 def duplicate_groups(view: CatalogView, threshold: float) -> pd.DataFrame:
     def make() -> pd.DataFrame:
-        return _user_call(image_search.find_duplicates, view.cat, threshold=threshold, write=False).groups
+        return _user_call(find_duplicates, view.cat, threshold=threshold, write=False).groups
     return view.cached(("duplicates", round(threshold, 4)), make)
 
 

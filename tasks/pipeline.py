@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from contextvars import ContextVar
@@ -256,6 +256,23 @@ def decode_to_pixels(data: bytes, prep: Preprocessing, pdf_dpi: int, max_pages: 
     except DecodeError as exc:
         return exc.reason, exc.message
     return [(d.page, d.width, d.height, d.image) for d in decoded]
+
+
+def embed_blobs(embedder: Embedder, blobs: Sequence[bytes], *, max_pages: int = DEFAULT_MAX_PAGES,
+                batch_size: int = 32) -> list[np.ndarray | tuple[str, str]]:
+    """A few objects in hand (search queries, labelled examples) through the
+    shards' own path: `decode_to_pixels` (decode, resize, crop), `stack_images`,
+    `Embedder.embed`, in batches of pages. Per object: its pages' embeddings
+    [pages, dim], or its refusal (reason, message)."""
+    decoded = [decode_to_pixels(data, embedder.preprocessing, DEFAULT_PDF_DPI, max_pages) for data in blobs]
+    pages = [(i, pixels) for i, d in enumerate(decoded) if isinstance(d, list) for *_, pixels in d]
+    vectors: list[np.ndarray] = []
+    for start in range(0, len(pages), batch_size):
+        tensors = [torch.from_numpy(p).permute(2, 0, 1) for _, p in pages[start:start + batch_size]]
+        vectors.extend(embedder.embed(stack_images(tensors, embedder.device)).embeddings)
+    owner = np.array([i for i, _ in pages], dtype=np.int64)
+    return [d if isinstance(d, tuple) else np.stack([vectors[j] for j in np.flatnonzero(owner == i)])
+            for i, d in enumerate(decoded)]
 
 
 _decode_pools_lock = threading.Lock()
