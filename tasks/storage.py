@@ -459,7 +459,6 @@ def open_store(url: str, *, endpoint_url: str | None = None, create: bool = Fals
     return LocalStore(url, create=create)
 
 
-@functools.lru_cache(maxsize=16)
 def url_reader(endpoint_url: str | None = None) -> Callable[[str], bytes]:
     """A function that reads one object by its full URL (`s3://bucket/key`, or a
     local path): how model weights at a URL reach `models/`, which knows nothing
@@ -474,6 +473,7 @@ def url_reader(endpoint_url: str | None = None) -> Callable[[str], bytes]:
     return read
 
 
+@functools.lru_cache(maxsize=16)
 def cached_store(url: str, endpoint_url: str | None = None, *, create: bool = False) -> ObjectStore:
     """One store (and so one boto3 client and connection pool) per root per process."""
     return open_store(url, endpoint_url=endpoint_url, create=create)

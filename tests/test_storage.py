@@ -80,3 +80,15 @@ def test_a_large_buffer_goes_up_in_parts_without_a_copy(new_bucket, moto_endpoin
     assert store.get("indexes/v000001.faiss") == data.tobytes()
     small = store.put("CURRENT", memoryview(b"v1"), if_none_match=True)  # conditional: one PUT, as before
     assert "-" not in small and store.get("CURRENT") == b"v1"
+
+
+def test_a_root_is_opened_once_per_process(tmp_path, moto_endpoint, new_bucket):
+    """One store, so one boto3 client and connection pool, per root: every shard,
+    reader and weights fetch in a process shares it."""
+    from tasks.storage import cached_store
+
+    bucket = new_bucket()
+    s3_root = cached_store(f"s3://{bucket}/p", moto_endpoint)
+    assert cached_store(f"s3://{bucket}/p", moto_endpoint) is s3_root
+    assert cached_store(str(tmp_path), None) is cached_store(str(tmp_path), None)
+    assert cached_store(f"s3://{bucket}/q", moto_endpoint) is not s3_root
