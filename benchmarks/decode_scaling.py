@@ -31,14 +31,14 @@ from throughput import cpu_model, image_pool, write_set  # noqa: E402
 
 from models.registry import get_model_spec  # noqa: E402
 from tasks.pipeline import CHUNK, DecodeOptions, _ChunkJob, decode_chunk, decode_to_pixels  # noqa: E402
-from tasks.storage import LocalStore  # noqa: E402
+from tasks.storage import LocalStore, StoreSpec  # noqa: E402
 
 
 def in_processes(workers: int, folder: str, keys: list[str], prep, options: DecodeOptions) -> float:
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        list(pool.map(decode_chunk, [_ChunkJob(folder, None, tuple(keys[:CHUNK]), prep, options)] * workers))  # start
+        list(pool.map(decode_chunk, [_ChunkJob(StoreSpec(folder), tuple(keys[:CHUNK]), prep, options)] * workers))  # start
         t0 = time.perf_counter()
-        jobs = [_ChunkJob(folder, None, tuple(keys[i:i + CHUNK]), prep, options) for i in range(0, len(keys), CHUNK)]
+        jobs = [_ChunkJob(StoreSpec(folder), tuple(keys[i:i + CHUNK]), prep, options) for i in range(0, len(keys), CHUNK)]
         n = sum(1 for chunk in pool.map(decode_chunk, jobs) for r in chunk if r[0] == "pages")
         return n / (time.perf_counter() - t0)
 

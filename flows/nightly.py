@@ -26,7 +26,7 @@ from tasks.index import IndexSettings, parse_memory_size
 from tasks.options import RUN_DEFAULTS as D
 from tasks.pipeline import DecodeOptions, ShardSpec, current_progress, process_shard
 from tasks.runs import RunSummary
-from tasks.storage import StorageError, cached_store, check_roots_apart, url_reader
+from tasks.storage import StorageError, StoreSpec, check_roots_apart, url_reader
 
 
 def _worth_retrying(task, task_run, state) -> bool:
@@ -37,11 +37,9 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 @task(name="list-and-plan", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying,
       cache_policy=NO_CACHE)
-def list_and_plan(source: str, output: str, endpoint_url: str | None, fingerprint: str,
-                  **options) -> planning.RunPlan:
+def list_and_plan(source: StoreSpec, output: StoreSpec, fingerprint: str, **options) -> planning.RunPlan:
     """List the source (all pages), open the live version, diff them."""
-    return planning.plan_run(cached_store(source, endpoint_url), cached_store(output, endpoint_url, create=True),
-                             fingerprint, **options)
+    return planning.plan_run(source.open(), output.open(create=True), fingerprint, **options)
 
 
 @task(name="process-shard", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -54,9 +52,9 @@ def process_shard_task(spec: ShardSpec) -> cat.ShardResult:
 
 
 @task(name="build-and-commit", cache_policy=NO_CACHE)
-def build_and_commit(output: str, endpoint_url: str | None, previous_key: str | None, pointer_etag: str | None,
+def build_and_commit(output: StoreSpec, previous_key: str | None, pointer_etag: str | None,
                      plan: cat.ChangePlan, results: list[cat.ShardResult], **version_meta) -> tuple[cat.Manifest, cat.BuildStats]:
-    store = cached_store(output, endpoint_url, create=True)
+    store = output.open(create=True)
     previous = cat.Catalog(store, cat.read_manifest(store, previous_key), previous_key) if previous_key else None
     manifest, stats = cat.build_next_version(store, previous, plan, results, **version_meta)
     cat.commit_manifest(store, manifest, pointer_etag)
@@ -96,6 +94,7 @@ def catalog_images(
     logger = get_run_logger()
     started = time.perf_counter()
     check_roots_apart(source, output)
+    source_at, output_at = StoreSpec(source, endpoint_url), StoreSpec(output, endpoint_url)
     runner = ShardRunner(cluster=cluster, workers=workers)
     check_reachable(runner)
     run_id = cat.new_run_id()
@@ -111,7 +110,7 @@ def catalog_images(
     # The model is loaded where the shards run: here for the in-process runner
     # (failing fast on a bad device), else once in each Dask worker process.
     embedder = get_embedder(settings, weights=resolved) if runner.in_process else None
-    out_store = cached_store(output, endpoint_url, create=True)
+    out_store = output_at.open(create=True)
     active = active_categorizer(out_store)
     if active:  # refused here, before any work, if it was trained on other embeddings
         active[0].check_fits(model_info.fingerprint)
@@ -124,7 +123,7 @@ def catalog_images(
     lease = cat.RunLease(out_store, run_id)  # gc leaves this run's files alone while it lives
     try:
         lease.__enter__()
-        planned = list_and_plan(source, output, endpoint_url, model_info.fingerprint, max_attempts=max_attempts,
+        planned = list_and_plan(source_at, output_at, model_info.fingerprint, max_attempts=max_attempts,
                                 limit=limit, max_delete_share=max_delete_share, allow_mass_delete=allow_mass_delete)
         previous, plan, reembed_all = planned.previous, planned.plan, planned.reembed_all
         summary.note_plan(planned)
@@ -148,11 +147,10 @@ def catalog_images(
         if progress:  # after compiling, so the bar's rate is the shards' rate
             progress.start(len(todo))
         topic = None if runner.in_process else f"batchsight-progress-{run_id}"
-        specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source, output=output,
+        specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source_at, output=output_at,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
                            decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages),
-                           compile=compiled, categorizer=categorizer_key, endpoint_url=endpoint_url,
-                           progress_topic=topic)
+                           compile=compiled, categorizer=categorizer_key, progress_topic=topic)
                  for i, start in enumerate(range(0, len(todo), shard_size))]
         logger.info("%s shards of up to %s objects on %s", len(specs), shard_size, runner.describe())
         t_shards = time.perf_counter()
@@ -161,7 +159,7 @@ def catalog_images(
         shard_wall = time.perf_counter() - t_shards
 
         manifest, stats = build_and_commit(
-            output, endpoint_url, previous.manifest_key if previous else None, planned.pointer_etag, plan, results,
+            output_at, previous.manifest_key if previous else None, planned.pointer_etag, plan, results,
             run_id=run_id, source=source, model=model_info.name, weights=resolved.spec,
             weights_source=resolved.source, weights_sha256=resolved.sha256,
             embedding_dim=model_info.embedding_dim, reembed_all=reembed_all, index_settings=index_settings,

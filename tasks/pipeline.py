@@ -42,7 +42,7 @@ from tasks import layout, tables
 from tasks.catalog import ShardResult, crash_point, put_recorded
 from tasks.categories import categorize_rows, load_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode_pages
-from tasks.storage import LocalStore, ObjectInfo, ObjectStore, cached_store, open_store, url_reader
+from tasks.storage import LocalStore, ObjectInfo, ObjectStore, StoreSpec, open_store, url_reader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -322,8 +322,7 @@ CHUNK = 16  # objects per task sent to a decode process
 class _ChunkJob:
     """What a decode process needs for a chunk of objects: plain data."""
 
-    source: str
-    endpoint_url: str | None
+    source: StoreSpec
     keys: tuple[str, ...]
     prep: Preprocessing
     options: DecodeOptions
@@ -348,9 +347,9 @@ def decode_chunk(job: _ChunkJob) -> list[tuple]:
     decode_s) | ("jpeg", bytes, width, height, fetch_s) for a JPEG left to the GPU
     | ("pages", [(page, width, height, pixels)], fetch_s, decode_s)."""
     stores = _worker_state.setdefault("stores", {})
-    store = stores.get((job.source, job.endpoint_url))
-    if store is None:
-        store = stores[(job.source, job.endpoint_url)] = open_store(job.source, endpoint_url=job.endpoint_url)
+    store = stores.get(job.source)
+    if store is None:  # not `StoreSpec.open`: its cache came across the fork, and a boto3 client must not
+        store = stores[job.source] = open_store(job.source.url, endpoint_url=job.source.endpoint_url)
     fetchers = _worker_state.get("fetchers")
     if fetchers is None:
         fetchers = _worker_state["fetchers"] = ThreadPoolExecutor(4, thread_name_prefix="batchsight-fetch")
@@ -380,11 +379,11 @@ def _device_jpeg_size(data: bytes, options: DecodeOptions) -> tuple[int, int] | 
     return size if size and size[0] * size[1] <= options.device_max_pixels else None
 
 
-def _fetch_and_decode_chunk(infos: list[ObjectInfo], processes: ProcessPoolExecutor, source: tuple[str, str | None],
+def _fetch_and_decode_chunk(infos: list[ObjectInfo], processes: ProcessPoolExecutor, source: StoreSpec,
                             prep: Preprocessing, options: DecodeOptions) -> list[_Fetched]:
     """A chunk of objects through a decode process; one task and one reply per
     chunk, so this process spends little interpreter time per image."""
-    job = _ChunkJob(source[0], source[1], tuple(i.key for i in infos), prep, options)
+    job = _ChunkJob(source, tuple(i.key for i in infos), prep, options)
     fetched = []
     for info, r in zip(infos, processes.submit(decode_chunk, job).result(), strict=True):
         if r[0] == "fetch":
@@ -540,7 +539,7 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
               on_batch: Callable[[ProcessedBatch], None] | None = None,
               on_progress: Callable[[int], None] | None = None,
               jpeg_decoder: DeviceJpegDecoder | None = None,
-              source: tuple[str, str | None] | None = None) -> ShardOutput:
+              source: StoreSpec | None = None) -> ShardOutput:
     """Fetch, decode, batch and embed `items` (every page of a document is its own
     input); a bad object becomes an `ImageFailure` and never stops the rest of its batch.
 
@@ -568,7 +567,7 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
     processes = decode_processes(decode_process_count(embedder.device)) \
         if decodes_in_processes(decode.decode_in, embedder.device) else None
     if source is None and isinstance(store, LocalStore):
-        source = (store.url, None)
+        source = StoreSpec(store.url)
 
     # No closure here refers to itself: a self-referencing closure is a reference
     # cycle, and it would keep `on_batch` (and the shard's part buffer and rows)
@@ -705,8 +704,8 @@ class ShardSpec:
 
     index: int
     items: tuple[ObjectInfo, ...]
-    source: str
-    output: str
+    source: StoreSpec
+    output: StoreSpec
     run_id: str
     embedder: EmbedderSettings
     batch_size: int | None = None  # None: Embedder.fitting_batch_size()
@@ -714,7 +713,6 @@ class ShardSpec:
     decode: DecodeOptions = DecodeOptions()
     compile: bool = False
     categorizer: str | None = None  # key of the categoriser to apply, under `output`
-    endpoint_url: str | None = None
     progress_topic: str | None = None  # Dask event topic the flow listens on, when the shard runs elsewhere
 
 
@@ -724,9 +722,10 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
     Vectors go into the part batch by batch (one Parquet row group each) and are
     not kept, so a shard holds its compressed part, not its raw vectors."""
     started_at = time.time()
-    source = cached_store(spec.source, spec.endpoint_url)
-    output = cached_store(spec.output, spec.endpoint_url, create=True)
-    embedder = get_embedder(spec.embedder, read=url_reader(spec.endpoint_url))  # built on the first shard, then reused
+    source = spec.source.open()
+    output = spec.output.open(create=True)
+    # Built on the process's first shard, then reused.
+    embedder = get_embedder(spec.embedder, read=url_reader(spec.source.endpoint_url))
     if spec.compile:
         embedder.enable_compile()
     load_s = time.time() - started_at
@@ -747,7 +746,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
 
     out = run_shard(list(spec.items), source, embedder, batch_size=spec.batch_size, workers=spec.workers,
                     decode=spec.decode, on_batch=keep, on_progress=on_progress,
-                    source=(spec.source, spec.endpoint_url))
+                    source=spec.source)
     t0 = time.perf_counter()
     if part.rows:
         part_file = put_recorded(output, part_key, part.finish())

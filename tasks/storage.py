@@ -459,6 +459,19 @@ def open_store(url: str, *, endpoint_url: str | None = None, create: bool = Fals
     return LocalStore(url, create=create)
 
 
+@dataclass(frozen=True)
+class StoreSpec:
+    """Where a store is, as plain data: its URL (a folder or `s3://bucket/prefix`)
+    and, for S3, the endpoint. It travels to decode processes and Dask workers;
+    `open` builds the store where it is used, once per process (`cached_store`)."""
+
+    url: str
+    endpoint_url: str | None = None
+
+    def open(self, *, create: bool = False) -> ObjectStore:
+        return cached_store(self.url, self.endpoint_url, create=create)
+
+
 def url_reader(endpoint_url: str | None = None) -> Callable[[str], bytes]:
     """A function that reads one object by its full URL (`s3://bucket/key`, or a
     local path): how model weights at a URL reach `models/`, which knows nothing
