@@ -90,9 +90,9 @@ def _dask_runner(runner: ShardRunner) -> Iterator[Any]:
     # threshold, so every batch-sized tensor is mmapped, faulted in and unmapped:
     # measured on 2 cores it doubled the model's time (a quarter of the CPU in the
     # kernel); batchsight's workers keep glibc's default.
-    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
-               if k != "MALLOC_TRIM_THRESHOLD_"}
-    with dask.config.set({"distributed.worker.daemon": not gpus, "distributed.nanny.pre-spawn-environ": environ}), \
+    # (None unsets a variable there: distributed.nanny._get_env_variables.)
+    with dask.config.set({"distributed.worker.daemon": not gpus,
+                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
             _quiet_cluster_logs(), \
             DaskTaskRunner(cluster_class=LocalCluster, cluster_kwargs=kwargs) as task_runner:
         if gpus:
