@@ -111,7 +111,6 @@ def run_shards(task, specs: Sequence[Any], runner: ShardRunner, *, progress: Pro
             return ShardsDone([f.result() for f in task_runner.map(task, {"spec": list(specs)})], 0.0, ready_at)
     from flows.dask_shards import run_on_dask
 
-    check_reachable(runner)
     return run_on_dask(task, specs, runner, progress=progress, topic=topic)
 
 

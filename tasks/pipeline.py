@@ -265,14 +265,18 @@ def embed_blobs(embedder: Embedder, blobs: Sequence[bytes], *, max_pages: int = 
     `Embedder.embed`, in batches of pages. Per object: its pages' embeddings
     [pages, dim], or its refusal (reason, message)."""
     decoded = [decode_to_pixels(data, embedder.preprocessing, DEFAULT_PDF_DPI, max_pages) for data in blobs]
-    pages = [(i, pixels) for i, d in enumerate(decoded) if isinstance(d, list) for *_, pixels in d]
-    vectors: list[np.ndarray] = []
-    for start in range(0, len(pages), batch_size):
-        tensors = [torch.from_numpy(p).permute(2, 0, 1) for _, p in pages[start:start + batch_size]]
-        vectors.extend(embedder.embed(stack_images(tensors, embedder.device)).embeddings)
-    owner = np.array([i for i, _ in pages], dtype=np.int64)
-    return [d if isinstance(d, tuple) else np.stack([vectors[j] for j in np.flatnonzero(owner == i)])
-            for i, d in enumerate(decoded)]
+    pages = [pixels for d in decoded if isinstance(d, list) for *_, pixels in d]
+    vectors = [embedder.embed(stack_images([torch.from_numpy(p).permute(2, 0, 1) for p in pages[i:i + batch_size]],
+                                           embedder.device)).embeddings for i in range(0, len(pages), batch_size)]
+    flat = np.concatenate(vectors) if vectors else np.empty((0, embedder.embedding_dim), np.float32)
+    out, at = [], 0
+    for d in decoded:  # the vectors are in page order: each object takes its pages' run of them
+        if isinstance(d, tuple):
+            out.append(d)
+        else:
+            out.append(flat[at:at + len(d)])
+            at += len(d)
+    return out
 
 
 _decode_pools_lock = threading.Lock()

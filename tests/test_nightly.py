@@ -22,20 +22,10 @@ from tasks import catalog as cat
 from tasks.catalog import Catalog, ConcurrentCommitError, collect_garbage, list_versions, read_runs, rollback
 from tasks.sample_data import generate_samples, reencoded_copy, write_samples
 from tasks.storage import LocalStore, S3Store
+from tests.catalog_checks import assert_exactly_once
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def assert_exactly_once(c: Catalog, expected_keys: set[str]) -> None:
-    """Each live image once in images, once in embeddings, once in the index."""
-    images = c.images
-    assert set(images["key"]) == expected_keys
-    assert images["key"].is_unique and images["image_id"].is_unique
-    ids, vectors = c.embeddings()
-    assert len(ids) == len(images) and len(set(ids.tolist())) == len(ids)
-    assert c.index.ntotal == len(images)
-    np.testing.assert_allclose(c.index.reconstruct_batch(ids), vectors, atol=1e-6)
 
 
 @pytest.fixture
