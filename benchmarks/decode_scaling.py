@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from throughput import cpu_model, image_pool, write_set  # noqa: E402
 
-from models.registry import get_model_spec  # noqa: E402
+from models.registry import model_family  # noqa: E402
 from tasks.pipeline import CHUNK, DecodeOptions, _ChunkJob, decode_chunk, decode_to_pixels  # noqa: E402
 from tasks.storage import LocalStore, StoreSpec  # noqa: E402
 
@@ -87,7 +87,7 @@ def main() -> None:
     store = LocalStore(folder)
     keys = [o.key for o in store.list()]
     keys = [keys[i] for i in __import__("numpy").random.default_rng(0).permutation(len(keys))]
-    prep = get_model_spec("resnet50").preprocessing
+    prep = model_family("resnet50")
     options = DecodeOptions()
     rates: dict[str, dict[int, list[float]]] = {k: {w: [] for w in counts} for k in kinds}
     for r in range(args.rounds):

@@ -104,7 +104,7 @@ def model_only(model: str, device: str, batch_size: int, compile_model: bool, po
     emb = Embedder(EmbedderSettings(model=model, weights="random:0", device=device))
     if compile_model:
         emb.enable_compile()
-    tensors = [emb.preprocess(decode_image(d, min_side=emb.preprocessing.resize_size).image) for _, d in pool[:64]]
+    tensors = [emb.preprocess(decode_image(d, min_side=emb.family.preprocessing.resize_size).image) for _, d in pool[:64]]
     batch = stack_images((tensors * (batch_size // len(tensors) + 1))[:batch_size])
     if emb.device.type == "cuda":
         batch = batch.to(emb.device)

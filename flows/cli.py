@@ -114,15 +114,15 @@ def preflight(source: str, output: str, model: str, endpoint_url: str | None, we
     """Check what can be checked in seconds before Prefect starts: the model name,
     that both roots are reachable (a missing bucket fails here) and apart, and the
     weights (downloaded or read, sha256 checked, loaded safely). Returns them."""
-    from models.registry import get_model_spec
+    from models.registry import model_family
     from models.weights import resolve_weights
     from tasks.storage import cached_store, check_roots_apart, url_reader
 
-    spec = get_model_spec(model)
+    family = model_family(model)
     check_roots_apart(source, output)
     cached_store(source, endpoint_url)
     cached_store(output, endpoint_url, create=True)
-    return resolve_weights(weights, spec, expected_sha256=weights_sha256, read=url_reader(endpoint_url))
+    return resolve_weights(weights, family, expected_sha256=weights_sha256, read=url_reader(endpoint_url))
 
 
 def run_catalog(source: str, output: str, *, show_progress: bool = True, **params):
@@ -589,7 +589,7 @@ def demo(
     model: Annotated[str, typer.Option(help="torchvision classification model name.")] = D.model,
 ) -> None:
     """Generate a sample bucket, catalogue it, and search it."""
-    from models.registry import get_model_spec
+    from models.registry import model_family
     from models.weights import WeightsError, resolve_weights
     from tasks.sample_data import generate_samples, write_samples
     from tasks.storage import LocalStore
@@ -601,7 +601,7 @@ def demo(
     weights = None
     socket.setdefaulttimeout(15)
     try:
-        resolve_weights(None, get_model_spec(model))
+        resolve_weights(None, model_family(model))
     except WeightsError as exc:
         weights = "random:0"
         console.print(Panel(

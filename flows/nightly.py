@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.runners import ShardRunner, check_reachable, run_shards, shard_progress
 from models.engine import EmbedderSettings, describe_model, get_embedder, should_compile
 from models.errors import UserError
-from models.registry import get_model_spec
+from models.registry import model_family
 from models.weights import resolve_weights
 from tasks import catalog as cat
 from tasks import planning
@@ -102,7 +102,7 @@ def catalog_images(
         memory_budget_bytes=parse_memory_size(index_memory) if index_memory else None, recall_target=recall_target)
     # Weights are resolved and checked once, here; every shard's process checks
     # the same sha256 when it loads them.
-    resolved = resolve_weights(weights, get_model_spec(model), expected_sha256=weights_sha256,
+    resolved = resolve_weights(weights, model_family(model), expected_sha256=weights_sha256,
                                read=url_reader(endpoint_url))
     settings = EmbedderSettings(model=model, weights=weights, weights_sha256=resolved.sha256, device=device,
                                 precision=precision)

@@ -1,10 +1,16 @@
-"""The Embedder: one loaded model per process, turning uint8 image batches into
-L2-normalised embeddings (the input of the last Linear layer) and top-k classes.
+"""The Embedder: the runtime of a model. One per process, it runs any
+`ModelFamily`'s network (models/family.py) on a device and precision, turning
+uint8 image batches into L2-normalised embeddings and top-k classes.
 
-Preprocessing is split so the expensive part (resize and crop, in Pillow) runs in
-decode threads or processes (on the device for JPEGs with `--gpu-decode`) and
-the cheap part (scale and normalise) runs on the batch, on the model's device.
-Batches run on the model's streams (`stream_pool`, `cpu_streams`).
+What the rest of the code asks of it is the model interface (`preprocess`,
+`embed`, `fingerprint`, `dim`, `labels`) plus how it runs: `device`, the model
+streams (`stream_pool`, `cpu_streams`), `enable_compile`, `warm_up` and
+`fitting_batch_size`.
+
+Preprocessing is split so the expensive part (the family's resize and crop, in
+Pillow) runs in decode threads or processes (on the device for JPEGs with
+`--gpu-decode`) and the cheap part (scale and normalise) runs on the batch, on
+the model's device.
 """
 
 from __future__ import annotations
@@ -18,12 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from models.errors import UserError
-from models.registry import ModelSpec, Preprocessing, get_model_spec
+from models.family import ModelFamily
+from models.registry import model_family
 from models.weights import ResolvedWeights, apply_weights, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -158,60 +163,6 @@ def should_compile(mode: str, n_images: int) -> bool:
     return mode == "on" or (mode == "auto" and n_images >= COMPILE_MIN_IMAGES)
 
 
-_PIL_RESAMPLING = {
-    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
-    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
-    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
-}
-
-
-def center_crop_box(width: int, height: int, prep: Preprocessing) -> tuple[float, float, float, float]:
-    """The region of a `width` x `height` image that torchvision's resize of the
-    shorter side to `resize_size` followed by a centre crop to `crop_size` keeps,
-    in the image's own pixel coordinates (same rounding as torchvision)."""
-    short, long = min(width, height), max(width, height)
-    new_long = int(prep.resize_size * long / short)
-    new_w, new_h = (prep.resize_size, new_long) if width <= height else (new_long, prep.resize_size)
-    left = int(round((new_w - prep.crop_size) / 2.0))
-    top = int(round((new_h - prep.crop_size) / 2.0))
-    sx, sy = width / new_w, height / new_h
-    return left * sx, top * sy, (left + prep.crop_size) * sx, (top + prep.crop_size) * sy
-
-
-def preprocess_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """torchvision's `ImageClassification` resize and centre crop for PIL input,
-    in one Pillow call that computes only the pixels the crop keeps (`resize` with
-    a source box: the same filter centres and support as resize-then-crop; a few
-    pixels in ten thousand differ by one level from rounding). Returns uint8 HWC.
-
-    Plain Pillow and numpy, so decode worker processes run it without torch."""
-    size = (prep.crop_size, prep.crop_size)
-    image = image.resize(size, _PIL_RESAMPLING[prep.interpolation], box=center_crop_box(*image.size, prep))
-    return np.array(image)
-
-
-def preprocess_image(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """`preprocess_pixels` as uint8 CHW in channels-last memory: a view of the HWC
-    pixels, so no transposing copy here or when `stack_images` batches it."""
-    return torch.from_numpy(preprocess_pixels(image, prep)).permute(2, 0, 1)
-
-
-def preprocess_on_device(images: list[torch.Tensor], prep: Preprocessing) -> list[torch.Tensor]:
-    """The same resize and centre crop for uint8 CHW tensors already on a device
-    (JPEGs decoded there): images of one size are resized as one batch, so a batch
-    of camera photos costs a few kernel launches, not a few per image."""
-    out: list[torch.Tensor | None] = [None] * len(images)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(tuple(im.shape), []).append(i)
-    for index in groups.values():
-        batch = torch.stack([images[i] for i in index])
-        batch = TF.resize(batch, [prep.resize_size], interpolation=prep.interpolation, antialias=True)
-        for i, im in zip(index, TF.center_crop(batch, [prep.crop_size]), strict=True):
-            out[i] = im
-    return out  # type: ignore[return-value]
-
-
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are one (`cuda` is the current card, so it equals `cuda:0` there)."""
     if a.type != b.type:
@@ -232,7 +183,7 @@ def stack_images(images: list[torch.Tensor], device: torch.device | str | None =
     stacked per source device, and each group is moved once; a mixed batch never
     meets one `torch.stack`. CPU groups bound for a GPU are stacked straight into
     pinned memory (`pin`) so the copy runs without blocking. Images from
-    `preprocess_image` are channels-last already, so stacking is a plain copy."""
+    `Embedder.preprocess` are channels-last already, so stacking is a plain copy."""
     if not images:
         raise ValueError("stack_images needs at least one image")
     target = torch.device(device) if device is not None else images[0].device
@@ -258,35 +209,6 @@ def stack_images(images: list[torch.Tensor], device: torch.device | str | None =
     return out.permute(0, 3, 1, 2)
 
 
-def _last_linear_name(module: torch.nn.Module) -> str:
-    names = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-    if not names:
-        raise UserError(f"{type(module).__name__} has no Linear classification head to take embeddings from")
-    return names[-1]
-
-
-class FeaturesAndLogits(torch.nn.Module):
-    """A classifier split at its last Linear layer: returns (the head's input, logits).
-
-    The head's input is the globally pooled penultimate feature vector for every
-    torchvision classifier (ResNet `fc`, ConvNeXt/EfficientNet `classifier[-1]`,
-    ViT `heads.head`). An explicit module, not a forward hook, so it traces and
-    compiles like any other.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        name = _last_linear_name(model)
-        self.head = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, torch.nn.Identity())
-        self.body = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = torch.flatten(self.body(x), 1)
-        return features, self.head(features)
-
-
 class Embedder:
     """Loads the model once; `embed` may be called from several threads at once.
 
@@ -302,23 +224,17 @@ class Embedder:
     def __init__(self, settings: EmbedderSettings, *, weights: ResolvedWeights | None = None,
                  read: Callable[[str], bytes] | None = None) -> None:
         self.settings = settings
-        self.spec: ModelSpec = get_model_spec(settings.model)
-        self.weights = weights or resolve_weights(settings.weights, self.spec, expected_sha256=settings.weights_sha256,
-                                                  read=read)
+        self.family: ModelFamily = model_family(settings.model)
+        self.weights = weights or resolve_weights(settings.weights, self.family,
+                                                  expected_sha256=settings.weights_sha256, read=read)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.precision, self.device)
-        self.preprocessing = self.spec.preprocessing
-        self.categories = self.spec.categories
 
         if self.weights.is_random:
             torch.manual_seed(self.weights.seed)
-        module = self.spec.builder(weights=None)
-        apply_weights(module, self.weights, self.spec.name)
-        net = FeaturesAndLogits(module)
-        self.embedding_dim = net.head.in_features
-        if net.head.out_features != len(self.categories):
-            self.categories = [f"class_{i}" for i in range(net.head.out_features)]
-        net = net.eval().to(self.device, memory_format=torch.channels_last)
+        module = self.family.module()
+        apply_weights(module, self.weights, self.family.name)
+        net = self.family.network(module).eval().to(self.device, memory_format=torch.channels_last)
         # On CPU the weights themselves become bf16 (oneDNN's fast path, and what
         # compile freezes); on CUDA autocast does the casting per op.
         self._autocast = self.device.type == "cuda" and self.dtype != torch.float32
@@ -328,8 +244,9 @@ class Embedder:
         self.net = net
         self._forward = net
         self.compiled = False
-        mean = torch.tensor(self.preprocessing.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.preprocessing.std, device=self.device).view(1, 3, 1, 1)
+        prep = self.family.preprocessing
+        mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1)
         # x/255 then (x-mean)/std folded into one multiply-add.
         self._scale = (1.0 / (255.0 * std)).to(self._input_dtype)
         self._shift = (-mean / std).to(self._input_dtype)
@@ -341,7 +258,7 @@ class Embedder:
             self.streams, self.stream_threads = 1, CPU_CORES
         self._pool: ThreadPoolExecutor | None = None
         self._fitting_batch: int | None = None
-        log.info("loaded %s (%s weights, sha256 %s) on %s as %s", self.spec.name, self.weights.source,
+        log.info("loaded %s (%s weights, sha256 %s) on %s as %s", self.family.name, self.weights.source,
                  self.weights.sha256[:12], self.device, str(self.dtype).removeprefix("torch."))
 
     def enable_compile(self) -> None:
@@ -366,20 +283,27 @@ class Embedder:
     def warm_up(self, batch_size: int) -> None:
         """Run one batch of zeros: compiles a compiled model for `batch_size`, so the
         first real batch is not charged for it."""
-        shape = (batch_size, 3, self.preprocessing.crop_size, self.preprocessing.crop_size)
+        side = self.family.preprocessing.crop_size
+        shape = (batch_size, 3, side, side)
         self.embed(torch.zeros(shape, dtype=torch.uint8), pad_to=batch_size)
 
     @property
     def fingerprint(self) -> str:
         """Model plus weights: vectors with different fingerprints never share an index."""
-        return f"{self.spec.name}@{self.weights.sha256}"
+        return self.family.fingerprint(self.weights.sha256)
+
+    @property
+    def dim(self) -> int:
+        return self.family.dim
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.family.labels
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return preprocess_image(image, self.preprocessing)
-
-    def preprocess_tensor(self, image: torch.Tensor) -> torch.Tensor:
-        """The same resize and crop for one uint8 CHW tensor on the device."""
-        return preprocess_on_device([image], self.preprocessing)[0]
+        """The family's `preprocess` as uint8 CHW in channels-last memory: a view of
+        the HWC pixels, so no transposing copy here or when `stack_images` batches it."""
+        return torch.from_numpy(self.family.preprocess(image)).permute(2, 0, 1)
 
     def fitting_batch_size(self) -> int:
         """The batch size a run starts from when none is given: 16 on a CPU
@@ -397,7 +321,7 @@ class Embedder:
 
     @torch.inference_mode()
     def _activation_bytes_per_image(self, probe: int = 8) -> float:
-        size = self.preprocessing.crop_size
+        size = self.family.preprocessing.crop_size
         x = torch.zeros((probe, 3, size, size), device=self.device, dtype=self._input_dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         torch.cuda.synchronize(self.device)
@@ -480,8 +404,6 @@ class ModelInfo:
 
 def describe_model(settings: EmbedderSettings, weights: ResolvedWeights) -> ModelInfo:
     """Name, fingerprint and embedding size of `settings` with `weights`, from the
-    architecture built on the meta device (no memory, no weights loaded)."""
-    spec = get_model_spec(settings.model)
-    with torch.device("meta"):
-        head = FeaturesAndLogits(spec.builder(weights=None)).head
-    return ModelInfo(spec.name, f"{spec.name}@{weights.sha256}", head.in_features)
+    family alone (no model built, no weights loaded)."""
+    family = model_family(settings.model)
+    return ModelInfo(family.name, family.fingerprint(weights.sha256), family.dim)

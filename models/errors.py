@@ -16,3 +16,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     exit_code = 2
+
+
+class WeightsError(UserError):
+    """Weights that cannot be used; the message says what to pass instead."""

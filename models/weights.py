@@ -1,5 +1,6 @@
-"""Resolve `--weights`: a torchvision weights name, a file, an `s3://` key, or
-`random:SEED` (smoke tests and the demo only; never chosen silently).
+"""Resolve `--weights`: a model family's published weights by name (torchvision's
+`IMAGENET1K_V2`, `DEFAULT`), a file, an `s3://` key, or `random:SEED` (smoke
+tests and the demo only; never chosen silently).
 
 Files are loaded with `torch.load(weights_only=True)` or safetensors, so weights
 are never unpickled as code, and their sha256 is recorded in every manifest.
@@ -17,21 +18,17 @@ from pathlib import Path
 
 import torch
 
-from models.errors import UserError
-from models.registry import ModelSpec
+from models.errors import WeightsError
+from models.family import ModelFamily
 
 # torch.hub's convention: `resnet50-11ad3fa6.pth` carries a prefix of its sha256.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|safetensors)$")
 
 
-class WeightsError(UserError):
-    """Weights that cannot be used; the message says what to pass instead."""
-
-
 @dataclass(frozen=True)
 class ResolvedWeights:
     spec: str  # exactly what the user passed
-    source: str  # torchvision | file | s3 | random
+    source: str  # published | file | s3 | random
     sha256: str
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     seed: int | None = None
@@ -61,11 +58,11 @@ def parse_random_spec(spec: str) -> int | None:
 _last_file: tuple[tuple, ResolvedWeights] | None = None
 
 
-def resolve_weights(spec: str | None, model: ModelSpec, *, expected_sha256: str | None = None,
+def resolve_weights(spec: str | None, model: ModelFamily, *, expected_sha256: str | None = None,
                     read: Callable[[str], bytes] | None = None) -> ResolvedWeights:
     """Turn a `--weights` value into a state dict plus its sha256.
 
-    `None` means the model's default torchvision weights (downloaded into the
+    `None` means the family's default published weights (downloaded into the
     torch hub cache on first use). Weights at a URL (`s3://bucket/key`) come as
     bytes from `read(url)`, which the caller supplies (`tasks.storage.url_reader`):
     this package knows files and bytes, not object stores.
@@ -95,7 +92,7 @@ def resolve_weights(spec: str | None, model: ModelSpec, *, expected_sha256: str 
         resolved = _from_bytes(spec, "file", path.read_bytes(), path.name, expected_sha256)
         _last_file = (key, resolved)
         return resolved
-    return _from_torchvision(spec, model, expected_sha256)
+    return _published(spec, model, expected_sha256)
 
 
 def _check_sha(spec: str, name: str, actual: str, expected: str | None) -> None:
@@ -154,19 +151,8 @@ def _unwrap_checkpoint(obj: object, spec: str) -> dict[str, torch.Tensor]:
     raise WeightsError(f"weights {spec} holds no state dict of tensors; save it with torch.save(model.state_dict(), PATH)")
 
 
-def _from_torchvision(spec: str, model: ModelSpec, expected: str | None) -> ResolvedWeights:
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(model.name)
-    name = spec.split(".", 1)[1] if spec.startswith(enum.__name__ + ".") else spec
-    try:
-        weights = enum[name] if name != "DEFAULT" else enum.DEFAULT
-    except KeyError:
-        options = ", ".join(w.name for w in enum)
-        raise WeightsError(
-            f"unknown weights {spec!r} for {model.name}: pass one of {options}, DEFAULT, a file path, "
-            "an s3:// key, or random:SEED"
-        ) from None
+def _published(spec: str, model: ModelFamily, expected: str | None) -> ResolvedWeights:
+    weights = model.published_weights(spec)
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
         if not hub_file.exists():
@@ -174,10 +160,10 @@ def _from_torchvision(spec: str, model: ModelSpec, expected: str | None) -> Reso
             torch.hub.download_url_to_file(weights.url, str(hub_file), progress=True)
     except Exception as exc:  # urllib raises a zoo of network errors
         raise WeightsError(
-            f"could not download {weights} from {weights.url} ({type(exc).__name__}: {exc}); "
+            f"could not download {weights.spec} from {weights.url} ({type(exc).__name__}: {exc}); "
             "on a machine without internet, copy the file there and pass --weights PATH or an s3:// key"
         ) from None
-    return _from_bytes(f"{enum.__name__}.{weights.name}", "torchvision", hub_file.read_bytes(), hub_file.name, expected)
+    return _from_bytes(weights.spec, "published", hub_file.read_bytes(), hub_file.name, expected)
 
 
 def apply_weights(module: torch.nn.Module, weights: ResolvedWeights, model_name: str) -> None:
@@ -212,11 +198,10 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str
 def save_random_weights(model_name: str, seed: int, path: str | Path) -> str:
     """Write seeded random weights for `model_name` to `path` (for tests and the demo)
     and return their sha256."""
-    from models.registry import get_model_spec
+    from models.registry import model_family
 
-    spec = get_model_spec(model_name)
     torch.manual_seed(seed)
-    module = spec.builder(weights=None)
+    module = model_family(model_name).module()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":

@@ -35,9 +35,8 @@ import pandas as pd
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from models.engine import (EmbedResult, Embedder, EmbedderSettings, embedders_built, get_embedder, preprocess_on_device,
-                           preprocess_pixels, stack_images)
-from models.registry import Preprocessing
+from models.engine import EmbedResult, Embedder, EmbedderSettings, embedders_built, get_embedder, stack_images
+from models.family import ModelFamily
 from tasks import layout, tables
 from tasks.catalog import ShardResult, crash_point, put_recorded
 from tasks.categories import categorize_rows, load_categorizer
@@ -246,12 +245,12 @@ def _failure(info: ObjectInfo, stage: str, error_type: str, message: str) -> Ima
 DecodedPixels = list[tuple[int, int, int, np.ndarray]] | tuple[str, str]
 
 
-def decode_to_pixels(data: bytes, prep: Preprocessing, pdf_dpi: int, max_pages: int) -> DecodedPixels:
-    """Bytes -> model-sized uint8 HWC pixels of every page, as (page, width, height,
-    pixels), or the refusal as (reason, message). Plain Pillow and numpy: this is
-    what decode worker processes run, and what crosses back is plain data."""
+def decode_to_pixels(data: bytes, family: ModelFamily, pdf_dpi: int, max_pages: int) -> DecodedPixels:
+    """Bytes -> model-sized uint8 HWC pixels of every page (`family.preprocess`), as
+    (page, width, height, pixels), or the refusal as (reason, message). Plain Pillow
+    and numpy: this is what decode worker processes run, and what crosses back is plain data."""
     try:
-        decoded = decode_pages(data, prepare=partial(preprocess_pixels, prep=prep), min_side=prep.resize_size,
+        decoded = decode_pages(data, prepare=family.preprocess, min_side=family.preprocessing.resize_size,
                                dpi=pdf_dpi, max_pages=max_pages)
     except DecodeError as exc:
         return exc.reason, exc.message
@@ -264,11 +263,11 @@ def embed_blobs(embedder: Embedder, blobs: Sequence[bytes], *, max_pages: int = 
     shards' own path: `decode_to_pixels` (decode, resize, crop), `stack_images`,
     `Embedder.embed`, in batches of pages. Per object: its pages' embeddings
     [pages, dim], or its refusal (reason, message)."""
-    decoded = [decode_to_pixels(data, embedder.preprocessing, DEFAULT_PDF_DPI, max_pages) for data in blobs]
+    decoded = [decode_to_pixels(data, embedder.family, DEFAULT_PDF_DPI, max_pages) for data in blobs]
     pages = [pixels for d in decoded if isinstance(d, list) for *_, pixels in d]
     vectors = [embedder.embed(stack_images([torch.from_numpy(p).permute(2, 0, 1) for p in pages[i:i + batch_size]],
                                            embedder.device)).embeddings for i in range(0, len(pages), batch_size)]
-    flat = np.concatenate(vectors) if vectors else np.empty((0, embedder.embedding_dim), np.float32)
+    flat = np.concatenate(vectors) if vectors else np.empty((0, embedder.dim), np.float32)
     out, at = [], 0
     for d in decoded:  # the vectors are in page order: each object takes its pages' run of them
         if isinstance(d, tuple):
@@ -307,11 +306,10 @@ def _fetch_and_decode(store: ObjectStore, info: ObjectInfo, embedder: Embedder, 
     t1 = time.perf_counter()
     if options.on_device and (size := _device_jpeg_size(data, options)):
         return _Fetched(info, [_Page(info, 1, None, data, *size)], None, t1 - t0, 0.0)
-    prep = embedder.preprocessing
     if processes is not None:
-        decoded = processes.submit(decode_to_pixels, data, prep, options.pdf_dpi, options.max_pages).result()
+        decoded = processes.submit(decode_to_pixels, data, embedder.family, options.pdf_dpi, options.max_pages).result()
     else:
-        decoded = decode_to_pixels(data, prep, options.pdf_dpi, options.max_pages)
+        decoded = decode_to_pixels(data, embedder.family, options.pdf_dpi, options.max_pages)
     if isinstance(decoded, tuple):
         return _Fetched(info, [], _failure(info, "decode", *decoded), t1 - t0, time.perf_counter() - t1)
     pages = [_Page(info, page, torch.from_numpy(pixels).permute(2, 0, 1), None, width, height,
@@ -328,7 +326,7 @@ class _ChunkJob:
 
     source: StoreSpec
     keys: tuple[str, ...]
-    prep: Preprocessing
+    family: ModelFamily
     options: DecodeOptions
 
 
@@ -366,7 +364,7 @@ def decode_chunk(job: _ChunkJob) -> list[tuple]:
             out.append(("jpeg", data, *size, fetch_s))
             continue
         t0 = time.perf_counter()
-        decoded = decode_to_pixels(data, job.prep, job.options.pdf_dpi, job.options.max_pages)
+        decoded = decode_to_pixels(data, job.family, job.options.pdf_dpi, job.options.max_pages)
         if isinstance(decoded, tuple):
             out.append(("decode", *decoded, fetch_s, time.perf_counter() - t0))
         else:
@@ -384,10 +382,10 @@ def _device_jpeg_size(data: bytes, options: DecodeOptions) -> tuple[int, int] | 
 
 
 def _fetch_and_decode_chunk(infos: list[ObjectInfo], processes: ProcessPoolExecutor, source: StoreSpec,
-                            prep: Preprocessing, options: DecodeOptions) -> list[_Fetched]:
+                            family: ModelFamily, options: DecodeOptions) -> list[_Fetched]:
     """A chunk of objects through a decode process; one task and one reply per
     chunk, so this process spends little interpreter time per image."""
-    job = _ChunkJob(source, tuple(i.key for i in infos), prep, options)
+    job = _ChunkJob(source, tuple(i.key for i in infos), family, options)
     fetched = []
     for info, r in zip(infos, processes.submit(decode_chunk, job).result(), strict=True):
         if r[0] == "fetch":
@@ -465,7 +463,7 @@ def _decode_jpegs_on_device(batch: list[_Page], embedder: Embedder,
         return list(batch), []  # a copy: the caller clears `batch` for the next one
     images = decoder.decode([p.jpeg for p in raw])
     done = [im for im in images if im is not None]
-    prepared = iter(preprocess_on_device(done, embedder.preprocessing) if done else [])
+    prepared = iter(embedder.family.preprocess_on_device(done) if done else [])
     decoded = {id(p): (next(prepared) if im is not None else None) for p, im in zip(raw, images, strict=True)}
     ready, failures = [], []
     for p in batch:
@@ -474,7 +472,7 @@ def _decode_jpegs_on_device(batch: list[_Page], embedder: Embedder,
         elif (image := decoded[id(p)]) is not None:
             ready.append(_Page(p.info, p.page, image, None, p.width, p.height, p.last))
         else:
-            pixels = decode_to_pixels(p.jpeg, embedder.preprocessing, DEFAULT_PDF_DPI, 1)
+            pixels = decode_to_pixels(p.jpeg, embedder.family, DEFAULT_PDF_DPI, 1)
             if isinstance(pixels, tuple):
                 failures.append(_failure(p.info, "decode", *pixels))
                 continue
@@ -662,7 +660,7 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
             if processes is not None and source is not None:
                 chunks = (items[i:i + CHUNK] for i in range(0, len(items), CHUNK))
                 fetch_chunk = partial(_fetch_and_decode_chunk, processes=processes, source=source,
-                                      prep=embedder.preprocessing, options=decode)
+                                      family=embedder.family, options=decode)
                 for chunk in bounded_map(pool, fetch_chunk, chunks, max_in_flight=max(2, lookahead // CHUNK)):
                     yield from chunk
             else:
@@ -735,7 +733,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
     load_s = time.time() - started_at
     categorizer = load_categorizer(output, spec.categorizer) if spec.categorizer else None
     part_key = layout.embeddings_part_key(spec.run_id, spec.index, attempt=secrets.token_hex(4))
-    part = tables.EmbeddingsPartWriter(spec.run_id, embedder.embedding_dim)
+    part = tables.EmbeddingsPartWriter(spec.run_id, embedder.dim)
     row_frames: list[pd.DataFrame] = []
     write_s, first_batch_at = 0.0, 0.0
 
@@ -778,7 +776,7 @@ def images_rows(batches: list[ProcessedBatch], embedder: Embedder, *, run_id: st
         return tables.empty_frame(tables.IMAGES_SCHEMA)
     ids = np.concatenate([b.class_ids for b in batches])
     probs = np.concatenate([b.class_probs for b in batches])
-    labels = np.asarray(embedder.categories, dtype=object)[ids]
+    labels = np.asarray(embedder.labels, dtype=object)[ids]
     n = len(records)
     return pd.DataFrame({
         "image_id": [tables.image_id_for(info.key, page) for info, _, _, page in records],
@@ -787,6 +785,6 @@ def images_rows(batches: list[ProcessedBatch], embedder: Embedder, *, run_id: st
         "width": [w for _, w, _, _ in records], "height": [h for _, _, h, _ in records],
         "top_class": labels[:, 0], "top_prob": probs[:, 0].astype(np.float64),
         "class_ids": ids.tolist(), "class_labels": labels.tolist(), "class_probs": probs.tolist(),
-        "model": [embedder.spec.name] * n, "weights_sha256": [embedder.weights.sha256] * n, "run_id": [run_id] * n,
+        "model": [embedder.family.name] * n, "weights_sha256": [embedder.weights.sha256] * n, "run_id": [run_id] * n,
         "processed_at": [datetime.now(UTC)] * n, "embedding_part": [embedding_part] * n,
     })

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.nightly import catalog_images
-from models.registry import get_model_spec
+from models.registry import model_family
 from models.weights import WeightsError, resolve_weights
 from tasks import catalog as cat
 from tasks.sample_data import generate_samples, write_samples
@@ -276,8 +276,8 @@ def test_garbage_index_and_current_give_clear_errors_and_rollback_still_works(tm
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_weights_holding_nan_or_infinity_are_refused(tmp_path, poison):
-    spec = get_model_spec("resnet18")
-    state = spec.builder(weights=None).state_dict()
+    spec = model_family("resnet18")
+    state = spec.module().state_dict()
     state["layer2.0.conv1.weight"][0, 0, 0, 0] = poison
     path = tmp_path / "poisoned.pth"
     torch.save(state, path)

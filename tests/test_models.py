@@ -12,8 +12,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from models.engine import Embedder, EmbedderSettings, cpu_supports_bf16, preprocess_image, stack_images
-from models.registry import get_model_spec
+from models.engine import Embedder, EmbedderSettings, cpu_supports_bf16, stack_images
+from models.family import preprocess_pixels
+from models.registry import model_family
 from models.weights import WeightsError, resolve_weights, save_random_weights, sha256_bytes
 from tasks.decode import decode_image
 from tasks.sample_data import encode, make_document, make_product_photo
@@ -21,30 +22,30 @@ from tasks.sample_data import encode, make_document, make_product_photo
 
 def test_unknown_model_is_named_with_suggestions():
     with pytest.raises(ValueError, match=r"unknown model 'resnet5'.*Did you mean resnet50"):
-        get_model_spec("resnet5")
+        model_family("resnet5")
 
 
 def test_preprocessing_comes_from_the_weights_metadata():
-    prep = get_model_spec("resnet50").preprocessing
+    prep = model_family("resnet50").preprocessing
     assert (prep.resize_size, prep.crop_size) == (232, 224)
     assert prep.interpolation == torchvision.transforms.InterpolationMode.BILINEAR
-    assert get_model_spec("efficientnet_b0").preprocessing.interpolation.value == "bicubic"
-    assert len(get_model_spec("resnet18").categories) == 1000
+    assert model_family("efficientnet_b0").preprocessing.interpolation.value == "bicubic"
+    assert len(model_family("resnet18").labels) == 1000
 
 
 @pytest.mark.parametrize("model", ["resnet50", "efficientnet_b0"])
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (4000, 3000), (232, 300), (100, 60), (845, 1144)])
 def test_one_pass_resize_and_crop_matches_torchvisions_transforms(model, size):
-    """`preprocess_image` resizes only the cropped region; it must give the pixels
+    """`preprocess_pixels` resizes only the cropped region; it must give the pixels
     of the weights' own Resize + CenterCrop (bilinear and bicubic)."""
-    spec = get_model_spec(model)
+    family = model_family(model)
     image = make_product_photo(np.random.default_rng(sum(size)), size)
-    t = spec.default_weights.transforms()
+    t = torchvision.models.get_model_weights(model).DEFAULT.transforms()
     ref = torchvision.transforms.v2.functional.pil_to_tensor(
         torchvision.transforms.v2.functional.center_crop(
             torchvision.transforms.v2.functional.resize(image, t.resize_size, interpolation=t.interpolation,
                                                         antialias=True), t.crop_size))
-    ours = preprocess_image(image, spec.preprocessing)
+    ours = torch.from_numpy(preprocess_pixels(image, family.preprocessing)).permute(2, 0, 1)
     assert ours.shape == ref.shape == (3, t.crop_size[0], t.crop_size[0]) and ours.dtype == torch.uint8
     diff = (ours.int() - ref.int()).abs()
     # Rounding of filter positions only: mostly exact, one level at most for bilinear,
@@ -54,16 +55,17 @@ def test_one_pass_resize_and_crop_matches_torchvisions_transforms(model, size):
 
 
 def test_batches_are_stacked_in_channels_last_memory():
-    prep = get_model_spec("resnet18").preprocessing
+    family = model_family("resnet18")
     rng = np.random.default_rng(2)
-    images = [preprocess_image(make_product_photo(rng, (500, 375)), prep) for _ in range(3)]
+    images = [torch.from_numpy(family.preprocess(make_product_photo(rng, (500, 375)))).permute(2, 0, 1)
+              for _ in range(3)]
     batch = stack_images(images + [images[0].contiguous()])  # a plain CHW tensor too
     assert batch.shape == (4, 3, 224, 224) and batch.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(batch[1], images[1]) and torch.equal(batch[3], images[0])
 
 
 def test_weights_file_sha256_is_recorded_and_checked(resnet18_weights):
-    spec = get_model_spec("resnet18")
+    spec = model_family("resnet18")
     resolved = resolve_weights(str(resnet18_weights), spec)
     assert resolved.sha256 == sha256_bytes(resnet18_weights.read_bytes())
     with pytest.raises(WeightsError, match="sha256 mismatch: expected 0000.*re-download"):
@@ -74,7 +76,7 @@ def test_hash_in_file_name_is_verified(tmp_path, resnet18_weights):
     renamed = tmp_path / "resnet18-deadbeef.pth"  # torch.hub naming: prefix of the sha256
     renamed.write_bytes(resnet18_weights.read_bytes())
     with pytest.raises(WeightsError, match="file name says deadbeef"):
-        resolve_weights(str(renamed), get_model_spec("resnet18"))
+        resolve_weights(str(renamed), model_family("resnet18"))
 
 
 def test_weights_of_another_architecture_are_refused(resnet18_weights):
@@ -91,7 +93,7 @@ def test_pickled_code_is_never_executed(tmp_path):
     bad = tmp_path / "evil.pth"
     torch.save({"fc.weight": Evil()}, bad, _use_new_zipfile_serialization=True)
     with pytest.raises(WeightsError, match="never pickled code"):
-        resolve_weights(str(bad), get_model_spec("resnet18"))
+        resolve_weights(str(bad), model_family("resnet18"))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -105,7 +107,7 @@ def test_safetensors_weights_load_like_state_dicts(tmp_path, resnet18_weights):
 
 
 def test_missing_weights_file_and_bad_random_spec():
-    spec = get_model_spec("resnet18")
+    spec = model_family("resnet18")
     with pytest.raises(WeightsError, match="does not exist"):
         resolve_weights("nowhere/model.pth", spec)
     with pytest.raises(WeightsError, match="random:SEED"):
@@ -141,7 +143,7 @@ def reference_images():
 
 def test_pipeline_embedding_equals_direct_model_call(resnet18_weights, reference_images):
     emb = Embedder(EmbedderSettings(model="resnet18", weights=str(resnet18_weights), device="cpu", precision="fp32"))
-    decoded = [decode_image(d, min_side=emb.preprocessing.resize_size).image for d in reference_images]
+    decoded = [decode_image(d, min_side=emb.family.preprocessing.resize_size).image for d in reference_images]
     ours = emb.embed(torch.stack([emb.preprocess(im) for im in decoded]))
     full = [Image.open(io.BytesIO(d)).convert("RGB") for d in reference_images]
     ref, ref_top = _direct_embedding(resnet18_weights, full)
@@ -190,7 +192,7 @@ def test_weights_at_s3_are_read_through_the_store_and_checked(new_bucket, s3, mo
     bucket = new_bucket()
     s3.put_object(Bucket=bucket, Key="models/resnet18-random.pth", Body=resnet18_weights.read_bytes())
     url = f"s3://{bucket}/models/resnet18-random.pth"
-    spec = get_model_spec("resnet18")
+    spec = model_family("resnet18")
     local = resolve_weights(str(resnet18_weights), spec)
     remote = resolve_weights(url, spec, read=url_reader(moto_endpoint), expected_sha256=local.sha256)
     assert remote.source == "s3" and remote.sha256 == local.sha256

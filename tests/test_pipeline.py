@@ -126,7 +126,7 @@ def test_batches_from_several_model_streams_arrive_in_input_order_with_their_own
     assert set(batch_threads) == {threading.current_thread()}
     keys = [info.key for b in seen for info, *_ in b.records]
     assert keys == [i.key for i in items]
-    side = embedder.preprocessing.resize_size
+    side = embedder.family.preprocessing.resize_size
     direct = forward(stack_images([embedder.preprocess(decode_image(store.get(k), min_side=side).image)
                                           for k in keys])).embeddings
     # fp32 sums may differ in the last digits between batch sizes and thread counts
