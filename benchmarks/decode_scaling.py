@@ -45,7 +45,8 @@ def in_processes(workers: int, folder: str, keys: list[str], prep, options: Deco
 
 def in_threads(workers: int, store: LocalStore, keys: list[str], prep, options: DecodeOptions) -> float:
     def one(key: str) -> bool:
-        return not isinstance(decode_to_pixels(store.get(key), prep, options.pdf_dpi, options.max_pages), tuple)
+        return not isinstance(decode_to_pixels(store.get(key), prep, options.pdf_dpi, options.max_pages,
+                                               options.thumbnail_side), tuple)
 
     with ThreadPoolExecutor(workers) as pool:
         t0 = time.perf_counter()
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--thumbnail-side", type=int, default=DecodeOptions().thumbnail_side,
+                        help="thumbnails made while decoding, as runs do (0: none)")
     parser.add_argument("--kinds", default="processes,threads,control")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bs-decode-scaling"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_scaling.json"))
@@ -88,7 +91,7 @@ def main() -> None:
     keys = [o.key for o in store.list()]
     keys = [keys[i] for i in __import__("numpy").random.default_rng(0).permutation(len(keys))]
     prep = model_family("resnet50")
-    options = DecodeOptions()
+    options = DecodeOptions(thumbnail_side=args.thumbnail_side)
     rates: dict[str, dict[int, list[float]]] = {k: {w: [] for w in counts} for k in kinds}
     for r in range(args.rounds):
         line = []

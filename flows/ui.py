@@ -44,7 +44,7 @@ from tasks.categories import active_categorizer
 from tasks.decode import DecodeError
 from tasks.labels import Label, LabelLog, save_labels
 from tasks.storage import ObjectNotFound, ObjectStore, cached_store
-from tasks.thumbnails import THUMBNAIL_MEDIA_TYPE, cached_thumbnail
+from tasks.thumbnails import THUMBNAIL_MEDIA_TYPE, thumbnail_of
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +515,7 @@ def create_app(catalog: str | ObjectStore, *, token: str | None = None, token_ev
         view = live.view()
         row = view.row(image_id)
         try:
-            data = cached_thumbnail(store, source_store(), row)
+            data = thumbnail_of(view.cat, row, source_store)
         except (DecodeError, ObjectNotFound) as exc:
             raise HTTPException(404, f"no thumbnail for image {image_id}: {exc}") from None
         return Response(data, media_type=THUMBNAIL_MEDIA_TYPE,

@@ -141,6 +141,7 @@ class Manifest(Provenance):
     index_rerank: str | None = None
     index_rerank_ids: str | None = None
     index_rerank_factor: int = 0  # candidates a result, tuned with nprobe
+    thumbnails: list[str] = field(default_factory=list)  # thumbnails parts that hold a live row's thumbnail
     # size and sha256 of every file named above (empty in versions written before checksums)
     files: dict[str, FileRecord] = field(default_factory=dict)
 
@@ -148,7 +149,7 @@ class Manifest(Provenance):
     def named_files(self) -> list[str]:
         """Every file this version reads (the manifest itself aside)."""
         rerank = [k for k in (self.index_rerank_ids, self.index_rerank) if k]
-        return [self.images, self.failures, self.index, *rerank, *self.embeddings]
+        return [self.images, self.failures, self.index, *rerank, *self.embeddings, *self.thumbnails]
 
     @property
     def index_state(self) -> faiss_index.IndexState:
@@ -620,6 +621,8 @@ class ShardResult:
     failures: list[dict]
     times: dict[str, float]
     part_file: FileRecord | None = None  # size and sha256 of `embedding_part`
+    thumbnail_part: str | None = None  # the thumbnails of its rows (None: none made)
+    thumbnail_file: FileRecord | None = None
     ran_on: str = ""  # host:pid of the process that ran the shard
     model_loads: int = 0  # models that process had built when the shard ended (1: loaded once, then reused)
 
@@ -647,6 +650,7 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
         removed_keys=frozenset({o.key for o in plan.changed} | deferred | deleted),
         new_rows=[r.rows for r in shard_results],
         new_parts={r.embedding_part: r.part_file for r in shard_results if r.embedding_part is not None},
+        new_files={r.thumbnail_part: r.thumbnail_file for r in shard_results if r.thumbnail_part is not None},
         index=index_settings or faiss_index.IndexSettings(),
         redecided=frozenset({o.key for o in plan.to_process} | deferred | deleted),
         new_failures=[f for r in shard_results for f in r.failures])

@@ -7,6 +7,7 @@ manifests/v000042-<run_id>.json                   one version: the files it read
 tables/images/v000042-<run_id>.parquet            a version's rows: one per live image (page)
 tables/failures/v000042-<run_id>.parquet          a version's failures still standing
 tables/embeddings/<run_id>/shard-00000-<attempt>.parquet  immutable vectors of one shard attempt of one run
+tables/thumbnails/<run_id>/shard-00000-<attempt>.parquet  ... and the WebP thumbnails of its rows
 index/v000042-<run_id>.faiss                      a version's FAISS index
 index/v000042-<run_id>.rerank-ids.npy             ... and its exact re-rank vectors, when it has them
 index/v000042-<run_id>.rerank-f16.npy
@@ -38,6 +39,7 @@ MANIFESTS = "manifests/"
 IMAGES = "tables/images/"
 FAILURES = "tables/failures/"
 EMBEDDINGS = "tables/embeddings/"
+THUMBNAIL_PARTS = "tables/thumbnails/"
 INDEX = "index/"
 DUPLICATES = "tables/duplicates/"
 CATEGORY_SUGGESTIONS = "tables/category_suggestions/"
@@ -64,6 +66,7 @@ GC_POLICY: dict[str, Gc] = {
     IMAGES: Gc.VERSION_FILE,
     FAILURES: Gc.VERSION_FILE,
     EMBEDDINGS: Gc.VERSION_FILE,
+    THUMBNAIL_PARTS: Gc.VERSION_FILE,
     INDEX: Gc.VERSION_FILE,
     DUPLICATES: Gc.VERSION_REPORT,
     CATEGORY_SUGGESTIONS: Gc.VERSION_REPORT,
@@ -129,6 +132,12 @@ def embeddings_part_key(run_id: str, shard: int, attempt: str = "") -> str:
     attempt that was given up for dead and wakes later (a cut-off Dask worker)
     writes a key of its own, never over the part a version lists."""
     return f"{EMBEDDINGS}{run_id}/shard-{shard:05d}{f'-{attempt}' if attempt else ''}.parquet"
+
+
+def thumbnails_part_key(embeddings_part: str) -> str:
+    """The thumbnails part a shard attempt writes beside its embeddings part."""
+    assert embeddings_part.startswith(EMBEDDINGS), embeddings_part
+    return THUMBNAIL_PARTS + embeddings_part.removeprefix(EMBEDDINGS)
 
 
 def duplicates_key(version: int, run_id: str, threshold: float) -> str:

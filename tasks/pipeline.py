@@ -32,6 +32,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -42,6 +43,7 @@ from tasks.catalog import ShardResult, crash_point, put_recorded
 from tasks.categories import categorize_rows, load_categorizer
 from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode_pages
 from tasks.storage import LocalStore, ObjectInfo, ObjectStore, StoreSpec, open_store, url_reader
+from tasks.thumbnails import THUMBNAIL_SIDE, encode_thumbnail
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -128,6 +130,7 @@ class ProcessedBatch:
     embeddings: np.ndarray
     class_ids: np.ndarray
     class_probs: np.ndarray
+    thumbnails: list[bytes | None] = field(default_factory=list)  # WebP of each record, where made
 
 
 @dataclass
@@ -142,6 +145,7 @@ class _Page:
     width: int
     height: int
     last: bool = True  # the object's last page: progress counts an object once, here
+    thumbnail: bytes | None = None  # WebP, made where the page was decoded on a CPU
 
 
 @dataclass
@@ -177,6 +181,7 @@ class DecodeOptions:
     max_pages: int = DEFAULT_MAX_PAGES
     decode_in: str = "auto"  # where CPU decoding runs: worker processes, threads, or auto (`decodes_in_processes`)
     device_max_pixels: int = DEVICE_JPEG_MAX_PIXELS  # larger JPEGs decode on a CPU core in draft mode
+    thumbnail_side: int = THUMBNAIL_SIDE  # thumbnails made while decoding, this many pixels a side (0: none)
 
     def __post_init__(self) -> None:
         if self.decode_in not in DECODE_IN:
@@ -242,19 +247,26 @@ def _failure(info: ObjectInfo, stage: str, error_type: str, message: str) -> Ima
     return ImageFailure(info.key, info.etag, info.size, stage, error_type, message)
 
 
-DecodedPixels = list[tuple[int, int, int, np.ndarray]] | tuple[str, str]
+DecodedPixels = list[tuple[int, int, int, np.ndarray, bytes | None]] | tuple[str, str]
 
 
-def decode_to_pixels(data: bytes, family: ModelFamily, pdf_dpi: int, max_pages: int) -> DecodedPixels:
-    """Bytes -> model-sized uint8 HWC pixels of every page (`family.preprocess`), as
-    (page, width, height, pixels), or the refusal as (reason, message). Plain Pillow
-    and numpy: this is what decode worker processes run, and what crosses back is plain data."""
+def decode_to_pixels(data: bytes, family: ModelFamily, pdf_dpi: int, max_pages: int,
+                     thumbnail_side: int = 0) -> DecodedPixels:
+    """Bytes -> model-sized uint8 HWC pixels of every page (`family.preprocess`) and,
+    with a `thumbnail_side`, its WebP thumbnail made from the same decoded page, as
+    (page, width, height, pixels, thumbnail or None), or the refusal as (reason,
+    message). Plain Pillow and numpy: this is what decode worker processes run,
+    and what crosses back is plain data."""
+
+    def prepare(image):
+        return family.preprocess(image), encode_thumbnail(image, thumbnail_side) if thumbnail_side else None
+
     try:
-        decoded = decode_pages(data, prepare=family.preprocess, min_side=family.preprocessing.resize_size,
+        decoded = decode_pages(data, prepare=prepare, min_side=family.preprocessing.resize_size,
                                dpi=pdf_dpi, max_pages=max_pages)
     except DecodeError as exc:
         return exc.reason, exc.message
-    return [(d.page, d.width, d.height, d.image) for d in decoded]
+    return [(d.page, d.width, d.height, *d.image) for d in decoded]
 
 
 def embed_blobs(embedder: Embedder, blobs: Sequence[bytes], *, max_pages: int = DEFAULT_MAX_PAGES,
@@ -264,7 +276,7 @@ def embed_blobs(embedder: Embedder, blobs: Sequence[bytes], *, max_pages: int = 
     `Embedder.embed`, in batches of pages. Per object: its pages' embeddings
     [pages, dim], or its refusal (reason, message)."""
     decoded = [decode_to_pixels(data, embedder.family, DEFAULT_PDF_DPI, max_pages) for data in blobs]
-    pages = [pixels for d in decoded if isinstance(d, list) for *_, pixels in d]
+    pages = [pixels for d in decoded if isinstance(d, list) for _, _, _, pixels, _ in d]
     vectors = [embedder.embed(stack_images([torch.from_numpy(p).permute(2, 0, 1) for p in pages[i:i + batch_size]],
                                            embedder.device)).embeddings for i in range(0, len(pages), batch_size)]
     flat = np.concatenate(vectors) if vectors else np.empty((0, embedder.dim), np.float32)
@@ -307,14 +319,19 @@ def _fetch_and_decode(store: ObjectStore, info: ObjectInfo, embedder: Embedder, 
     if options.on_device and (size := _device_jpeg_size(data, options)):
         return _Fetched(info, [_Page(info, 1, None, data, *size)], None, t1 - t0, 0.0)
     if processes is not None:
-        decoded = processes.submit(decode_to_pixels, data, embedder.family, options.pdf_dpi, options.max_pages).result()
+        decoded = processes.submit(decode_to_pixels, data, embedder.family, options.pdf_dpi, options.max_pages,
+                                   options.thumbnail_side).result()
     else:
-        decoded = decode_to_pixels(data, embedder.family, options.pdf_dpi, options.max_pages)
+        decoded = decode_to_pixels(data, embedder.family, options.pdf_dpi, options.max_pages, options.thumbnail_side)
     if isinstance(decoded, tuple):
         return _Fetched(info, [], _failure(info, "decode", *decoded), t1 - t0, time.perf_counter() - t1)
-    pages = [_Page(info, page, torch.from_numpy(pixels).permute(2, 0, 1), None, width, height,
-                   last=i == len(decoded) - 1) for i, (page, width, height, pixels) in enumerate(decoded)]
-    return _Fetched(info, pages, None, t1 - t0, time.perf_counter() - t1)
+    return _Fetched(info, _decoded_pages(info, decoded), None, t1 - t0, time.perf_counter() - t1)
+
+
+def _decoded_pages(info: ObjectInfo, decoded: list[tuple[int, int, int, np.ndarray, bytes | None]]) -> list[_Page]:
+    return [_Page(info, page, torch.from_numpy(pixels).permute(2, 0, 1), None, width, height,
+                  last=i == len(decoded) - 1, thumbnail=thumb)
+            for i, (page, width, height, pixels, thumb) in enumerate(decoded)]
 
 
 CHUNK = 16  # objects per task sent to a decode process
@@ -364,7 +381,8 @@ def decode_chunk(job: _ChunkJob) -> list[tuple]:
             out.append(("jpeg", data, *size, fetch_s))
             continue
         t0 = time.perf_counter()
-        decoded = decode_to_pixels(data, job.family, job.options.pdf_dpi, job.options.max_pages)
+        decoded = decode_to_pixels(data, job.family, job.options.pdf_dpi, job.options.max_pages,
+                                   job.options.thumbnail_side)
         if isinstance(decoded, tuple):
             out.append(("decode", *decoded, fetch_s, time.perf_counter() - t0))
         else:
@@ -395,8 +413,7 @@ def _fetch_and_decode_chunk(infos: list[ObjectInfo], processes: ProcessPoolExecu
         elif r[0] == "jpeg":
             fetched.append(_Fetched(info, [_Page(info, 1, None, r[1], r[2], r[3])], None, r[4], 0.0))
         else:
-            pages = [_Page(info, page, torch.from_numpy(pixels).permute(2, 0, 1), None, width, height,
-                           last=i == len(r[1]) - 1) for i, (page, width, height, pixels) in enumerate(r[1])]
+            pages = _decoded_pages(info, r[1])
             fetched.append(_Fetched(info, pages, None, r[2], r[3]))
     return fetched
 
@@ -476,7 +493,7 @@ def _decode_jpegs_on_device(batch: list[_Page], embedder: Embedder,
             if isinstance(pixels, tuple):
                 failures.append(_failure(p.info, "decode", *pixels))
                 continue
-            _, width, height, hwc = pixels[0]
+            _, width, height, hwc, _ = pixels[0]
             ready.append(_Page(p.info, p.page, torch.from_numpy(hwc).permute(2, 0, 1), None, width, height, p.last))
     return ready, failures
 
@@ -617,7 +634,8 @@ def run_shard(items: list[ObjectInfo], store: ObjectStore, embedder: Embedder, *
             if not pages:
                 return
         processed = ProcessedBatch([(p.info, p.width, p.height, p.page) for p in pages],
-                                   result.embeddings, result.class_ids, result.class_probs)
+                                   result.embeddings, result.class_ids, result.class_probs,
+                                   [p.thumbnail for p in pages])
         if on_batch is not None:
             on_batch(processed)
         else:
@@ -734,6 +752,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
     categorizer = load_categorizer(output, spec.categorizer) if spec.categorizer else None
     part_key = layout.embeddings_part_key(spec.run_id, spec.index, attempt=secrets.token_hex(4))
     part = tables.EmbeddingsPartWriter(spec.run_id, embedder.dim)
+    thumbnails = ThumbnailsPart(layout.thumbnails_part_key(part_key))
     row_frames: list[pd.DataFrame] = []
     write_s, first_batch_at = 0.0, 0.0
 
@@ -742,6 +761,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
         first_batch_at = first_batch_at or time.time()
         t0 = time.perf_counter()
         rows = images_rows([batch], embedder, run_id=spec.run_id, embedding_part=part_key)
+        rows["thumbnail_part"] = thumbnails.add(rows["image_id"].to_numpy(np.int64), batch.thumbnails)
         row_frames.append(categorize_rows(rows, batch.embeddings, categorizer))
         part.write(rows["image_id"].to_numpy(np.int64), batch.embeddings)
         write_s += time.perf_counter() - t0
@@ -750,6 +770,7 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
                     decode=spec.decode, on_batch=keep, on_progress=on_progress,
                     source=spec.source)
     t0 = time.perf_counter()
+    thumbnail_file = put_recorded(output, thumbnails.key, thumbnails.finish()) if thumbnails.ids else None
     if part.rows:
         part_file = put_recorded(output, part_key, part.finish())
         crash_point(f"after-shard-{spec.index}")
@@ -763,8 +784,33 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
                                    "first_batch_at": first_batch_at, "ended_at": time.time()}
     failures = [asdict(f) for f in out.failures]
     return ShardResult(shard=spec.index, rows=rows, embedding_part=part_key, failures=failures, times=times,
-                       part_file=part_file, ran_on=f"{socket.gethostname()}:{os.getpid()}",
+                       part_file=part_file, thumbnail_part=thumbnails.key if thumbnail_file else None,
+                       thumbnail_file=thumbnail_file, ran_on=f"{socket.gethostname()}:{os.getpid()}",
                        model_loads=embedders_built())
+
+
+class ThumbnailsPart:
+    """The thumbnails of a shard's rows, gathered batch by batch (a few KB each)
+    and written as one part (`tables.THUMBNAILS_SCHEMA`) beside its embeddings part."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.ids: list[int] = []
+        self.blobs: list[bytes] = []
+
+    def add(self, image_ids: np.ndarray, blobs: Sequence[bytes | None]) -> list[str | None]:
+        """Keep the thumbnails made; returns each row's `thumbnail_part` (None where none was made)."""
+        out: list[str | None] = [None] * len(image_ids)
+        for i, (image_id, blob) in enumerate(zip(image_ids.tolist(), blobs or [None] * len(image_ids), strict=True)):
+            if blob is not None:
+                self.ids.append(image_id)
+                self.blobs.append(blob)
+                out[i] = self.key
+        return out
+
+    def finish(self) -> bytes:
+        return tables.to_parquet_bytes(pa.table({"image_id": self.ids, "thumbnail": self.blobs},
+                                                schema=tables.THUMBNAILS_SCHEMA))
 
 
 def images_rows(batches: list[ProcessedBatch], embedder: Embedder, *, run_id: str, embedding_part: str) -> pd.DataFrame:

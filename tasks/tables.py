@@ -35,6 +35,12 @@ IMAGES_SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("processed_at", pa.timestamp("ms", tz="UTC")),
     ("embedding_part", pa.string()),
+    ("thumbnail_part", pa.string()),  # null: made on first view (older catalogues, JPEGs decoded on a GPU)
+])
+
+THUMBNAILS_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("thumbnail", pa.binary()),  # WebP
 ])
 
 FAILURES_SCHEMA = pa.schema([

@@ -47,6 +47,7 @@ class VersionChange:
     removed_keys: frozenset[str] = frozenset()  # objects whose rows leave (changed, deferred, deleted)
     new_rows: Sequence[pd.DataFrame] = ()  # rows that come in; their vectors are in `new_parts`
     new_parts: Mapping[str, FileRecord | None] = field(default_factory=dict)  # embeddings parts written for them
+    new_files: Mapping[str, FileRecord | None] = field(default_factory=dict)  # other parts they name (thumbnails)
     index: faiss_index.IndexSettings | None = None  # update (or retrain) the index; None: the base's index
     redecided: frozenset[str] | None = None  # keys whose failures are decided anew; None: the base's failures
     new_failures: Sequence[dict] = ()  # failures of this change (attempts are counted here)
@@ -88,8 +89,10 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
                             seed=version)
         assert built.index.ntotal == len(images), f"index holds {built.index.ntotal} vectors for {len(images)} rows"
     index_s = time.perf_counter() - t_index
-    if built is not None:  # the rows changed: the parts that hold a live vector now
+    if built is not None:  # the rows changed: the parts that hold a live vector, and a live thumbnail, now
         fields["embeddings"] = sorted(set(images["embedding_part"].dropna().tolist()))
+        fields["thumbnails"] = sorted(set(images["thumbnail_part"].dropna().tolist())) \
+            if "thumbnail_part" in images else []
     failures = None
     if change.redecided is not None:
         before = carried.failures if carried else tables.empty_frame(tables.FAILURES_SCHEMA)
@@ -121,7 +124,8 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
     fields["counts"] = counts
     fields["files"] = {}
     manifest = replace(base.manifest, **fields) if base is not None else Manifest(**fields)
-    known = (base.manifest.files if base else {}) | {k: r for k, r in change.new_parts.items() if r} | written
+    known = (base.manifest.files if base else {}) | {k: r for k, r in (change.new_parts | change.new_files).items() if r} \
+        | written
     manifest.files = {key: known[key] for key in manifest.named_files if key in known}
     return manifest, BuildStats(index_s=index_s, write_s=write_s)
 

@@ -264,7 +264,7 @@ def test_every_key_the_catalogue_writes_is_named_by_the_layout(roots):
     row = live.images.iloc[0]
     save_labels(roots.store, [Label(int(row["image_id"]), row["key"], 1, "left")], labeller="t",
                 catalog_version=live.manifest.version)
-    cached_thumbnail(roots.store, LocalStore(roots.src), row)
+    cached_thumbnail(roots.store, lambda: LocalStore(roots.src), row)
 
     keys = [o.key for o in roots.store.list()]
     assert not [k for k in keys if layout.gc_policy(k) is None], "keys outside the layout"
