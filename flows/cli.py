@@ -141,18 +141,21 @@ def run_catalog(source: str, output: str, *, show_progress: bool = True, **param
         return quiet
     from flows.nightly import catalog_images
     from tasks.pipeline import reporting_progress
+    from tasks.planning import drop_handed_over
 
     progress = RichProgress() if show_progress else None
     try:
         with reporting_progress(progress):
             return catalog_images(source=source, output=output, **params)
     finally:
+        drop_handed_over()  # the flow took the plan, or failed before it could
         if progress:
             progress.stop()
 
 
 def _nothing_to_do(source: str, output: str, fingerprint: str, **params):
-    """The run's summary when the plan is empty (recorded in the runs log), else None."""
+    """The run's summary when the plan is empty (recorded in the runs log), else
+    None, and the plan is handed over to the flow that runs next (no second listing)."""
     import time
     from datetime import UTC, datetime
 
@@ -165,8 +168,8 @@ def _nothing_to_do(source: str, output: str, fingerprint: str, **params):
     endpoint = params.get("endpoint_url")
     out_store = cached_store(output, endpoint, create=True)
     planned = plan_run(cached_store(source, endpoint), out_store, fingerprint,
-                       **{k: params[k] for k in ("max_attempts", "limit", "max_delete_share", "allow_mass_delete")
-                          if k in params})
+                       hand_over=True, **{k: params[k] for k in ("max_attempts", "limit", "max_delete_share",
+                                                                 "allow_mass_delete") if k in params})
     if not planned.plan.is_empty:
         return None
     model, sha = fingerprint.split("@", 1)

@@ -38,8 +38,9 @@ def _worth_retrying(task, task_run, state) -> bool:
 @task(name="list-and-plan", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying,
       cache_policy=NO_CACHE)
 def list_and_plan(source: StoreSpec, output: StoreSpec, fingerprint: str, **options) -> planning.RunPlan:
-    """List the source (all pages), open the live version, diff them."""
-    return planning.plan_run(source.open(), output.open(create=True), fingerprint, **options)
+    """List the source (all pages), open the live version, diff them; or take the
+    plan the CLI made moments ago in this process (`planning.plan_run`'s hand-over)."""
+    return planning.plan_run(source.open(), output.open(create=True), fingerprint, take_handed_over=True, **options)
 
 
 @task(name="process-shard", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)

@@ -129,3 +129,27 @@ def test_a_bug_exits_1_with_its_traceback_and_asks_for_a_report(tmp_path, bug):
 def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
     out = CliRunner().invoke(app, ["status", "--catalog", str(tmp_path / "nothing-here")])
     assert out.exit_code == 2 and "error:" in out.output and "Traceback" not in out.output
+
+
+def test_a_run_with_work_lists_the_bucket_once(bucket, tmp_path, resnet18_weights, monkeypatch):
+    """The CLI plans first (so a quiet night never starts Prefect) and hands its
+    plan to the flow it starts: one listing of the bucket, not two. The real
+    `LocalStore.list` is wrapped to count the listings of the bucket."""
+    listings = []
+    real_list = LocalStore.list
+
+    def counting_list(self, prefix=""):
+        if Path(self.url).resolve() == bucket.resolve():
+            listings.append(prefix)
+        return real_list(self, prefix)
+
+    monkeypatch.setattr(LocalStore, "list", counting_list)
+    out = tmp_path / "out"
+    args = ("run", "--source", bucket, "--output", out, "--model", "resnet18", "--weights", resnet18_weights)
+    code, text = invoke(*args)
+    assert code == 0 and "committed version 1" in text, text
+    assert len(listings) == 1
+    (bucket / "late-arrival.jpg").write_bytes(next(bucket.rglob("*.jpg")).read_bytes())
+    code, text = invoke(*args)  # a new plan, from a new listing: the object that arrived is seen
+    assert code == 0 and "committed version 2" in text and "1 objects embedded" in text, text
+    assert len(listings) == 2
