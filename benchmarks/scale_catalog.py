@@ -1,0 +1,199 @@
+"""The bookkeeping of a large catalogue, through the real commit path, without
+the CNN (issue 14's scale harness). Not a test.
+
+Two phases, each in its own process so its peak RSS is its own:
+
+  build   a committed catalogue of --images synthetic images: clustered unit
+          vectors (--dim, 512 by default to keep the disk use sane) in parts of
+          --shard-size rows, the rows a run would write, one version made by
+          `build_next_version` + `commit_manifest` (what a first run does).
+  night   one nightly run against it: a synthetic listing of the bucket (a
+          store whose `list` yields every object; --new, --changed and
+          --deleted are shares of the catalogue), `plan_run` (list, diff, plan:
+          exactly what a run calls), synthetic shard results for the objects to
+          process (their rows, and parts of vectors: what the model would have
+          written), then `build_next_version` and `commit_manifest`.
+
+It reports the seconds of list-diff-plan, the stand-in shards, the build (and
+its index update) and the commit; the bytes written and read by each step, the
+catalogue's bytes, and the peak RSS of the process before and after the build
+and commit. JSON goes to --out.
+
+    .venv/bin/python benchmarks/scale_catalog.py --phase build --images 1000000 --root /tmp/bs-scale-1m
+    .venv/bin/python benchmarks/scale_catalog.py --phase night --images 1000000 --root /tmp/bs-scale-1m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks import catalog as cat  # noqa: E402
+from tasks import layout, tables  # noqa: E402
+from tasks.index import IndexSettings, parse_memory_size  # noqa: E402
+from tasks.options import RUN_DEFAULTS  # noqa: E402
+from tasks.planning import plan_run  # noqa: E402
+from tasks.storage import LocalStore, ObjectInfo  # noqa: E402
+from tasks.synthetic_vectors import ClusteredVectors  # noqa: E402
+
+MODEL = dict(model="synthetic", weights="none", weights_source="random", weights_sha256="0" * 64)
+
+
+class CountingStore(LocalStore):
+    """The catalogue's folder, counting the bytes put and got."""
+
+    written = 0
+    read = 0
+
+    def put(self, key, data, **kwargs):
+        CountingStore.written += memoryview(data).nbytes
+        return super().put(key, data, **kwargs)
+
+    def get(self, key):
+        data = super().get(key)
+        CountingStore.read += len(data)
+        return data
+
+
+class SyntheticBucket:
+    """A bucket of `n` objects, listed without existing: object i is
+    `photos/<i // 1000>/item-<i>.jpg`. The night's changes are taken from it:
+    every object at a multiple of `1 / deleted` is gone, those at a multiple of
+    `1 / changed` (plus one) carry a new ETag, and `n * new` objects are added."""
+
+    url = "synthetic://bucket"
+
+    def __init__(self, n: int, *, new: float = 0.0, changed: float = 0.0, deleted: float = 0.0) -> None:
+        self.n, self.n_new = n, int(round(n * new))
+        self.every_changed = int(round(1 / changed)) if changed else 0
+        self.every_deleted = int(round(1 / deleted)) if deleted else 0
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for i in range(self.n + self.n_new):
+            if self.every_deleted and i < self.n and i % self.every_deleted == 0:
+                continue
+            etag = "v2" if self.every_changed and i < self.n and i % self.every_changed == 1 else "v1"
+            yield ObjectInfo(key_of(i), etag, 100_000)
+
+
+def key_of(i: int) -> str:
+    return f"photos/{i // 1000:05d}/item-{i:08d}.jpg"
+
+
+def shard_results(store: LocalStore, run_id: str, objects: list[ObjectInfo], *, dim: int, shard_size: int,
+                  seed: int) -> list[cat.ShardResult]:
+    """What the shards of a run over `objects` hand back: rows, and a part of
+    vectors each (clustered synthetic vectors standing in for the model's)."""
+    vectors = ClusteredVectors(len(objects), dim, clusters=max(10, len(objects) // 1000), seed=seed,
+                               block_size=shard_size)
+    results = []
+    for shard, (positions, block) in enumerate(vectors):
+        infos = [objects[p] for p in positions]
+        image_ids = np.array([tables.image_id_for(o.key) for o in infos], np.int64)
+        part = layout.embeddings_part_key(run_id, shard, "bench")
+        record = cat.put_recorded(store, part, tables.to_parquet_bytes(tables.embeddings_table(image_ids, run_id,
+                                                                                                block)))
+        rows = pd.DataFrame({"image_id": image_ids, "key": [o.key for o in infos], "page": 1,
+                             "etag": [o.etag for o in infos], "size": [o.size for o in infos],
+                             "width": 640, "height": 480, "top_class": "thing", "top_prob": 0.5,
+                             "model": "synthetic", "weights_sha256": "0" * 64, "run_id": run_id,
+                             "processed_at": pd.Timestamp.now(tz="UTC"), "embedding_part": part})
+        results.append(cat.ShardResult(shard, rows, part, [], {}, part_file=record))
+    return results
+
+
+def catalogue_bytes(root: Path, manifest: cat.Manifest) -> int:
+    return sum((root / key).stat().st_size for key in manifest.named_files)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def commit(store: CountingStore, previous: cat.Catalog | None, pointer_etag: str | None, plan: cat.ChangePlan,
+           results: list[cat.ShardResult], run_id: str, dim: int, settings: IndexSettings) -> dict:
+    CountingStore.written = CountingStore.read = 0
+    rss_before = peak_rss()
+    t0 = time.perf_counter()
+    manifest, stats = cat.build_next_version(store, previous, plan, results, run_id=run_id, source=SyntheticBucket.url,
+                                             embedding_dim=dim, reembed_all=False, index_settings=settings, **MODEL)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cat.commit_manifest(store, manifest, pointer_etag)
+    return {"version": manifest.version, "build_s": build_s, "index_s": stats.index_s, "write_s": stats.write_s,
+            "commit_s": time.perf_counter() - t0, "build_written_bytes": CountingStore.written,
+            "build_read_bytes": CountingStore.read, "index": manifest.index_factory,
+            "recall_at_10": manifest.index_recall_at_10, "peak_rss_before_build_bytes": rss_before,
+            "peak_rss_bytes": peak_rss(), "catalogue_bytes": catalogue_bytes(Path(store.url), manifest)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", choices=["build", "night"], required=True)
+    parser.add_argument("--images", type=int, default=1_000_000)
+    parser.add_argument("--root", required=True, help="the catalogue's folder (build makes it, night reads it)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--shard-size", type=int, default=RUN_DEFAULTS.shard_size)
+    parser.add_argument("--new", type=float, default=0.001)
+    parser.add_argument("--changed", type=float, default=0.001)
+    parser.add_argument("--deleted", type=float, default=0.0005)
+    parser.add_argument("--index-memory", default="", help="index budget, e.g. 4G (default: the run's)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_catalog.json"))
+    args = parser.parse_args()
+    settings = IndexSettings(memory_budget_bytes=parse_memory_size(args.index_memory) if args.index_memory else None)
+    root = Path(args.root)
+    store = CountingStore(root, create=True)
+    row: dict = {"phase": args.phase, "images": args.images, "dim": args.dim, "shard_size": args.shard_size}
+
+    if args.phase == "build":
+        if cat.read_pointer(store)[0] is not None:
+            raise SystemExit(f"{root} holds a catalogue already; pass an empty --root")
+        run_id = cat.new_run_id()
+        objects = list(SyntheticBucket(args.images).list())
+        t0 = time.perf_counter()
+        results = shard_results(store, run_id, objects, dim=args.dim, shard_size=args.shard_size, seed=0)
+        row["shards_s"] = time.perf_counter() - t0
+        plan = cat.ChangePlan(new=objects)
+        row |= commit(store, None, None, plan, results, run_id, args.dim, settings)
+    else:
+        bucket = SyntheticBucket(args.images, new=args.new, changed=args.changed, deleted=args.deleted)
+        row |= {"new_share": args.new, "changed_share": args.changed, "deleted_share": args.deleted}
+        CountingStore.written = CountingStore.read = 0
+        t0 = time.perf_counter()
+        planned = plan_run(bucket, store, "synthetic@" + "0" * 64, allow_mass_delete=True)
+        row |= {"plan_s": time.perf_counter() - t0, "plan_read_bytes": CountingStore.read,
+                "listed": len(planned.listing.images), "to_process": len(planned.plan.to_process),
+                "deleted": len(planned.plan.deleted), "rss_after_plan_bytes": peak_rss()}
+        run_id = cat.new_run_id()
+        CountingStore.written = 0
+        t0 = time.perf_counter()
+        results = shard_results(store, run_id, planned.plan.to_process, dim=args.dim, shard_size=args.shard_size,
+                                seed=int(time.time()))
+        row |= {"shards_s": time.perf_counter() - t0, "parts_written_bytes": CountingStore.written}
+        row |= commit(store, planned.previous, planned.pointer_etag, planned.plan, results, run_id, args.dim, settings)
+        row["bookkeeping_s"] = row["plan_s"] + row["build_s"] + row["commit_s"]
+        row["written_share_of_catalogue"] = (row["build_written_bytes"] + row["parts_written_bytes"]) / row[
+            "catalogue_bytes"]
+    row["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg()}
+    print(json.dumps(row, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(runs + [row], indent=2))
+
+
+if __name__ == "__main__":
+    main()
