@@ -27,6 +27,7 @@ from tasks.options import RUN_DEFAULTS as D
 from tasks.pipeline import DecodeOptions, ShardSpec, current_progress, process_shard
 from tasks.runs import RunSummary
 from tasks.storage import StorageError, StoreSpec, check_roots_apart, url_reader
+from tasks.thumbnails import THUMBNAIL_SIDE
 
 
 def _worth_retrying(task, task_run, state) -> bool:
@@ -79,6 +80,7 @@ def catalog_images(
     gpu_decode: bool = D.gpu_decode,
     pdf_dpi: int = D.pdf_dpi,
     max_pages: int = D.max_pages,
+    thumbnails: bool = D.thumbnails,
     index_memory: str | None = D.index_memory,
     recall_target: float = D.recall_target,
     max_attempts: int = D.max_attempts,
@@ -150,7 +152,8 @@ def catalog_images(
         topic = None if runner.in_process else f"batchsight-progress-{run_id}"
         specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source_at, output=output_at,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
-                           decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages),
+                           decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages,
+                                               thumbnail_side=THUMBNAIL_SIDE if thumbnails else 0),
                            compile=compiled, categorizer=categorizer_key, progress_topic=topic)
                  for i, start in enumerate(range(0, len(todo), shard_size))]
         logger.info("%s shards of up to %s objects on %s", len(specs), shard_size, runner.describe())

@@ -87,3 +87,15 @@ def test_gc_keeps_the_parts_a_retained_version_names_and_collects_the_rest(catal
     assert on_disk == still_named
     for _, row in live.images.iterrows():
         thumbnail_of(live, row, _no_source)
+
+
+def test_a_run_without_thumbnails_writes_none_and_the_page_makes_them_on_demand(tmp_path, samples, resnet18_weights):
+    source, output = tmp_path / "src", tmp_path / "out"
+    write_samples(LocalStore(source, create=True), samples[:12])
+    catalog_images(source=str(source), output=str(output), model="resnet18", weights=str(resnet18_weights),
+                   batch_size=16, thumbnails=False)
+    cat = Catalog.open(cached_store(str(output), None))
+    assert cat.images["thumbnail_part"].isna().all() and cat.manifest.thumbnails == []
+    assert not (output / layout.THUMBNAIL_PARTS).exists()
+    row = cat.images.iloc[0]
+    assert Image.open(io.BytesIO(thumbnail_of(cat, row, lambda: LocalStore(source)))).format == "WEBP"
