@@ -240,7 +240,7 @@ def run(
     pdf_dpi: Annotated[int, typer.Option(min=36, max=600, help="Resolution PDF pages are rendered at.")] = D.pdf_dpi,
     max_pages: Annotated[int, typer.Option(min=1, help="Pages read from one PDF or TIFF at most.")] = D.max_pages,
     thumbnails: Annotated[bool, typer.Option("--thumbnails/--no-thumbnails", help="Make 160 px thumbnails while "
-                                             "decoding, for the web page (~1.5 ms of CPU an image).")]
+                                             "decoding, for the web page (~1.1 ms of CPU an image).")]
     = D.thumbnails,
     index_memory: Annotated[str | None, typer.Option(
         envvar="BATCHSIGHT_INDEX_MEMORY", help="Memory the FAISS index may use, e.g. 8GiB (default: half of RAM); "

@@ -27,7 +27,7 @@ class RunOptions:
     gpu_decode: bool = False
     pdf_dpi: int = 150
     max_pages: int = 50
-    thumbnails: bool = True  # 160 px WebP made while decoding, for the web page (~1.5 ms of CPU an image)
+    thumbnails: bool = True  # 160 px WebP made while decoding, for the web page (~1.1 ms of CPU an image)
     index_memory: str | None = None  # None: half of RAM
     recall_target: float = 0.95
     max_attempts: int = 3  # tries of an image that failed to fetch or embed
