@@ -573,6 +573,8 @@ def ui(
                                               "when --host is not loopback; label writes always need it when set "
                                               "(also BATCHSIGHT_UI_TOKEN).")] = None,
     max_upload_mb: Annotated[float, typer.Option(min=0.1, max=1024, help="Largest query image accepted.")] = 20,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes, each with its own copy of the "
+                                         "catalogue's index in memory: one uses one core at most.")] = 1,
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Serve the search and review page, and its JSON API under /api/, over the live catalogue."""
@@ -584,7 +586,7 @@ def ui(
         console.print(f"batchsight page on http://{shown}:{port}/ (API docs: /docs); Ctrl-C stops it",
                       highlight=False)
         serve_ui(catalog, host=host, port=port, token=token, endpoint_url=endpoint_url,
-                 max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+                 max_upload_bytes=int(max_upload_mb * 1024 * 1024), workers=workers)
     except UserError as exc:
         raise _fail(exc) from None
 

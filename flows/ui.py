@@ -14,19 +14,23 @@ and reads result rows from per-version dicts, giving the rows
 
 from __future__ import annotations
 
+import gc
 import hmac
 import io
 import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -53,6 +57,7 @@ DEFAULT_PORT = 8765
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 TOKEN_COOKIE = "batchsight_token"
 TOKEN_ENV = "BATCHSIGHT_UI_TOKEN"
+WORKER_SETTINGS_ENV = "BATCHSIGHT_UI_WORKER_SETTINGS"  # serve -> uvicorn's worker processes
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
                            "frame-ancestors 'none'")
@@ -181,6 +186,15 @@ class CatalogView:
             raise HTTPException(404, f"no image {image_id} in catalogue version {self.version}") from None
 
 
+def live_pointer(store: ObjectStore):
+    """The `CURRENT` pointer, or a CatalogError saying there is no catalogue."""
+    pointer, _ = read_pointer(store)
+    if pointer is None:
+        raise CatalogError(f"no catalogue at {store.url} (no CURRENT pointer); "
+                           "run `batchsight run --source SRC --output OUT` first")
+    return pointer
+
+
 class LiveCatalog:
     """The live version of a catalogue, following `CURRENT`. A check runs at most
     every `poll_s`, in a background thread; a new version is loaded whole (tables
@@ -218,10 +232,7 @@ class LiveCatalog:
     def refresh(self) -> None:
         """Load the version `CURRENT` names, if it is not the one in service."""
         self._checked = time.monotonic()
-        pointer, _ = read_pointer(self.store)
-        if pointer is None:
-            raise CatalogError(f"no catalogue at {self.store.url} (no CURRENT pointer); "
-                               "run `batchsight run --source SRC --output OUT` first")
+        pointer = live_pointer(self.store)
         if self._view is not None and self._view.cat.manifest_key == pointer.manifest:
             return
         view = CatalogView(Catalog(self.store, read_manifest(self.store, pointer.manifest), pointer.manifest))
@@ -301,12 +312,19 @@ async def _plain(send, status: int, body: dict) -> None:
 
 # ---- API models
 
-class KeysQuery(BaseModel):
-    keys: list[str] = Field(min_length=1, max_length=1000, description="Catalogued keys to search from.")
+class SearchOptions(BaseModel):
     k: int = Field(10, ge=1, le=1000, description="Neighbours per key.")
     prefix: str | None = Field(None, description="Only return images whose key starts with this.")
     category: str | None = Field(None, description="Only return images of this category.")
     include_self: bool = Field(False, description="Keep each key's own object in its results.")
+
+
+class KeyQuery(SearchOptions):
+    key: str = Field(description="A catalogued key to search from.")
+
+
+class KeysQuery(SearchOptions):
+    keys: list[str] = Field(min_length=1, max_length=1000, description="Catalogued keys to search from.")
 
 
 class LabelIn(BaseModel):
@@ -330,7 +348,7 @@ def records(frame: pd.DataFrame) -> list[dict]:
 
 
 def json_response(body: dict) -> Response:
-    return Response(json.dumps(body, allow_nan=False).encode(), media_type="application/json")
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _text(value) -> str | None:
@@ -416,11 +434,11 @@ def create_app(catalog: str | ObjectStore, *, token: str | None = None, token_ev
     # Key searches run on the event loop: a few hundred microseconds of FAISS and
     # dict lookups cost less than the hop to a worker thread.
     @app.get("/api/search", summary="Images similar to a catalogued key")
-    async def api_search(key: str, k: Annotated[int, Query(ge=1, le=1000)] = 10, prefix: str | None = None,
-                         category: str | None = None, include_self: bool = False) -> Response:
+    async def api_search(query: Annotated[KeyQuery, Query()]) -> Response:
         view = live.view()
-        found = _user_call(view.search_keys, [key], k, prefix=prefix, category=category, include_self=include_self)
-        return json_response({"version": view.version, "query": key, "results": found})
+        found = _user_call(view.search_keys, [query.key], query.k, prefix=query.prefix, category=query.category,
+                           include_self=query.include_self)
+        return json_response({"version": view.version, "query": query.key, "results": found})
 
     @app.post("/api/search/keys", summary="Images similar to each of several catalogued keys")
     async def api_search_keys(query: KeysQuery) -> Response:
@@ -569,16 +587,59 @@ def label_choices(view: CatalogView, latest: pd.DataFrame | None = None) -> list
     return names
 
 
-def serve(catalog: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
-          endpoint_url: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
-    """Run the app with uvicorn until interrupted (what `batchsight ui` does)."""
+@dataclass(frozen=True)
+class ServeSettings:
+    """What a server process builds its app from: plain data, so that it can
+    travel to uvicorn's worker processes."""
+
+    catalog: str
+    token: str | None
+    token_everywhere: bool
+    endpoint_url: str | None
+    max_upload_bytes: int
+    allowed_hosts: list[str] | None
+
+
+def serving_app(settings: ServeSettings) -> FastAPI:
+    """The app of one server process, its live version loaded (or its failure
+    raised) before it listens."""
     import faiss
+
+    faiss.omp_set_num_threads(1)  # one query a request: threads would only fight over the cores
+    # What is imported by now (torch, prefect, pandas: ~430,000 objects) lives as long as the
+    # process. Frozen, it is left out of the collector's full passes, which took ~0.4 s each, with
+    # every request waiting; the catalogue versions loaded later stay collectable.
+    gc.freeze()
+    app = create_app(settings.catalog, token=settings.token, token_everywhere=settings.token_everywhere,
+                     endpoint_url=settings.endpoint_url, max_upload_bytes=settings.max_upload_bytes,
+                     allowed_hosts=settings.allowed_hosts)
+    app.state.live.view()
+    return app
+
+
+def worker_app() -> FastAPI:
+    """uvicorn's app factory in each `--workers` process; `serve` passes the settings in the environment."""
+    return serving_app(ServeSettings(**json.loads(os.environ[WORKER_SETTINGS_ENV])))
+
+
+def serve(catalog: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
+          endpoint_url: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, workers: int = 1) -> None:
+    """Run the app with uvicorn until interrupted (what `batchsight ui` does).
+
+    With `workers` > 1, that many processes accept on the one socket, each
+    holding its own copy of the live version (memory: `workers` x the index) and
+    following `CURRENT` on its own; one Python process uses one core at most."""
     import uvicorn
 
     check_bind(host, token)
-    faiss.omp_set_num_threads(1)  # one query a request: threads would only fight over the cores
-    hosts = ["127.0.0.1", "localhost", "[::1]", host] if is_loopback(host) else None
-    app = create_app(catalog, token=token, token_everywhere=bool(token) and not is_loopback(host),
-                     endpoint_url=endpoint_url, max_upload_bytes=max_upload_bytes, allowed_hosts=hosts)
-    app.state.live.view()  # load the live version (and fail clearly) before listening
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    settings = ServeSettings(catalog=catalog, token=token, token_everywhere=bool(token) and not is_loopback(host),
+                             endpoint_url=endpoint_url, max_upload_bytes=max_upload_bytes,
+                             allowed_hosts=["127.0.0.1", "localhost", "[::1]", host] if is_loopback(host) else None)
+    options = {"host": host, "port": port, "log_level": "warning", "access_log": False}
+    if workers == 1:
+        uvicorn.run(serving_app(settings), **options)
+        return
+    store = cached_store(catalog, endpoint_url)
+    read_manifest(store, live_pointer(store).manifest)  # a missing catalogue fails here once, not in each worker
+    os.environ[WORKER_SETTINGS_ENV] = json.dumps(asdict(settings))
+    uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, **options)

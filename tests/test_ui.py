@@ -6,6 +6,7 @@ version followed without a restart, and the safety rules."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import threading
 import zlib
@@ -288,20 +289,23 @@ def test_binding_beyond_loopback_needs_a_token(ui_cat, monkeypatch):
     assert result.exit_code == 2 and "--token" in result.output
 
 
-def test_the_ui_command_serves_the_live_catalogue_on_loopback(ui_cat):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_ui_command_serves_the_live_catalogue_on_loopback(ui_cat, workers):
     import socket
     import subprocess
     import sys
     import time
     import urllib.error
     import urllib.request
+    from urllib.parse import quote
 
     from tests.test_nightly import subprocess_env
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--catalog", ui_cat.output, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--catalog", ui_cat.output, "--port", str(port),
+                             "--workers", str(workers)],
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -314,6 +318,9 @@ def test_the_ui_command_serves_the_live_catalogue_on_loopback(ui_cat):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
                 time.sleep(0.3)
         assert '"version"' in body
+        search = f"http://127.0.0.1:{port}/api/search?key={quote(ui_cat.copy_of)}&k=1"
+        with urllib.request.urlopen(search, timeout=5) as r:
+            assert json.loads(r.read())["results"][0]["key"] == ui_cat.copy_key
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/version", headers={"Host": "evil.example"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=5)
