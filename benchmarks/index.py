@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -37,6 +38,8 @@ from tasks import index as fi  # noqa: E402
 from tasks.synthetic_vectors import ClusteredVectors  # noqa: E402
 
 SINGLE_QUERIES = 200
+# exact neighbours are cached by the generator's source too: another generator, other vectors
+GENERATOR_SHA = hashlib.sha256(Path(sys.modules[ClusteredVectors.__module__].__file__).read_bytes()).hexdigest()
 
 
 def rss_bytes() -> int:
@@ -49,22 +52,27 @@ def peak_rss_bytes() -> int:
 
 
 def configure(kind: str, n: int, dim: int, args: argparse.Namespace) -> fi.IndexChoice:
-    """The choice `choose_index` would make for `kind`, with optional PQ overrides;
-    `chosen` is what `choose_index` picks within --memory."""
+    """The choice `choose_index` would make for `kind` (with its re-rank where --rerank
+    is on), with optional PQ overrides; `chosen` is what `choose_index` picks within --memory."""
     if kind == "chosen":
         if not args.memory:
             raise SystemExit("kind 'chosen' needs --memory, e.g. 2G")
         return fi.choose_index(n, dim, fi.parse_memory_size(args.memory), rerank=args.rerank == "on")
+    choice = configure_codes(kind, n, dim, args)
+    return fi._with_rerank(choice, n, dim) if args.rerank == "on" and kind in fi.RERANK_KINDS else choice
+
+
+def configure_codes(kind: str, n: int, dim: int, args: argparse.Namespace) -> fi.IndexChoice:
     if kind in fi.SQ_CODES:
-        choice = fi.ivf_sq_choice(n, dim, kind)
-        return fi._with_rerank(choice, n, dim) if args.rerank == "on" and kind in fi.RERANK_KINDS else choice
+        return fi.ivf_sq_choice(n, dim, kind)
     if kind == "flat":
         return fi.flat_choice(n, dim)
     if kind == "ivf-flat":
         return fi.ivf_flat_choice(n, dim)
     if kind not in fi.KINDS:
         raise SystemExit(f"unknown kind {kind!r}; use {', '.join(fi.KINDS)}")
-    opq = None if args.opq == "auto" else args.opq == "on"
+    # OPQ by the library's rule, which leaves it out where a re-rank follows
+    opq = {"on": True, "off": False}.get(args.opq, False if args.rerank == "on" else None)
     if args.pq_m:
         choice = fi.ivf_pq_for_code(n, dim, args.pq_m, opq=opq)
         if choice is None:
@@ -84,6 +92,7 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
     print(f"[{data.n:,} x {data.dim}] {kind}: {choice.describe()} ...", flush=True)
     gc.collect()
     rss0 = rss_bytes()
+    load0 = os.getloadavg()
     t0 = time.perf_counter()
     training = None
     if choice.kind != "flat":
@@ -92,9 +101,11 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
         train_ids = rng.choice(pool, min(choice.train_size, len(pool)), replace=False)
         training = fi.gather_vectors(data, train_ids, data.dim)
     t_sample = time.perf_counter()
+    print(f"  training sample of {choice.train_size:,} in {t_sample - t0:.1f} s", flush=True)
     index = fi.trained_index(choice, data.dim, training)
     del training
     t_train = time.perf_counter()
+    print(f"  trained in {t_train - t_sample:.1f} s", flush=True)
     rerank = None
     if choice.rerank:  # one pass adds every block and writes it to the re-rank file
         def adding(blocks):
@@ -110,9 +121,13 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
         for ids, vectors in data:
             fi.add_vectors(index, ids, vectors)
     t_add = time.perf_counter()
+    build_peak = peak_rss_bytes()  # before any search touches the re-rank file's pages
     gc.collect()
     memory = rss_bytes() - rss0
+    print(f"  added in {t_add - t_train:.1f} s; build {t_add - t0:.1f} s, peak RSS {build_peak / 2**30:.2f} GiB, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
 
+    t_tune = time.perf_counter()
     if choice.kind == "flat":
         _, found = fi.search(index, queries, truth.shape[1] + 1)
         report = fi.RecallReport(recall_at_10=fi.recall_at_k(fi.drop_self(found, query_ids, truth.shape[1]), truth),
@@ -121,6 +136,9 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
         report = fi.tune_nprobe(index, queries, query_ids, truth, args.recall_target, rerank=rerank)
     nprobe = report.nprobe or None
     factor = report.rerank_factor
+    tune_s = time.perf_counter() - t_tune
+    print(f"  recall@10 {report.recall_at_10:.3f} at nprobe {report.nprobe}, re-rank x{factor} "
+          f"(tuned in {tune_s:.1f} s: {report.curve})", flush=True)
     if report.recall_at_10 < args.recall_target:
         stronger = fi.stronger_choice(data.n, data.dim, choice)
         print(f"  recall@10 {report.recall_at_10:.3f} misses {args.recall_target}; "
@@ -136,11 +154,13 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
     row = {
         "n": data.n, "dim": data.dim, "kind": kind, "factory": choice.factory, "nlist": choice.nlist,
         "sample_s": t_sample - t0, "train_s": t_train - t_sample, "add_s": t_add - t_train,
-        "build_s": t_add - t0, "memory_bytes": memory, "estimated_bytes": choice.estimated_bytes,
-        "peak_rss_bytes": peak_rss_bytes(), "single_qps": single_qps, "batch_qps": batch_qps,
+        "build_s": t_add - t0, "tune_s": tune_s, "memory_bytes": memory, "estimated_bytes": choice.estimated_bytes,
+        "build_peak_rss_bytes": build_peak, "peak_rss_bytes": peak_rss_bytes(), "single_qps": single_qps,
+        "batch_qps": batch_qps,
         "recall_at_10": report.recall_at_10, "nprobe": report.nprobe, "recall_curve": report.curve,
         "queries": len(queries), "rerank": choice.rerank, "rerank_factor": factor,
         "disk_bytes": choice.disk_bytes, "budget_bytes": fi.parse_memory_size(args.memory) if args.memory else None,
+        "load_average": {"start": load0, "end": os.getloadavg()},
     }
     del index
     gc.collect()
@@ -154,10 +174,20 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict]:
     print(f"[{n:,} x {args.dim}] gathering {len(query_ids)} queries and their exact neighbours ...", flush=True)
     queries = fi.gather_vectors(data, query_ids, args.dim)
     t = time.perf_counter()
-    _, truth = fi.exact_neighbours(queries, data, fi.RECALL_K + 1)
-    print(f"[{n:,} x {args.dim}] ground truth in {time.perf_counter() - t:.1f} s", flush=True)
+    cached = Path(args.truth_cache) / f"{n}x{args.dim}-c{data.clusters}-s{args.spread}-seed{args.seed}-" \
+        f"q{len(query_ids)}-{GENERATOR_SHA[:12]}.npy" if args.truth_cache else None
+    if cached and cached.exists():
+        truth = np.load(cached)
+    else:
+        _, truth = fi.exact_neighbours(queries, data, fi.RECALL_K + 1)
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cached, truth)
+    truth_s = time.perf_counter() - t  # benchmark time: a run measures recall against the same exact search
+    print(f"[{n:,} x {args.dim}] ground truth in {truth_s:.1f} s", flush=True)
     truth = fi.drop_self(truth, query_ids, fi.RECALL_K)
-    return [bench_kind(kind, data, queries, query_ids, truth, args) for kind in args.kinds.split(",")]
+    return [bench_kind(kind, data, queries, query_ids, truth, args) | {"truth_s": truth_s}
+            for kind in args.kinds.split(",")]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -176,9 +206,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000", help="vector counts, comma-separated")
     parser.add_argument("--dim", type=int, default=2048, help="2048 = ResNet-50 embeddings")
     parser.add_argument("--kinds", default="flat,ivf-flat,ivf-pq",
-                        help="flat, ivf-flat, ivf-sqfp16, ivf-sq8, ivf-pq, or chosen (what choose_index picks in --memory)")
+                        help=f"{', '.join(fi.KINDS)}, or chosen (what choose_index picks in --memory)")
     parser.add_argument("--memory", default="", help="index memory budget for kind 'chosen', e.g. 2G or 16M")
-    parser.add_argument("--rerank", default="on", choices=["on", "off"], help="exact re-rank for SQ8/PQ codes")
+    parser.add_argument("--rerank", default="on", choices=["on", "off"],
+                        help="exact re-rank for the codes of fi.RERANK_KINDS")
     parser.add_argument("--rerank-dir", default="/tmp/batchsight-rerank", help="where the float16 re-rank file goes")
     parser.add_argument("--clusters", type=int, default=0, help="cluster centres (default: one per 1,000 vectors)")
     parser.add_argument("--spread", type=float, default=1.0, help="noise norm relative to a centre's")
@@ -187,6 +218,10 @@ def main() -> None:
     parser.add_argument("--pq-memory", default="", help="IVF-PQ budget, e.g. 512M (default: 1/16 of IVF-Flat's size)")
     parser.add_argument("--pq-m", type=int, default=0, help="force the PQ code size in bytes")
     parser.add_argument("--opq", default="auto", choices=["auto", "on", "off"], help="override the OPQ rule")
+    parser.add_argument("--lists-per-sqrt-n", type=float, default=fi.NLIST_PER_SQRT_N,
+                        help="IVF lists per sqrt(n), to compare list counts (the library's rule: NLIST_PER_SQRT_N)")
+    parser.add_argument("--truth-cache", default="/tmp/batchsight-index-truth",
+                        help="folder that keeps exact neighbours between runs ('' to recompute)")
     parser.add_argument("--threads", type=int, default=0, help="FAISS threads (default: all cores)")
     parser.add_argument("--block-size", type=int, default=20_000, help="vectors generated at a time")
     parser.add_argument("--seed", type=int, default=0)
@@ -194,6 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+    fi.NLIST_PER_SQRT_N = args.lists_per_sqrt_n  # every choice below (lists, training sample, estimate) follows it
 
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):

@@ -8,7 +8,7 @@ import socket
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.table import Table
 
 from models.errors import UserError
 from tasks.options import RUN_DEFAULTS as D
+
+if TYPE_CHECKING:
+    from tasks.catalog import Manifest
 
 app = typer.Typer(help="Catalogue buckets of images into Parquet tables and a FAISS index; search them.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -354,7 +357,7 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
     index = {"kind": m.index_state.kind, "factory": m.index_factory, "vectors": m.counts.get("vectors"),
              "trained_n": m.index_trained_n, "nlist": m.index_nlist, "nprobe": m.index_nprobe,
              "recall_at_10": m.index_recall_at_10, "recall_target": m.index_recall_target,
-             "recall_queries": m.index_recall_queries}
+             "recall_queries": m.index_recall_queries, "next_option": _next_option(m)}
     info = {
         "version": m.version, "run_id": m.run_id, "created_at": m.created_at, "model": m.model,
         "weights": m.weights, "weights_sha256": m.weights_sha256, "counts": m.counts, "index_type": m.index_type,
@@ -403,6 +406,17 @@ def _exit_if_damaged(checked, catalog: str, history) -> None:
     raise typer.Exit(code=CatalogCorrupt.exit_code)
 
 
+def _next_option(m: Manifest) -> dict | None:
+    """The index one rung up from the live one, where its measured recall misses the target."""
+    if m.index_recall_at_10 is None or m.index_recall_at_10 >= m.index_recall_target:
+        return None
+    from tasks import index as faiss_index
+
+    up = faiss_index.next_option_up(m.index_state, m.counts.get("vectors", 0), m.embedding_dim)
+    return {"kind": up.kind, "factory": up.factory, "rerank": up.rerank, "estimated_bytes": up.estimated_bytes,
+            "hint": faiss_index.next_option_hint(up)} if up else {"hint": faiss_index.next_option_hint(None)}
+
+
 def _index_line(index: dict) -> str:
     line = f"{index['kind']} ({index['factory']}), {index['vectors']} vectors"
     if index["nlist"]:
@@ -411,7 +425,7 @@ def _index_line(index: dict) -> str:
         return line + ", recall not measured (version written before recall was)"
     line += f"; recall@10 {index['recall_at_10']:.3f} (target {index['recall_target']:g})"
     if index["recall_at_10"] < index["recall_target"]:
-        line += ": below target, the index's codes limit it; raise the index memory budget"
+        line += f": below target, the index's codes limit it; {index['next_option']['hint']}"
     return line
 
 

@@ -27,13 +27,14 @@ log = logging.getLogger(__name__)
 
 Blocks = Iterable[tuple[np.ndarray, np.ndarray]]  # (int64 ids [n], float32 vectors [n, d]) per block
 
-# The ladder, most accurate first: full float32 vectors, then 16-bit and 8-bit
-# scalar codes (SQfp16 is 2d bytes a vector, SQ8 d bytes), then product quantisation.
-KINDS = ("flat", "ivf-flat", "ivf-sqfp16", "ivf-sq8", "ivf-pq")
-SQ_CODES = {"ivf-sqfp16": ("SQfp16", 2.0), "ivf-sq8": ("SQ8", 1.0)}  # kind -> (faiss name, bytes a dimension)
+# The ladder, most accurate first: full float32 vectors, then 16-, 8-, 6- and 4-bit
+# scalar codes (SQfp16 is 2d bytes a vector, SQ4 d/2), then product quantisation.
+KINDS = ("flat", "ivf-flat", "ivf-sqfp16", "ivf-sq8", "ivf-sq6", "ivf-sq4", "ivf-pq")
+SQ_CODES = {"ivf-sqfp16": ("SQfp16", 16), "ivf-sq8": ("SQ8", 8), "ivf-sq6": ("SQ6", 6),
+            "ivf-sq4": ("SQ4", 4)}  # kind -> (faiss name, bits a dimension)
 # Codes this lossy rank candidates only: the final top-k comes from an exact re-rank
 # of k * factor candidates against full vectors in a float16 file outside RAM.
-RERANK_KINDS = ("ivf-sq8", "ivf-pq")
+RERANK_KINDS = ("ivf-sq8", "ivf-sq6", "ivf-sq4", "ivf-pq")
 RERANK_FACTORS = (4, 10, 25)  # candidates per result, tried in order until recall reaches the target
 RERANK_DTYPE = np.float16  # 2d bytes a vector on disk; scores from it are within ~1e-3 of float32's
 RERANK_ROW_BYTES = 16  # in RAM a vector: its id and its row (np.argsort order) to find it in the file
@@ -41,6 +42,12 @@ RERANK_ROW_BYTES = 16  # in RAM a vector: its id and its row (np.argsort order) 
 # 1-2x its size (1.32x measured for IVF4096,Flat at 1M x 2048); counted in every estimate.
 LIST_SLACK = 1.35
 IVF_KMEANS_ITERATIONS = 10  # faiss's default 25 costs 2.5x the training time for centroids barely better
+# k-means for the lists samples this many training points a list (faiss subsamples):
+# its cost is points x nlist x d an iteration, nlist^2 at a fixed number a list, and at
+# IVF4096 x 2048-d 40 a list took 235-340 s of a 10-minute build on 2 cores. 10, 20 and
+# 40 a list gave the same recall curve (IVF1024, 200k x 2048 clustered); the codes
+# (SQ ranges, PQ codebooks) still train on the whole sample.
+IVF_KMEANS_POINTS_PER_CENTROID = 20
 LEGACY_KINDS = {"flat-ip": "flat"}  # index_type written before IVF existed
 
 # Below this many vectors exact search wins outright: a flat scan of 50k x 2048-d
@@ -48,6 +55,7 @@ LEGACY_KINDS = {"flat-ip": "flat"}  # index_type written before IVF existed
 # 165 queries/s), recall is exactly 1, and an IVF would need ~40k training points
 # for lists that save little.
 FLAT_MAX_VECTORS = 50_000
+NLIST_PER_SQRT_N = 4  # lists per sqrt(n); faiss suggests 4 to 16 (benchmarks/index.py --lists-per-sqrt-n compares)
 MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
 TRAIN_POINTS_PER_CENTROID = 40  # just above faiss's warning: the sample and its residuals (PQ) are 2 copies in RAM
 PQ_NBITS = 8
@@ -164,9 +172,9 @@ def default_memory_budget() -> int:
 
 
 def ivf_nlist(n_vectors: int) -> int:
-    """About 4*sqrt(n) lists (a power of two, as autofaiss does), but never so many
-    that a list gets fewer than MIN_POINTS_PER_CENTROID training points."""
-    nlist = 2 ** round(log2(4 * sqrt(max(n_vectors, 1))))
+    """About NLIST_PER_SQRT_N * sqrt(n) lists (a power of two, as autofaiss does), but never
+    so many that a list gets fewer than MIN_POINTS_PER_CENTROID training points."""
+    nlist = 2 ** round(log2(NLIST_PER_SQRT_N * sqrt(max(n_vectors, 1))))
     return max(1, min(nlist, n_vectors // MIN_POINTS_PER_CENTROID))
 
 
@@ -194,13 +202,13 @@ def ivf_flat_choice(n_vectors: int, dim: int) -> IndexChoice:
 
 
 def ivf_sq_choice(n_vectors: int, dim: int, kind: str) -> IndexChoice:
-    """IVF with scalar codes: `ivf-sqfp16` (2 bytes a dimension) or `ivf-sq8` (1)."""
-    name, per_dim = SQ_CODES[kind]
+    """IVF with scalar codes of SQ_CODES[kind]'s bits a dimension (their trained range is 2d floats)."""
+    name, bits = SQ_CODES[kind]
     nlist = ivf_nlist(n_vectors)
     return IndexChoice(kind=kind, factory=f"IVF{nlist},{name}", nlist=nlist,
                        train_size=min(n_vectors, TRAIN_POINTS_PER_CENTROID * nlist),
                        min_train_size=min(n_vectors, MIN_POINTS_PER_CENTROID * nlist),
-                       estimated_bytes=_ivf_bytes(n_vectors, per_dim * dim, nlist, dim) + 2 * dim * 4)
+                       estimated_bytes=_ivf_bytes(n_vectors, -(-bits * dim // 8), nlist, dim) + 2 * dim * 4)
 
 
 def ivf_pq_choice(n_vectors: int, dim: int, memory_budget_bytes: int, *, rerank: bool = False) -> IndexChoice | None:
@@ -242,14 +250,15 @@ def ivf_pq_for_code(n_vectors: int, dim: int, m: int, *, opq: bool | None = None
 def index_ladder(n_vectors: int, dim: int, *, flat_max_vectors: int = FLAT_MAX_VECTORS,
                  rerank: bool = True) -> list[IndexChoice]:
     """Every index `choose_index` considers for this catalogue, most accurate first:
-    flat (small catalogues), IVF-Flat, IVF-SQfp16, IVF-SQ8, IVF-PQ from the largest
-    code down; SQ8 and PQ with an exact re-rank when `rerank`."""
+    flat (small catalogues), IVF-Flat, IVF with 16-, 8-, 6- and 4-bit scalar codes,
+    IVF-PQ from the largest code down; those of RERANK_KINDS with an exact re-rank when `rerank`."""
     if n_vectors < 0 or dim < 1:
         raise ValueError(f"cannot index {n_vectors} vectors of dimension {dim}")
     ladder = [flat_choice(n_vectors, dim)] if n_vectors < flat_max_vectors else []
     ladder.append(ivf_flat_choice(n_vectors, dim))
-    sq8 = ivf_sq_choice(n_vectors, dim, "ivf-sq8")
-    ladder += [ivf_sq_choice(n_vectors, dim, "ivf-sqfp16"), _with_rerank(sq8, n_vectors, dim) if rerank else sq8]
+    for kind in SQ_CODES:
+        sq = ivf_sq_choice(n_vectors, dim, kind)
+        ladder.append(_with_rerank(sq, n_vectors, dim) if rerank and kind in RERANK_KINDS else sq)
     return ladder + _pq_codes(n_vectors, dim, rerank=rerank)
 
 
@@ -275,6 +284,23 @@ def stronger_choice(n_vectors: int, dim: int, choice: IndexChoice, *, flat_max_v
     ladder = index_ladder(n_vectors, dim, flat_max_vectors=max(flat_max_vectors, n_vectors + 1), rerank=rerank)
     above = [c for c in ladder if c.estimated_bytes > choice.estimated_bytes and (c.kind, c.pq_m) != (choice.kind, choice.pq_m)]
     return min(above, key=lambda c: c.estimated_bytes) if above else None
+
+
+def next_option_up(state: IndexState, n_vectors: int, dim: int) -> IndexChoice | None:
+    """`stronger_choice` for a committed index as its manifest records it (its rung found
+    by codes and re-rank, whatever its list count): what `status` names when the measured
+    recall misses the target. None at the top, or where no ladder of this size holds it."""
+    ladder = index_ladder(n_vectors, dim, flat_max_vectors=n_vectors + 1, rerank=state.rerank)
+    current = next((c for c in ladder if _codes(c.factory) == _codes(state.factory) and c.rerank == state.rerank), None)
+    return None if current is None else stronger_choice(n_vectors, dim, current, rerank=state.rerank)
+
+
+def next_option_hint(stronger: IndexChoice | None) -> str:
+    """What to do when recall misses its target: the next rung up and the budget it needs."""
+    if stronger is None:
+        return "no index reaches it"
+    return (f"the next option up is {stronger.describe()}: raise --index-memory to about "
+            f"{stronger.estimated_bytes:,} bytes")
 
 
 def _codes(factory: str) -> str:
@@ -334,6 +360,7 @@ def trained_index(choice: IndexChoice, dim: int, training_sample: np.ndarray | N
         assert training_sample is not None and len(training_sample) >= max(choice.nlist, 1), \
             f"{choice.factory} needs at least {choice.nlist} training vectors"
         ivf.cp.niter = IVF_KMEANS_ITERATIONS
+        ivf.cp.max_points_per_centroid = IVF_KMEANS_POINTS_PER_CENTROID
         index.train(np.ascontiguousarray(training_sample, dtype=np.float32))
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
     return index

@@ -44,13 +44,16 @@ def one_faiss_thread():
     (1_000_000, 2048, 4 * GiB, "ivf-sq8", "IVF4096,SQ8", True),
     (1_000_000, 512, GiB, "ivf-sq8", "IVF4096,SQ8", True),
     (20_000, 512, 16 * MiB, "ivf-sq8", "IVF512,SQ8", True),  # issue 15: it was IVF512,PQ128x8np, recall 0.39
-    # SQ8 with its list slack does not fit 2 GiB at 1M x 2048: the largest PQ code (d/8 bytes), re-ranked
-    (1_000_000, 2048, 2 * GiB, "ivf-pq", "IVF4096,PQ256x8np", True),
+    # SQ8 and SQ6 with their list slack do not fit 2 GiB at 1M x 2048: 4-bit codes (d/2 bytes), re-ranked
+    (1_000_000, 2048, 2 * GiB, "ivf-sq4", "IVF4096,SQ4", True),
+    (1_000_000, 2048, 2200 * MiB, "ivf-sq6", "IVF4096,SQ6", True),
+    (1_000_000, 2048, GiB, "ivf-pq", "IVF4096,PQ256x8np", True),  # then the largest PQ code (d/8 bytes)
     (1_000_000, 2048, 256 * MiB, "ivf-pq", "IVF4096,PQ64x8np", True),
     (10_000_000, 512, GiB, "ivf-pq", "IVF16384,PQ16x8np", True),
     (20_000, 512, 8 * MiB, "ivf-pq", "IVF512,PQ64x8np", True),
     # a small catalogue whose flat index does not fit the budget
-    (40_000, 2048, 100 * MiB, "ivf-pq", "IVF1024,PQ256x8np", True),
+    (40_000, 2048, 100 * MiB, "ivf-sq6", "IVF1024,SQ6", True),
+    (40_000, 2048, 50 * MiB, "ivf-pq", "IVF1024,PQ256x8np", True),
 ])
 def test_choose_index(n, dim, budget, kind, factory, rerank):
     choice = fi.choose_index(n, dim, budget)
@@ -61,7 +64,8 @@ def test_choose_index(n, dim, budget, kind, factory, rerank):
 
 @pytest.mark.parametrize("n,dim,budget,factory", [
     # without a re-rank, OPQ rotates (and trims) the space first at 8+ dims a code byte
-    (1_000_000, 2048, 2 * GiB, "OPQ256_1792,IVF4096,PQ256x8np"),
+    (1_000_000, 2048, 2 * GiB, "IVF4096,SQ4"),
+    (1_000_000, 2048, GiB, "OPQ256_1792,IVF4096,PQ256x8np"),
     (1_000_000, 2048, 256 * MiB, "OPQ128_896,IVF4096,PQ128x8np"),
     (10_000_000, 512, GiB, "OPQ32_224,IVF16384,PQ32x8np"),
     (1_000_000, 2048, 4 * GiB, "IVF4096,SQ8"),
@@ -73,19 +77,23 @@ def test_choose_index_without_rerank(n, dim, budget, factory):
 
 def test_the_ladder_runs_from_most_to_least_memory_and_counts_the_rerank_ids():
     ladder = fi.index_ladder(1_000_000, 2048)
-    assert [c.kind for c in ladder[:3]] == ["ivf-flat", "ivf-sqfp16", "ivf-sq8"]
-    assert [c.pq_m for c in ladder[3:]] == [256, 128, 64, 32, 16, 8, 4]
+    assert [c.kind for c in ladder[:5]] == ["ivf-flat", "ivf-sqfp16", "ivf-sq8", "ivf-sq6", "ivf-sq4"]
+    assert [c.rerank for c in ladder[:5]] == [False, False, True, True, True]
+    assert [c.pq_m for c in ladder[5:]] == [256, 128, 64, 32, 16, 8, 4]
     sizes = [c.estimated_bytes for c in ladder]
     assert sizes == sorted(sizes, reverse=True)
     plain = fi.ivf_pq_for_code(1_000_000, 2048, 256, opq=False)
-    assert ladder[3].estimated_bytes - plain.estimated_bytes == 1_000_000 * fi.RERANK_ROW_BYTES
+    assert ladder[5].estimated_bytes - plain.estimated_bytes == 1_000_000 * fi.RERANK_ROW_BYTES
+    # codes of 6 bits a dimension: 1,536 bytes a vector at d = 2048
+    assert ladder[3].estimated_bytes - ladder[4].estimated_bytes == int(1_000_000 * (1536 - 1024) * fi.LIST_SLACK)
     # codes and ids grow by doubling while added: 1M x (256 + 8) bytes is counted 1.35x, plus the id hashtable
     assert plain.estimated_bytes > 1_000_000 * ((256 + 8) * 1.35 + 40)
 
 
 @pytest.mark.parametrize("n,dim,budget,stronger", [
-    (1_000_000, 2048, 2 * GiB, "IVF4096,SQ8"),
+    (1_000_000, 2048, 2 * GiB, "IVF4096,SQ6"),
     (1_000_000, 2048, 4 * GiB, "IVF4096,SQfp16"),
+    (1_000_000, 2048, GiB, "IVF4096,SQ4"),
     (1_000_000, 2048, 256 * MiB, "IVF4096,PQ128x8np"),
     (100_000, 2048, 1000 * MiB, "IDMap2,Flat"),  # the top of the ladder is exact search, however slow
 ])
@@ -93,6 +101,19 @@ def test_a_missed_target_names_the_next_option_up(n, dim, budget, stronger):
     choice = fi.choose_index(n, dim, budget)
     up = fi.stronger_choice(n, dim, choice)
     assert up.factory == stronger and up.estimated_bytes > choice.estimated_bytes
+
+
+@pytest.mark.parametrize("state,n,dim,up", [
+    (fi.IndexState("ivf-pq", "IVF4096,PQ256x8np", 10**6, 4096, rerank=True), 10**6, 2048, ("IVF4096,SQ4", True)),
+    (fi.IndexState("ivf-sq8", "IVF4096,SQ8", 10**6, 4096, rerank=True), 10**6, 2048, ("IVF4096,SQfp16", False)),
+    # trained at 40k with 512 lists, now 41k: found by its codes, named with today's list count
+    (fi.IndexState("ivf-pq", "IVF512,PQ256x8np", 40_000, 512, rerank=True), 41_000, 2048, ("IVF1024,SQ4", True)),
+    (fi.IndexState("ivf-pq", "OPQ8_56,IVF153,PQ8x8np", 6000, 153), 6000, 64, ("IVF153,SQ4", False)),
+    (fi.IndexState("ivf-pq", "IVF64,PQ3x8", 6000, 64), 6000, 48, None),  # no rung of today's ladder
+])
+def test_status_names_the_rung_above_a_committed_index(state, n, dim, up):
+    found = fi.next_option_up(state, n, dim)
+    assert (found and (found.factory, found.rerank)) == up
 
 
 def test_choose_index_refuses_a_budget_nothing_fits():
@@ -122,9 +143,9 @@ IVF_60K = fi.IndexState(kind="ivf-flat", factory="IVF1024,Flat", trained_n=60_00
      "the catalogue grew to 240001 vectors, past 4x the 60000 the index was trained at"),
     (IVF_60K, 200_000, 100 * MiB, "the index kind changes from ivf-flat to ivf-pq"),
     (IVF_60K, 200_000, 1200 * MiB, "the index kind changes from ivf-flat to ivf-sqfp16"),
-    (fi.IndexState("ivf-pq", "OPQ256_1792,IVF1024,PQ256x8np", 40_000, 1024), 41_000, 100 * MiB,
+    (fi.IndexState("ivf-pq", "OPQ256_1792,IVF1024,PQ256x8np", 40_000, 1024), 41_000, 50 * MiB,
      "the codes change from OPQ256_1792,IVF1024,PQ256x8np to IVF1024,PQ256x8np"),
-    (fi.IndexState("ivf-pq", "IVF512,PQ256x8np", 40_000, 512), 41_000, 100 * MiB, None),  # nlist may drift
+    (fi.IndexState("ivf-pq", "IVF512,PQ256x8np", 40_000, 512), 41_000, 50 * MiB, None),  # nlist may drift
     (IVF_60K, 20_000, 16 * GiB, "the index kind changes from ivf-flat to flat"),
 ])
 def test_retrain_only_when_the_kind_changes_or_the_catalogue_outgrows_the_training(previous, n, budget, reason):
@@ -396,8 +417,35 @@ def test_catalogue_index_goes_flat_to_ivf_updates_in_place_and_retrains_past_the
     info = json.loads(result.output)["index"]
     assert info["kind"] == "ivf-flat" and info["trained_n"] == 12_400 and info["nprobe"] == m.index_nprobe
     assert info["recall_at_10"] == pytest.approx(m.index_recall_at_10)
+    assert info["next_option"] is None  # the target is met
     text = runner.invoke(app, ["status", "--catalog", str(tmp_path / "cat")]).output
     assert f"recall@10 {m.index_recall_at_10:.3f} (target 0.95)" in " ".join(text.split())
+    assert "next option" not in text
+
+
+def test_status_of_an_index_below_its_recall_target_names_the_next_option_up(tmp_path):
+    dim, n = 64, 6000
+    plain_pq = fi.ivf_pq_for_code(n, dim, 8)  # OPQ8_56,IVF153,PQ8x8np: 8 bytes a vector, no re-rank
+    settings = fi.IndexSettings(flat_max_vectors=1000, memory_budget_bytes=plain_pq.estimated_bytes + 1000,
+                                rerank=False)
+    cat = SyntheticCatalogue(tmp_path / "cat", dim, settings)
+    keys = [f"photos/item-{i:05d}.jpg" for i in range(n)]
+    m = cat.commit(keys, ClusteredVectors(n, dim, clusters=40, seed=12).all()[1]).manifest
+    assert m.index_factory == plain_pq.factory and m.index_recall_at_10 < 0.9  # measured, and short of 0.95
+    up = fi.ivf_sq_choice(n, dim, "ivf-sq4")
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", "--catalog", str(tmp_path / "cat"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)["index"]
+    assert info["recall_at_10"] == pytest.approx(m.index_recall_at_10) and info["recall_target"] == 0.95
+    assert info["next_option"]["factory"] == "IVF153,SQ4" and not info["next_option"]["rerank"]
+    assert info["next_option"]["estimated_bytes"] == up.estimated_bytes > settings.memory_budget_bytes
+    wide = {"COLUMNS": "400"}  # the hint on one line of the table
+    text = " ".join(runner.invoke(app, ["status", "--catalog", str(tmp_path / "cat")], env=wide).output.split())
+    assert (f"recall@10 {m.index_recall_at_10:.3f} (target 0.95): below target, the index's codes limit it; "
+            f"the next option up is ivf-sq4 IVF153,SQ4 (~{up.estimated_bytes / MiB:,.0f} MiB in RAM): raise "
+            f"--index-memory to about {up.estimated_bytes:,} bytes") in text
 
 
 def test_catalogue_with_coarse_codes_keeps_a_versioned_rerank_file_and_reaches_the_target(tmp_path):
