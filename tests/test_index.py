@@ -267,7 +267,8 @@ def test_a_rerank_from_the_float16_file_lifts_coarse_codes_to_the_target_with_ex
 
     raw = fi.measure_recall(index, queries, query_ids, data, target=0.95)
     report = fi.measure_recall(index, queries, query_ids, data, target=0.95, rerank=rerank)
-    assert raw.recall_at_10 < 0.9 <= 0.95 <= report.recall_at_10 and report.rerank_factor in fi.RERANK_FACTORS
+    assert raw.recall_at_10 < 0.9 <= 0.95 <= report.recall_at_10
+    assert report.rerank_factor in fi.RERANK_TRIM + fi.RERANK_FACTORS
     scores, found = fi.search(index, queries, 11, nprobe=report.nprobe, rerank=rerank,
                               rerank_factor=report.rerank_factor)
     truth = brute_force(vectors, ids, queries, 11)
@@ -285,6 +286,25 @@ def test_a_rerank_from_the_float16_file_lifts_coarse_codes_to_the_target_with_ex
     _, top = fi.search(index, vectors[200:260], 10, nprobe=report.nprobe, rerank=partial, rerank_factor=10)
     assert set(top[top >= 0] % 2) == {0}
     np.testing.assert_array_equal(partial.rows(np.array([ids[2], ids[3], -1])), [1, -1, -1])
+
+
+@pytest.mark.parametrize("kind,factor", [("ivf-sq8", 2), ("ivf-pq", 4)])
+def test_the_rerank_keeps_the_fewest_candidates_that_reach_the_target_at_the_tuned_nprobe(tmp_path, kind, factor):
+    data = ClusteredVectors(12_000, 64, clusters=50, seed=2, block_size=5000)
+    codes = fi.ivf_sq_choice(data.n, data.dim, kind) if kind != "ivf-pq" else \
+        fi.ivf_pq_for_code(data.n, data.dim, 8, opq=False)
+    index, ids, vectors, query_ids, queries = build(data, fi._with_rerank(codes, data.n, data.dim), n_queries=300)
+    rerank = rerank_files(tmp_path, data)
+    report = fi.measure_recall(index, queries, query_ids, data, target=0.95, rerank=rerank)
+    assert report.recall_at_10 >= 0.95 and report.rerank_factor == factor  # SQ8 ranks well enough for 2 a result
+
+    def recall_with(candidates: int) -> float:
+        _, found = fi.search(index, queries, 11, nprobe=report.nprobe, rerank=rerank, rerank_factor=candidates)
+        return fi.recall_at_k(fi.drop_self(found, query_ids, 10), fi.drop_self(brute_force(vectors, ids, queries, 11),
+                                                                                query_ids, 10))
+
+    assert recall_with(report.rerank_factor) == pytest.approx(report.recall_at_10)
+    assert all(recall_with(fewer) < 0.95 for fewer in fi.RERANK_TRIM if fewer < report.rerank_factor)
 
 
 def test_range_search_with_a_rerank_has_exact_scores_and_matches_brute_force(tmp_path):
@@ -464,7 +484,7 @@ def test_catalogue_with_coarse_codes_keeps_a_versioned_rerank_file_and_reaches_t
     assert m.index_rerank == f"index/{m.index.split('/')[1].removesuffix('.faiss')}.rerank-f16.npy"
     assert m.index_rerank in m.files and m.index_rerank_ids in m.files and m.index_rerank in m.named_files
     assert m.files[m.index_rerank].size == pytest.approx(n * dim * 2, abs=128)
-    assert m.index_recall_at_10 >= 0.95 and m.index_rerank_factor in fi.RERANK_FACTORS
+    assert m.index_recall_at_10 >= 0.95 and m.index_rerank_factor in fi.RERANK_TRIM + fi.RERANK_FACTORS
     assert v1.index.ntotal == len(v1.images) == n
     ids, now = v1.embeddings()
     sample = np.random.default_rng(1).choice(len(ids), 300, replace=False)
