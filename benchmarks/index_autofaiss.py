@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--memory", default="16MB", help="autofaiss max_index_memory_usage")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="autofaiss's own progress log")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "index-autofaiss.json"))
     args = parser.parse_args()
     from autofaiss import build_index
@@ -59,7 +60,7 @@ def main() -> None:
 
     t = time.perf_counter()
     index, infos = build_index(embeddings=vectors, save_on_disk=False, max_index_memory_usage=args.memory,
-                               current_memory_available="8G", metric_type="ip", verbose=30)
+                               current_memory_available="8G", metric_type="ip", verbose=20 if args.verbose else 30)
     build_s = time.perf_counter() - t
     _, found = index.search(queries, 11)
     recall = recall_at_10(found, truth, query_ids)
