@@ -8,7 +8,8 @@ imports nothing of batchsight but the numpy-only vector generator:
 
 Same seed, clusters and held-out query ids as benchmarks/index.py; recall@10 with
 the query's own id excluded, against exact inner-product search. Prints a row and
-writes JSON. Not a test.
+writes JSON. Not a test. autofaiss copies the vectors to a temporary `emb.npy`
+(8 GB at 1M x 2048); a run stopped by `timeout` leaves it in $TMPDIR/tmp*/.
 """
 
 from __future__ import annotations
