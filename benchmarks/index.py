@@ -25,6 +25,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -210,7 +211,8 @@ def main() -> None:
     parser.add_argument("--memory", default="", help="index memory budget for kind 'chosen', e.g. 2G or 16M")
     parser.add_argument("--rerank", default="on", choices=["on", "off"],
                         help="exact re-rank for the codes of fi.RERANK_KINDS")
-    parser.add_argument("--rerank-dir", default="/tmp/batchsight-rerank", help="where the float16 re-rank file goes")
+    parser.add_argument("--rerank-dir", default=os.path.join(tempfile.gettempdir(), "batchsight-rerank"),
+                        help="where the float16 re-rank file goes")
     parser.add_argument("--clusters", type=int, default=0, help="cluster centres (default: one per 1,000 vectors)")
     parser.add_argument("--spread", type=float, default=1.0, help="noise norm relative to a centre's")
     parser.add_argument("--queries", type=int, default=fi.RECALL_QUERIES, help="held-out queries for recall and q/s")
@@ -220,7 +222,7 @@ def main() -> None:
     parser.add_argument("--opq", default="auto", choices=["auto", "on", "off"], help="override the OPQ rule")
     parser.add_argument("--lists-per-sqrt-n", type=float, default=fi.NLIST_PER_SQRT_N,
                         help="IVF lists per sqrt(n), to compare list counts (the library's rule: NLIST_PER_SQRT_N)")
-    parser.add_argument("--truth-cache", default="/tmp/batchsight-index-truth",
+    parser.add_argument("--truth-cache", default=os.path.join(tempfile.gettempdir(), "batchsight-index-truth"),
                         help="folder that keeps exact neighbours between runs ('' to recompute)")
     parser.add_argument("--threads", type=int, default=0, help="FAISS threads (default: all cores)")
     parser.add_argument("--block-size", type=int, default=20_000, help="vectors generated at a time")

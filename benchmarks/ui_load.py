@@ -48,6 +48,11 @@ from tasks.tables import embeddings_table, image_id_for, to_parquet_bytes  # noq
 CATEGORIES = ("invoice", "receipt", "form", "product", "uncertain")
 
 
+def _shown(arg: str) -> str:
+    """A path under the checkout as the reader's checkout would name it (no machine's paths in results)."""
+    return os.path.relpath(arg, ROOT) if Path(arg).is_absolute() and Path(arg).is_relative_to(ROOT) else arg
+
+
 def build_catalogue(root: Path, n: int, dim: int, part_rows: int = 10_000) -> Catalog:
     """A committed catalogue of `n` synthetic images (one version, real code path)."""
     store = LocalStore(root, create=True)
@@ -251,7 +256,7 @@ def main() -> None:
               f"{row['p99_ms']:>8} {row['errors']:>7} {row['server_cores']:>13} {row['generator_cores']:>13} "
               f"{row['load_average_before'][0]:>5}")
     report = {"images": len(cat.images), "dim": m.embedding_dim, "index": m.index_factory, "nprobe": m.index_nprobe,
-              "server": " ".join(command), "workers": args.workers, "runs": runs,
+              "server": " ".join(_shown(c) for c in command), "workers": args.workers, "runs": runs,
               "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "targets": {"clients": 32, "p50_ms": 20, "p99_ms": 200}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
