@@ -1,7 +1,7 @@
 """The bookkeeping of a large catalogue, through the real commit path, without
 the CNN (issue 14's scale harness). Not a test.
 
-Two phases, each in its own process so its peak RSS is its own:
+Phases, each in its own process so its peak RSS is its own:
 
   build   a committed catalogue of --images synthetic images: clustered unit
           vectors (--dim, 512 by default to keep the disk use sane) in parts of
@@ -10,17 +10,21 @@ Two phases, each in its own process so its peak RSS is its own:
   night   one nightly run against it: a synthetic listing of the bucket (a
           store whose `list` yields every object; --new, --changed and
           --deleted are shares of the catalogue), `plan_run` (list, diff, plan:
-          exactly what a run calls), synthetic shard results for the objects to
-          process (their rows, and parts of vectors: what the model would have
-          written), then `build_next_version` and `commit_manifest`.
+          exactly what a run calls); then, in a child process of its own (the
+          commit step, whose peak RSS is reported apart from the plan's), the
+          synthetic shard results for the objects to process (their rows, and
+          parts of vectors: what the model would have written),
+          `build_next_version` and `commit_manifest`.
+  compact `batchsight compact` on the live version (what a night past a
+          threshold does too): every table one part, one main index.
 
 It reports the seconds of list-diff-plan, the stand-in shards, the build (and
 its index update) and the commit; the bytes written and read by each step, the
-catalogue's bytes, and the peak RSS of the process before and after the build
-and commit. JSON goes to --out.
+catalogue's bytes, and the peak RSS of each process. JSON goes to --out.
 
     .venv/bin/python benchmarks/scale_catalog.py --phase build --images 1000000 --root /tmp/bs-scale-1m
     .venv/bin/python benchmarks/scale_catalog.py --phase night --images 1000000 --root /tmp/bs-scale-1m
+    .venv/bin/python benchmarks/scale_catalog.py --phase compact --images 1000000 --root /tmp/bs-scale-1m
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,23 +77,27 @@ class CountingStore(LocalStore):
 
 class SyntheticBucket:
     """A bucket of `n` objects, listed without existing: object i is
-    `photos/<i // 1000>/item-<i>.jpg`. The night's changes are taken from it:
-    every object at a multiple of `1 / deleted` is gone, those at a multiple of
-    `1 / changed` (plus one) carry a new ETag, and `n * new` objects are added."""
+    `photos/<i // 1000>/item-<i>.jpg`, as it stands after `night` nights (0: as
+    built). Night j deletes the objects at i % (1 / deleted) == j - 1, gives
+    those at i % (1 / changed) == j a new ETag (`v<j + 1>`), and adds `n * new`
+    objects after the last; so each night, run on the catalogue the nights
+    before it made, changes those shares of it and no more."""
 
     url = "synthetic://bucket"
 
-    def __init__(self, n: int, *, new: float = 0.0, changed: float = 0.0, deleted: float = 0.0) -> None:
-        self.n, self.n_new = n, int(round(n * new))
+    def __init__(self, n: int, *, new: float = 0.0, changed: float = 0.0, deleted: float = 0.0,
+                 night: int = 0) -> None:
+        self.n, self.n_new, self.night = n, int(round(n * new)), night
         self.every_changed = int(round(1 / changed)) if changed else 0
         self.every_deleted = int(round(1 / deleted)) if deleted else 0
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        for i in range(self.n + self.n_new):
-            if self.every_deleted and i < self.n and i % self.every_deleted == 0:
+        night, every_changed, every_deleted = self.night, self.every_changed, self.every_deleted
+        for i in range(self.n + self.n_new * night):
+            if every_deleted and i < self.n and i % every_deleted < night:
                 continue
-            etag = "v2" if self.every_changed and i < self.n and i % self.every_changed == 1 else "v1"
-            yield ObjectInfo(key_of(i), etag, 100_000)
+            changed_on = i % every_changed if every_changed and i < self.n else 0
+            yield ObjectInfo(key_of(i), f"v{changed_on + 1}" if 1 <= changed_on <= night else "v1", 100_000)
 
 
 def key_of(i: int) -> str:
@@ -142,7 +153,9 @@ def commit(store: CountingStore, previous: cat.Catalog | None, pointer_etag: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["build", "night"], required=True)
+    parser.add_argument("--phase", choices=["build", "night", "commit", "compact"], required=True,
+                        help="commit is the second half of night, run by it in a child process")
+    parser.add_argument("--plan-file", help="(commit) the plan the night phase made")
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--root", required=True, help="the catalogue's folder (build makes it, night reads it)")
     parser.add_argument("--dim", type=int, default=512)
@@ -150,6 +163,8 @@ def main() -> None:
     parser.add_argument("--new", type=float, default=0.001)
     parser.add_argument("--changed", type=float, default=0.001)
     parser.add_argument("--deleted", type=float, default=0.0005)
+    parser.add_argument("--night", type=int, default=1, help="which night (1, 2, ...): the nights before it "
+                        "must have run on this catalogue, in order (compactions between them are fine)")
     parser.add_argument("--index-memory", default="", help="index budget, e.g. 4G (default: the run's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_catalog.json"))
     args = parser.parse_args()
@@ -168,25 +183,48 @@ def main() -> None:
         row["shards_s"] = time.perf_counter() - t0
         plan = cat.ChangePlan(new=objects)
         row |= commit(store, None, None, plan, results, run_id, args.dim, settings)
-    else:
-        bucket = SyntheticBucket(args.images, new=args.new, changed=args.changed, deleted=args.deleted)
-        row |= {"new_share": args.new, "changed_share": args.changed, "deleted_share": args.deleted}
+    elif args.phase == "night":
+        bucket = SyntheticBucket(args.images, new=args.new, changed=args.changed, deleted=args.deleted,
+                                 night=args.night)
+        row |= {"night": args.night, "new_share": args.new, "changed_share": args.changed, "deleted_share": args.deleted}
         CountingStore.written = CountingStore.read = 0
         t0 = time.perf_counter()
         planned = plan_run(bucket, store, "synthetic@" + "0" * 64, allow_mass_delete=True)
         row |= {"plan_s": time.perf_counter() - t0, "plan_read_bytes": CountingStore.read,
                 "listed": len(planned.listing.images), "to_process": len(planned.plan.to_process),
-                "deleted": len(planned.plan.deleted), "rss_after_plan_bytes": peak_rss()}
-        run_id = cat.new_run_id()
-        CountingStore.written = 0
-        t0 = time.perf_counter()
-        results = shard_results(store, run_id, planned.plan.to_process, dim=args.dim, shard_size=args.shard_size,
-                                seed=int(time.time()))
-        row |= {"shards_s": time.perf_counter() - t0, "parts_written_bytes": CountingStore.written}
-        row |= commit(store, planned.previous, planned.pointer_etag, planned.plan, results, run_id, args.dim, settings)
+                "deleted": len(planned.plan.deleted), "plan_peak_rss_bytes": peak_rss()}
+        with tempfile.TemporaryDirectory() as tmp:
+            plan_file, out_file = Path(tmp) / "plan.pickle", Path(tmp) / "commit.json"
+            plan_file.write_bytes(pickle.dumps((planned.plan, planned.pointer_etag)))
+            subprocess.run([sys.executable, __file__, "--phase", "commit", "--plan-file", str(plan_file),
+                            "--root", args.root, "--images", str(args.images), "--dim", str(args.dim),
+                            "--shard-size", str(args.shard_size), "--index-memory", args.index_memory,
+                            "--out", str(out_file)], check=True)
+            row |= json.loads(out_file.read_text())[0]
         row["bookkeeping_s"] = row["plan_s"] + row["build_s"] + row["commit_s"]
         row["written_share_of_catalogue"] = (row["build_written_bytes"] + row["parts_written_bytes"]) / row[
             "catalogue_bytes"]
+    elif args.phase == "commit":  # the commit step of a night, in a process of its own
+        plan, pointer_etag = pickle.loads(Path(args.plan_file).read_bytes())
+        previous = cat.Catalog.open(store)
+        run_id = cat.new_run_id()
+        CountingStore.written = CountingStore.read = 0
+        t0 = time.perf_counter()
+        results = shard_results(store, run_id, plan.to_process, dim=args.dim, shard_size=args.shard_size,
+                                seed=int(time.time()))
+        row = {"shards_s": time.perf_counter() - t0, "parts_written_bytes": CountingStore.written}
+        row |= commit(store, previous, pointer_etag, plan, results, run_id, args.dim, settings)
+        row["commit_step_peak_rss_bytes"] = row.pop("peak_rss_bytes")
+    else:
+        from tasks.versions import compact
+
+        CountingStore.written = CountingStore.read = 0
+        t0 = time.perf_counter()
+        manifest = compact(store, settings)
+        row |= {"compact_s": time.perf_counter() - t0, "version": manifest.version,
+                "written_bytes": CountingStore.written, "read_bytes": CountingStore.read,
+                "index": manifest.index_factory, "recall_at_10": manifest.index_recall_at_10,
+                "peak_rss_bytes": peak_rss(), "catalogue_bytes": catalogue_bytes(root, manifest)}
     row["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg()}
     print(json.dumps(row, indent=2))
     out = Path(args.out)

@@ -357,7 +357,9 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
     index = {"kind": m.index_state.kind, "factory": m.index_factory, "vectors": m.counts.get("vectors"),
              "trained_n": m.index_trained_n, "nlist": m.index_nlist, "nprobe": m.index_nprobe,
              "recall_at_10": m.index_recall_at_10, "recall_target": m.index_recall_target,
-             "recall_queries": m.index_recall_queries, "next_option": _next_option(m)}
+             "recall_queries": m.index_recall_queries, "next_option": _next_option(m),
+             "delta_vectors": m.counts.get("index_delta", 0), "removed_from_main": m.counts.get("index_removed", 0),
+             "images_parts": len(m.images)}
     info = {
         "version": m.version, "run_id": m.run_id, "created_at": m.created_at, "model": m.model,
         "weights": m.weights, "weights_sha256": m.weights_sha256, "counts": m.counts, "index_type": m.index_type,
@@ -421,6 +423,9 @@ def _index_line(index: dict) -> str:
     line = f"{index['kind']} ({index['factory']}), {index['vectors']} vectors"
     if index["nlist"]:
         line += f", {index['nlist']} lists, nprobe {index['nprobe']}, trained at {index['trained_n']} vectors"
+    if index["delta_vectors"] or index["removed_from_main"]:
+        line += (f" (since the last compaction: {index['delta_vectors']} in the delta segment, "
+                 f"{index['removed_from_main']} removed from the main index)")
     if index["recall_at_10"] is None:
         return line + ", recall not measured (version written before recall was)"
     line += f"; recall@10 {index['recall_at_10']:.3f} (target {index['recall_target']:g})"
@@ -481,6 +486,31 @@ def rollback(catalog: CatalogOpt,
         raise _fail(exc) from None
     console.print(f"version {restored.version} is live: the content of version {to} "
                   f"({restored.counts.get('images')} images)")
+
+
+@app.command()
+def compact(catalog: CatalogOpt,
+            index_memory: Annotated[str | None, typer.Option(
+                envvar="BATCHSIGHT_INDEX_MEMORY", help="Memory the FAISS index may use, e.g. 8GiB (default: half "
+                                                       "of RAM), as for `run`.")] = None,
+            recall_target: Annotated[float, typer.Option(min=0.5, max=1.0, help="recall@10 the search setting "
+                                                         "(nprobe) is tuned to reach.")] = D.recall_target,
+            endpoint_url: EndpointOpt = None) -> None:
+    """Fold the nightly parts, deletes and index segments into one of each (a new version, same content).
+    Nights do this on their own past a threshold; run it on demand, e.g. before a busy day of searches."""
+    from tasks.catalog import open_catalog
+    from tasks.index import IndexSettings, parse_memory_size
+    from tasks.versions import compact as compact_catalog
+
+    try:
+        settings = IndexSettings(memory_budget_bytes=parse_memory_size(index_memory) if index_memory else None,
+                                 recall_target=recall_target)
+        m = compact_catalog(open_catalog(catalog, endpoint_url=endpoint_url).store, settings)
+    except UserError as exc:
+        raise _fail(exc) from None
+    console.print(f"version {m.version} is live: {m.counts.get('images')} images in {len(m.images)} part, "
+                  f"{m.counts.get('vectors')} vectors in one {m.index_factory} index "
+                  f"(recall@10 {m.index_recall_at_10:.3f})", highlight=False)
 
 
 @app.command()

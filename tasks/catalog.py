@@ -30,6 +30,7 @@ import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from models.errors import UserError
 from tasks import index as faiss_index
@@ -42,7 +43,14 @@ from tasks.storage import (LocalStore, ObjectInfo, ObjectNotFound, ObjectStore, 
 log = logging.getLogger(__name__)
 
 POINTER_KEY = layout.POINTER_KEY
-FORMAT_VERSION = 1
+# 2: rows are parts plus deletes, the index a main index plus a delta segment and
+# removed ids (issue 14). A format-1 manifest names one snapshot of each table and
+# one index, and is read as parts of one.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+# The columns that name a row in its table's deletes: a row is live while no
+# delete names it. A changed image keeps its image_id; its new row has a new run_id.
+ROW_IDENTITY = {"images": ("image_id", "run_id"), "failures": ("key", "run_id")}
 
 
 class CatalogError(UserError, RuntimeError):
@@ -121,10 +129,10 @@ class Manifest(Provenance):
     run_id: str
     created_at: str
     parent: str | None  # manifest key of the version this one was built from
-    images: str  # key of the images snapshot
-    failures: str  # key of the failures snapshot
-    embeddings: list[str]  # embedding parts that hold at least one live vector
-    index: str
+    images: list[str]  # parts of rows, oldest first; a row is live unless `images_deletes` names it
+    failures: list[str]  # parts of failures, the same way
+    embeddings: list[str]  # embedding parts that hold live vectors (and, until compaction, parts that did)
+    index: str  # the main index
     index_type: str  # flat | ivf-flat | ivf-pq ("flat-ip" in versions written before IVF)
     counts: dict[str, int] = field(default_factory=dict)
     rolled_back_from: int | None = None  # set on a version made by `batchsight rollback`
@@ -141,6 +149,13 @@ class Manifest(Provenance):
     index_rerank: str | None = None
     index_rerank_ids: str | None = None
     index_rerank_factor: int = 0  # candidates a result, tuned with nprobe
+    # Since the main index was last compacted: the exact segment of vectors added, the ids
+    # removed from the main index, and the held-out queries' exact neighbours (None: none)
+    index_delta: str | None = None
+    index_removed: str | None = None
+    index_truth: str | None = None
+    images_deletes: str | None = None  # (image_id, run_id) of rows gone from `images`' parts
+    failures_deletes: str | None = None  # (key, run_id) of failures gone from `failures`' parts
     thumbnails: list[str] = field(default_factory=list)  # thumbnails parts that hold a live row's thumbnail
     # size and sha256 of every file named above (empty in versions written before checksums)
     files: dict[str, FileRecord] = field(default_factory=dict)
@@ -148,8 +163,9 @@ class Manifest(Provenance):
     @property
     def named_files(self) -> list[str]:
         """Every file this version reads (the manifest itself aside)."""
-        rerank = [k for k in (self.index_rerank_ids, self.index_rerank) if k]
-        return [self.images, self.failures, self.index, *rerank, *self.embeddings, *self.thumbnails]
+        optional = [k for k in (self.images_deletes, self.failures_deletes, self.index_delta, self.index_removed,
+                                self.index_truth, self.index_rerank_ids, self.index_rerank) if k]
+        return [*self.images, *self.failures, self.index, *optional, *self.embeddings, *self.thumbnails]
 
     @property
     def index_state(self) -> faiss_index.IndexState:
@@ -168,9 +184,12 @@ class Manifest(Provenance):
     def from_json(cls, data: bytes, key: str = "manifest") -> Manifest:
         try:
             raw = json.loads(data)
-            if raw.get("format") != FORMAT_VERSION:
+            if raw.get("format") not in READABLE_FORMATS:
                 raise CatalogError(f"manifest format {raw.get('format')} of {key} is not supported by this "
-                                   f"batchsight (expects {FORMAT_VERSION}); upgrade batchsight")
+                                   f"batchsight (it reads {', '.join(map(str, READABLE_FORMATS))}); upgrade batchsight")
+            for table in ROW_IDENTITY:  # format 1: one snapshot, read as a table of one part
+                if isinstance(raw.get(table), str):
+                    raw[table] = [raw[table]]
             raw["files"] = {k: FileRecord(**v) for k, v in raw.get("files", {}).items()}
             return cls(**raw)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:  # JSONDecodeError is a ValueError
@@ -279,39 +298,113 @@ class Catalog:
         """A file of this version, checked against the size and sha256 its manifest recorded."""
         return read_verified(self.store, key, self.manifest.files.get(key))
 
-    def read_table(self, key: str) -> pa.Table:
+    def read_table(self, key: str, columns: Sequence[str] | None = None) -> pa.Table:
         data = self.read(key)
         try:
-            return tables.read_parquet_bytes(data)
+            return tables.read_parquet_bytes(data, columns)
         except (pa.ArrowException, OSError) as exc:
             raise CatalogCorrupt(f"{self.store.describe(key)} is not a readable Parquet file "
                                  f"({type(exc).__name__}: {exc}); {ROLLBACK_HINT}") from None
 
+    def live_table(self, table: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """The live rows of `table` ("images" or "failures"): its parts, less the rows
+        its deletes name. `columns` reads only those (a night's plan reads three)."""
+        identity = ROW_IDENTITY[table]
+        wanted = None if columns is None else list(dict.fromkeys([*columns, *identity]))
+        parts = [self.read_table(key, wanted) for key in getattr(self.manifest, table)]
+        rows = pa.concat_tables(parts, promote_options="default") if parts else None
+        deletes_key = getattr(self.manifest, f"{table}_deletes")
+        if rows is not None and deletes_key:
+            rows = tables.without_rows(rows, self.read_table(deletes_key), identity)
+        if rows is None:
+            rows = (tables.IMAGES_SCHEMA if table == "images" else tables.FAILURES_SCHEMA).empty_table()
+        return rows.select(list(columns)) if columns is not None else rows
+
     @cached_property
     def images(self) -> pd.DataFrame:
-        frame = tables.table_to_frame(self.read_table(self.manifest.images))
+        """One DataFrame of the live rows, by key and page."""
+        frame = tables.table_to_frame(self.live_table("images"))
         if "page" not in frame:  # written before documents had pages: every row is an image's only page
             frame["page"] = np.ones(len(frame), np.int32)
-        return frame
+        frame["page"] = frame["page"].fillna(1).astype(np.int32)
+        return frame.sort_values(["key", "page"], kind="stable").reset_index(drop=True)
 
     @cached_property
     def failures(self) -> pd.DataFrame:
-        return tables.table_to_frame(self.read_table(self.manifest.failures))
+        return tables.table_to_frame(self.live_table("failures")).sort_values("key", kind="stable") \
+            .reset_index(drop=True)
 
     @cached_property
-    def index(self) -> faiss.Index:
-        """The version's index, for searching; never mutate it (see `load_index`)."""
-        return self.load_index()
+    def index(self) -> faiss_index.Segments:
+        """The version's index as searches see it (main + delta - removed); never mutate it."""
+        main = self._mapped_main() if faiss_index.index_kind(self.manifest.index_type) != "flat" else None
+        return faiss_index.Segments(main if main is not None else self.load_index(), self.load_delta(),
+                                    self.removed_ids())
 
     def load_index(self) -> faiss.Index:
-        """A private copy of the index, to build the next version from."""
-        data = self.read(self.manifest.index)
+        """A private copy of the main index, to build the next version from."""
+        return self._faiss_file(self.manifest.index)
+
+    def load_delta(self) -> faiss.Index | None:
+        """A private copy of the delta segment (None: nothing added since the last compaction)."""
+        return self._faiss_file(self.manifest.index_delta) if self.manifest.index_delta else None
+
+    def removed_ids(self) -> np.ndarray:
+        """The ids removed from the main index since its last compaction."""
+        if not self.manifest.index_removed:
+            return np.empty(0, np.int64)
+        return self._npy(self.manifest.index_removed)
+
+    def recall_truth(self) -> faiss_index.RecallTruth | None:
+        """The held-out queries and their exact neighbours (None: not kept, versions before issue 14)."""
+        if not self.manifest.index_truth:
+            return None
+        try:
+            return faiss_index.RecallTruth.from_bytes(self.read(self.manifest.index_truth))
+        except (ValueError, KeyError, OSError) as exc:
+            raise CatalogCorrupt(f"{self.store.describe(self.manifest.index_truth)} cannot be read ({exc}); "
+                                 f"{ROLLBACK_HINT}") from None
+
+    def _npy(self, key: str) -> np.ndarray:
+        try:
+            return np.load(io.BytesIO(self.read(key)))
+        except (ValueError, OSError) as exc:
+            raise CatalogCorrupt(f"{self.store.describe(key)} cannot be read ({exc}); {ROLLBACK_HINT}") from None
+
+    def _faiss_file(self, key: str) -> faiss.Index:
+        data = self.read(key)
         try:
             return faiss_index.deserialize(data)
         except RuntimeError as exc:  # faiss reports a bad file as a RuntimeError with its C++ trace
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-            raise CatalogCorrupt(f"index {self.store.describe(self.manifest.index)} cannot be read by faiss "
-                                 f"({first}); {ROLLBACK_HINT}") from None
+            raise CatalogCorrupt(f"index {self.store.describe(key)} cannot be read by faiss ({_first_line(exc)}); "
+                                 f"{ROLLBACK_HINT}") from None
+
+    def _mapped_main(self) -> faiss.Index | None:
+        """The main IVF index of a local catalogue read through a memory map (its lists
+        stay in the page cache, shared by every process that searches it), after its
+        sha256 is checked by streaming the file; None for a catalogue in S3."""
+        if not isinstance(self.store, LocalStore):
+            return None
+        key = self.manifest.index
+        path = self.store._path(key)
+        record = self.manifest.files.get(key)
+        if not path.exists():
+            raise CatalogCorrupt(f"{self.store.describe(key)} is missing; {ROLLBACK_HINT}")
+        if record is not None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            size = path.stat().st_size
+            if size != record.size or digest.hexdigest() != record.sha256:
+                raise CatalogCorrupt(f"{self.store.describe(key)} is damaged: "
+                                     f"{_mismatch(size, record) or 'its sha256 differs from the manifest'}; "
+                                     f"{ROLLBACK_HINT}")
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        except RuntimeError as exc:
+            raise CatalogCorrupt(f"index {self.store.describe(key)} cannot be read by faiss ({_first_line(exc)}); "
+                                 f"{ROLLBACK_HINT}") from None
 
     @cached_property
     def rerank(self) -> faiss_index.RerankVectors | None:
@@ -380,6 +473,11 @@ class LiveEmbeddings:
             for ids, _runs, vectors in read_embedding_batches(self.store, part, self.files.get(part)):
                 keep = np.isin(ids, self.live[part])
                 yield ids[keep], vectors[keep]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else "unreadable"
 
 
 def read_verified(store: ObjectStore, key: str, record: FileRecord | None) -> bytes:
@@ -540,7 +638,7 @@ class ChangePlan:
                 "deferred": len(self.deferred)}
 
 
-def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame, failed: pd.DataFrame, *,
+def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame | pa.Table, failed: pd.DataFrame, *,
                  reembed_all: bool = False, max_attempts: int = RUN_DEFAULTS.max_attempts,
                  limit: int | None = None) -> ChangePlan:
     """Diff a listing against the live rows by (key, etag, size).
@@ -553,29 +651,26 @@ def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame, failed
     `limit` caps the images processed; changed images past it are still removed
     (no stale row survives), to be redone later.
     """
-    known = {k: (e, s) for k, e, s in zip(catalogued["key"], catalogued["etag"], catalogued["size"], strict=True)}
-    stages = failed["stage"] if "stage" in failed else [""] * len(failed)
-    failures = {k: (e, s, max_attempts if stage == "decode" else a) for k, e, s, a, stage in
-                zip(failed["key"], failed["etag"], failed["size"], failed["attempts"], stages, strict=True)}
-    plan = ChangePlan()
-    seen: set[str] = set()
-    for obj in listing:
-        seen.add(obj.key)
-        prior = known.get(obj.key)
-        fail = failures.get(obj.key)
-        if prior is not None:
-            if reembed_all or prior != (obj.etag, obj.size):
-                plan.changed.append(obj)
-            else:
-                plan.unchanged += 1
-        elif fail is not None and (fail[0], fail[1]) == (obj.etag, obj.size) and not reembed_all:
-            if fail[2] < max_attempts:
-                plan.retry.append(obj)
-            else:
-                plan.given_up += 1
-        else:
-            plan.new.append(obj)
-    plan.deleted = sorted((set(known) | set(failures)) - seen)
+    objects = listing if isinstance(listing, list) else list(listing)
+    listed = pa.table({"key": pa.array([o.key for o in objects], pa.string()),
+                       "etag": pa.array([o.etag for o in objects], pa.string()),
+                       "size": pa.array(np.fromiter((o.size for o in objects), np.int64, len(objects))),
+                       "listed_at": pa.array(np.arange(len(objects), dtype=np.int64))})
+    known = _one_row_a_key(catalogued)
+    failures = _one_row_a_key(failed, ["attempts", "stage"])
+    prior, same = _same_bytes(listed, known)
+    changed = prior & (~same | reembed_all)
+    was_failed, failed_same = _same_bytes(listed, failures, ["attempts", "stage"])
+    failed_same &= ~prior & (not reembed_all)
+    attempts = np.where(was_failed["stage"] == "decode", max_attempts, was_failed["attempts"])
+    retry = failed_same & (attempts < max_attempts)
+    plan = ChangePlan(new=[objects[i] for i in np.flatnonzero(~prior & ~failed_same)],
+                      changed=[objects[i] for i in np.flatnonzero(changed)],
+                      retry=[objects[i] for i in np.flatnonzero(retry)],
+                      unchanged=int((same & ~changed).sum()), given_up=int((failed_same & ~retry).sum()))
+    listed_keys = listed.select(["key"])
+    gone = [t.join(listed_keys, "key", join_type="left anti")["key"] for t in (known, failures)]
+    plan.deleted = sorted(set(gone[0].to_pylist()) | set(gone[1].to_pylist()))
     if limit is not None and len(plan.to_process) > limit:
         keep = plan.to_process[:limit]
         kept = {o.key for o in keep}
@@ -584,6 +679,50 @@ def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame, failed
         plan.changed = [o for o in plan.changed if o.key in kept]
         plan.retry = [o for o in plan.retry if o.key in kept]
     return plan
+
+
+def _one_row_a_key(rows: pd.DataFrame | pa.Table, extra: Sequence[str] = ()) -> pa.Table:
+    """key, etag, size (and `extra`) of `rows`, the last row of each key (a document's
+    pages share key, etag and size), as Arrow."""
+    columns = ["key", "etag", "size", *[c for c in extra if c in rows.columns]]
+    table = rows.select(columns) if isinstance(rows, pa.Table) \
+        else pa.Table.from_pandas(rows[columns], preserve_index=False)
+    table = table.cast(pa.schema([(c, pa.string() if c in ("key", "etag", "stage") else pa.int64())
+                                  for c in columns]))
+    keys = table["key"]
+    if len(pc.unique(keys)) == len(keys):
+        return table
+    last = pd.Series(np.arange(len(table))).groupby(keys.to_numpy(zero_copy_only=False)).last().to_numpy()
+    return table.take(np.sort(last))
+
+
+def _same_bytes(listed: pa.Table, rows: pa.Table, extra: Sequence[str] = ()) -> tuple:
+    """(listed key has a row in `rows`, and that row has the listed etag and size), in
+    listing order, by a hash join in Arrow. With `extra`, the first item is instead
+    a dict of those columns of the matched rows (None where unmatched)."""
+    n = len(listed)
+    right = rows.rename_columns([c if c == "key" else f"row_{c}" for c in rows.column_names])
+    joined = listed.join(right, "key", join_type="inner")
+    at = joined["listed_at"].to_numpy()
+    found = np.zeros(n, bool)
+    found[at] = True
+    same = np.zeros(n, bool)
+    same[at] = pc.and_(pc.equal(joined["etag"], joined["row_etag"]),
+                       pc.equal(joined["size"], joined["row_size"])).fill_null(False).to_numpy(zero_copy_only=False)
+    if not extra:
+        return found, same
+    matched = {}
+    for column in extra:
+        values = np.full(n, None, dtype=object) if column == "stage" else np.zeros(n, np.int64)
+        if f"row_{column}" in joined.column_names:
+            values[at] = joined[f"row_{column}"].to_numpy(zero_copy_only=False)
+        matched[column] = values
+    return matched, same
+
+
+def _objects(column) -> np.ndarray:
+    """A column as a numpy array of Python objects (compared and hashed in C loops)."""
+    return np.asarray(column.to_numpy(dtype=object) if hasattr(column, "to_numpy") else column, dtype=object)
 
 
 class MassDeleteRefused(CatalogError):

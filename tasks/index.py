@@ -9,6 +9,7 @@ so a catalogue larger than memory streams through them part by part.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -113,6 +114,12 @@ class IndexSettings:
     recall_target: float = DEFAULT_RECALL_TARGET
     flat_max_vectors: int = FLAT_MAX_VECTORS
     rerank: bool = True  # allow SQ8 / PQ codes with an exact re-rank from a float16 file on disk
+    # A night compacts (folds the delta segment and the removed ids into a new main index)
+    # once the vectors added and removed since the last compaction pass this share of the
+    # catalogue and this many: the delta is rewritten each night, so its size bounds a
+    # quiet night's bytes (2% of 512-d vectors is ~1.2% of the catalogue's bytes).
+    compact_share: float = 0.02
+    compact_min_changes: int = 10_000
 
     def __post_init__(self) -> None:
         if not 0 < self.recall_target <= 1:
@@ -343,8 +350,8 @@ def faiss_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def is_ivf(index: faiss.Index) -> bool:
-    return faiss.try_extract_index_ivf(index) is not None
+def is_ivf(index: faiss.Index | Segments) -> bool:
+    return faiss.try_extract_index_ivf(main_index(index)) is not None
 
 
 def new_index(choice: IndexChoice, dim: int) -> faiss.Index:
@@ -394,9 +401,9 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
     return int(index.remove_ids(selector))
 
 
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+def set_nprobe(index: faiss.Index | Segments, nprobe: int) -> None:
     """Stored in the serialised index too, for readers that load the file directly."""
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.try_extract_index_ivf(main_index(index))
     if ivf is not None and nprobe > 0:
         ivf.nprobe = nprobe
 
@@ -461,11 +468,88 @@ def write_rerank_vectors(blocks: Blocks, n_vectors: int, dim: int, ids_path: str
     np.save(ids_path, ids)
 
 
-def _search_params(index: faiss.Index, nprobe: int | None, allowed_ids: np.ndarray | None):
-    """Per-call search parameters (the shared index is never mutated by a search)."""
-    extra = {}
+class Segments:
+    """A version's index as searches see it: the main index as it was trained, less
+    the ids removed from it since (filtered inside the search), plus a delta segment
+    of the vectors added since, kept exact (`IDMap2,Flat`). Results merge by score,
+    so a search answers as one index holding the live vectors would: exactly where
+    the main index is exact, and never worse than the main index where it is not.
+    A quiet night writes the delta and the removed ids, not the main index;
+    compaction folds them back into it."""
+
+    def __init__(self, main: faiss.Index, delta: faiss.Index | None = None,
+                 removed: np.ndarray | None = None) -> None:
+        self.main = main
+        self.delta = delta if delta is not None and delta.ntotal else None
+        self.removed = np.unique(np.asarray(removed if removed is not None else [], dtype=np.int64))
+        self.delta_ids = np.sort(faiss.vector_to_array(self.delta.id_map)) if self.delta is not None \
+            else np.empty(0, np.int64)
+
+    @property
+    def ntotal(self) -> int:
+        return self.main.ntotal - len(self.removed) + (self.delta.ntotal if self.delta is not None else 0)
+
+    @property
+    def d(self) -> int:
+        return self.main.d
+
+    def in_delta(self, ids: np.ndarray) -> np.ndarray:
+        return np.isin(np.asarray(ids, dtype=np.int64), self.delta_ids)
+
+    def reconstruct(self, image_id: int) -> np.ndarray:
+        return self.reconstruct_batch(np.array([image_id], np.int64))[0]
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of `ids`; a RuntimeError (as faiss raises) for an id not live."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.d), np.float32)
+        in_delta = self.in_delta(ids)
+        if (gone := ~in_delta & np.isin(ids, self.removed)).any():
+            raise RuntimeError(f"ids {ids[gone][:5].tolist()} were removed from the index")
+        if in_delta.any():
+            out[in_delta] = self.delta.reconstruct_batch(ids[in_delta])
+        if (~in_delta).any():
+            out[~in_delta] = self.main.reconstruct_batch(ids[~in_delta])
+        return out
+
+    def delta_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the delta segment, to fold into a new main index."""
+        if self.delta is None:
+            return np.empty(0, np.int64), np.empty((0, self.d), np.float32)
+        ids = faiss.vector_to_array(self.delta.id_map).astype(np.int64)
+        return ids, self.delta.index.reconstruct_n(0, self.delta.ntotal)
+
+
+def as_segments(index: faiss.Index | Segments) -> Segments:
+    return index if isinstance(index, Segments) else Segments(index)
+
+
+def main_index(index: faiss.Index | Segments) -> faiss.Index:
+    return index.main if isinstance(index, Segments) else index
+
+
+def new_delta(dim: int) -> faiss.Index:
+    """An empty delta segment: exact vectors, stable ids."""
+    return faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+
+
+def _selector(allowed_ids: np.ndarray | None, removed: np.ndarray | None) -> list:
+    """[selector] of ids allowed and not removed (an empty list: no filter), with
+    the objects it refers to kept alive beside it."""
+    parts = []
     if allowed_ids is not None:
-        extra["sel"] = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+        parts.append(faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64)))
+    if removed is not None and len(removed):
+        batch = faiss.IDSelectorBatch(np.ascontiguousarray(removed, dtype=np.int64))
+        parts += [faiss.IDSelectorNot(batch), batch]
+    if len(parts) == 3:
+        return [faiss.IDSelectorAnd(parts[0], parts[1]), *parts]
+    return parts[:1] + parts
+
+
+def _search_params(index: faiss.Index, nprobe: int | None, selector: list):
+    """Per-call search parameters (the shared index is never mutated by a search)."""
+    extra = {"sel": selector[0]} if selector else {}
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         # SearchParametersIVF's own nprobe default is 1, so always pass the one meant
@@ -476,20 +560,47 @@ def _search_params(index: faiss.Index, nprobe: int | None, allowed_ids: np.ndarr
 RERANK_CHUNK = 64  # queries re-ranked at a time: 64 x 250 candidates x 2048-d float32 is 128 MB
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, *, nprobe: int | None = None,
+def search(index: faiss.Index | Segments, queries: np.ndarray, k: int, *, nprobe: int | None = None,
            allowed_ids: np.ndarray | None = None, rerank: RerankVectors | None = None,
            rerank_factor: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(scores [Q, k], ids [Q, k]), best first; missing neighbours have id -1.
     `allowed_ids` restricts results to those ids (a filter applied inside the search).
-    With `rerank` and a `rerank_factor`, the index proposes k * factor candidates and
+    With `rerank` and a `rerank_factor`, the main index proposes k * factor candidates and
     the top k by exact inner product from the full vectors are returned."""
+    segments = as_segments(index)
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    k = max(1, min(k, index.ntotal)) if index.ntotal else 1
-    params = _search_params(index, nprobe, allowed_ids)
+    k = max(1, min(k, segments.ntotal)) if segments.ntotal else 1
+    selector = _selector(allowed_ids, segments.removed)
+    scores, ids = _search_one(segments.main, queries, k, _search_params(segments.main, nprobe, selector),
+                              rerank, rerank_factor)
+    if segments.delta is None:
+        return scores, ids
+    delta_selector = _selector(allowed_ids, None)
+    d_scores, d_ids = segments.delta.search(queries, min(k, segments.delta.ntotal),
+                                            params=_search_params(segments.delta, None, delta_selector))
+    return _merge_top(np.hstack([scores, d_scores]), np.hstack([ids, d_ids]), k)
+
+
+def _merge_top(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best of several segments' results (missing ones last, as id -1)."""
+    scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_scores, top_ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    if top_scores.shape[1] < k:
+        pad = k - top_scores.shape[1]
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+    top_ids[~np.isfinite(top_scores)] = -1
+    return top_scores, top_ids
+
+
+def _search_one(index: faiss.Index, queries: np.ndarray, k: int, params, rerank: RerankVectors | None,
+                rerank_factor: int) -> tuple[np.ndarray, np.ndarray]:
     if rerank is None or rerank_factor <= 1:
-        return index.search(queries, k, params=params)
+        return index.search(queries, min(k, max(index.ntotal, 1)), params=params)
     wide = min(k * rerank_factor, index.ntotal)
     _, candidates = index.search(queries, wide, params=params)
+    k = min(k, wide)
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), RERANK_CHUNK):
@@ -506,25 +617,40 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *, nprobe: int | Non
 RERANK_RANGE_MARGIN = 0.05  # a range search on approximate codes looks this far below the threshold
 
 
-def range_search(index: faiss.Index, queries: np.ndarray, threshold: float, *,
-                 nprobe: int | None = None, rerank: RerankVectors | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def range_search(index: faiss.Index | Segments, queries: np.ndarray, threshold: float, *,
+                 nprobe: int | None = None, rerank: RerankVectors | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lims [Q+1], scores, ids): query i's matches with cosine above `threshold`
-    are scores[lims[i]:lims[i+1]]. With `rerank`, the index is searched
+    are scores[lims[i]:lims[i+1]]. With `rerank`, the main index is searched
     RERANK_RANGE_MARGIN below the threshold and every match is rescored exactly:
     scores are exact; a pair whose code score fell more than the margin short is missed."""
+    segments = as_segments(index)
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    params = _search_params(index, nprobe, None)
+    selector = _selector(None, segments.removed)
+    params = _search_params(segments.main, nprobe, selector)
     if rerank is None:
-        return index.range_search(queries, float(threshold), params=params)
-    lims, _, ids = index.range_search(queries, float(threshold) - RERANK_RANGE_MARGIN, params=params)
-    owner = np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64))
-    exact = np.empty(len(ids), np.float32)
-    for start in range(0, len(ids), 1 << 16):
-        stop = start + (1 << 16)
-        exact[start:stop] = rerank.scores(queries[owner[start:stop]], ids[start:stop, None])[:, 0]
-    keep = exact > threshold
-    new_lims = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(queries)))]).astype(lims.dtype)
-    return new_lims, exact[keep], ids[keep]
+        lims, scores, ids = segments.main.range_search(queries, float(threshold), params=params)
+    else:
+        lims, _, ids = segments.main.range_search(queries, float(threshold) - RERANK_RANGE_MARGIN, params=params)
+        owner = np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64))
+        exact = np.empty(len(ids), np.float32)
+        for start in range(0, len(ids), 1 << 16):
+            stop = start + (1 << 16)
+            exact[start:stop] = rerank.scores(queries[owner[start:stop]], ids[start:stop, None])[:, 0]
+        keep = exact > threshold
+        lims, scores, ids = _lims_of(owner[keep], len(queries), lims.dtype), exact[keep], ids[keep]
+    if segments.delta is None:
+        return lims, scores, ids
+    d_lims, d_scores, d_ids = segments.delta.range_search(queries, float(threshold))
+    owner = np.concatenate([np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64)),
+                            np.repeat(np.arange(len(queries)), np.diff(d_lims).astype(np.int64))])
+    order = np.argsort(owner, kind="stable")
+    return (_lims_of(owner, len(queries), lims.dtype), np.concatenate([scores, d_scores])[order],
+            np.concatenate([ids, d_ids])[order])
+
+
+def _lims_of(owner: np.ndarray, n_queries: int, dtype) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n_queries))]).astype(dtype)
 
 
 def split_sample(ids: np.ndarray, n_queries: int, choice: IndexChoice,
@@ -616,7 +742,7 @@ def _trim_rerank(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray,
 def _tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
                  target: float, *, rerank: RerankVectors | None, factor: int) -> RecallReport:
     k = truth.shape[1]
-    ivf = faiss.extract_index_ivf(index)
+    ivf = faiss.extract_index_ivf(main_index(index))
     nlist, exact_codes = ivf.nlist, ivf.code_size == 4 * ivf.d  # IVF-Flat stores the float32 vectors
     curve: list[tuple[int, float]] = []
     nprobe = 1
@@ -635,16 +761,80 @@ def _tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray,
                         curve=tuple(curve), rerank_factor=factor)
 
 
-def measure_recall(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, blocks: Blocks, *,
+TRUTH_DEPTH = 50  # exact neighbours kept a query: removals eat into them night by night
+
+
+@dataclass
+class RecallTruth:
+    """The held-out queries of a version and their exact neighbours, kept with the
+    version so recall is measured each night without a pass over every vector:
+    the ids that left are dropped from each list and the night's new vectors are
+    merged in. A list stays exact for its first `depth` entries (the true top-m of
+    the catalogue stays the top-m of what is left, plus any new vector better
+    than its m-th); a query whose depth falls below k + 1 is left out until the
+    next compaction measures all of them again."""
+
+    query_ids: np.ndarray  # [Q]
+    queries: np.ndarray  # [Q, d] float32
+    ids: np.ndarray  # [Q, T] best first, -1 past a list's end
+    scores: np.ndarray  # [Q, T]
+    depth: np.ndarray  # [Q] leading entries known to be exact
+
+    @classmethod
+    def exact(cls, queries: np.ndarray, query_ids: np.ndarray, blocks: Blocks, depth: int = TRUTH_DEPTH
+              ) -> RecallTruth:
+        scores, ids = exact_neighbours(queries, blocks, depth)
+        return cls(np.asarray(query_ids, np.int64), np.ascontiguousarray(queries, np.float32), ids, scores,
+                   (ids >= 0).sum(axis=1))
+
+    def updated(self, gone_ids: np.ndarray, new_blocks: Blocks) -> RecallTruth:
+        """The truth after `gone_ids` left and the vectors of `new_blocks` came in."""
+        ids, scores = self.ids.copy(), self.scores.copy()
+        gone = np.isin(ids, np.asarray(gone_ids, np.int64)) & (ids >= 0)
+        within = np.arange(ids.shape[1])[None, :] < self.depth[:, None]
+        depth = self.depth - (gone & within).sum(axis=1)
+        ids[gone], scores[gone] = -1, -np.inf
+        order = np.argsort(ids < 0, axis=1, kind="stable")  # kept entries first, in their order
+        ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+        new_scores, new_ids = exact_neighbours(self.queries, new_blocks, ids.shape[1])
+        merged_scores, merged_ids = _merge_top(np.hstack([scores, new_scores]), np.hstack([ids, new_ids]),
+                                               ids.shape[1])
+        return RecallTruth(self.query_ids, self.queries, merged_ids, merged_scores, depth)
+
+    def usable(self, k: int) -> np.ndarray:
+        return self.depth >= k + 1
+
+    def to_bytes(self) -> bytes:
+        sink = io.BytesIO()
+        np.savez(sink, query_ids=self.query_ids, queries=self.queries, ids=self.ids, scores=self.scores,
+                 depth=self.depth)
+        return sink.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RecallTruth:
+        with np.load(io.BytesIO(data)) as f:
+            return cls(f["query_ids"], f["queries"], f["ids"], f["scores"], f["depth"])
+
+
+def measure_recall(index: faiss.Index | Segments, queries: np.ndarray, query_ids: np.ndarray, blocks: Blocks, *,
                    target: float, k: int = RECALL_K, rerank: RerankVectors | None = None) -> RecallReport:
     """recall@k of `index` (re-ranked from `rerank` where given) against exact search
     over `blocks` (the same vectors), for `queries` drawn from them; tunes and sets
     nprobe on an IVF index, and the re-rank factor."""
-    k = min(k, index.ntotal - 1)
+    return measure_recall_against(index, RecallTruth.exact(queries, query_ids, blocks, k + 1), target=target, k=k,
+                                  rerank=rerank)
+
+
+def measure_recall_against(index: faiss.Index | Segments, truth: RecallTruth, *, target: float, k: int = RECALL_K,
+                           rerank: RerankVectors | None = None) -> RecallReport:
+    """`measure_recall` with the exact neighbours known (`truth`, kept with the version)."""
+    k = min(k, as_segments(index).ntotal - 1)
     if not is_ivf(index) or k < 1:
         return RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=target)  # exact by construction
-    _, truth = exact_neighbours(queries, blocks, k + 1)
-    report = tune_nprobe(index, queries, query_ids, drop_self(truth, query_ids, k), target, rerank=rerank)
+    usable = truth.usable(k)
+    queries, query_ids = truth.queries[usable], truth.query_ids[usable]
+    report = tune_nprobe(index, queries, query_ids, drop_self(truth.ids[usable, :k + 1], query_ids, k), target,
+                         rerank=rerank)
     set_nprobe(index, report.nprobe)
     log.info("recall@%s %.3f at nprobe %s, re-rank factor %s (target %.2f, %s queries; tried %s)", k,
              report.recall_at_10, report.nprobe, report.rerank_factor, target, report.queries, report.curve)

@@ -4,11 +4,16 @@ which of them gc may delete. No other module spells a key or a prefix.
 ```
 CURRENT                                           the live pointer: {"version": N, "manifest": "manifests/..."}
 manifests/v000042-<run_id>.json                   one version: the files it reads, their sha256, provenance
-tables/images/v000042-<run_id>.parquet            a version's rows: one per live image (page)
-tables/failures/v000042-<run_id>.parquet          a version's failures still standing
+tables/images/v000042-<run_id>.parquet            a part of rows written by version 42 (the new and changed)
+tables/images/v000042-<run_id>.deletes.parquet    (image_id, run_id) of rows in earlier parts that left since
+tables/failures/v000042-<run_id>.parquet          ... the same for failures: a part of new ones
+tables/failures/v000042-<run_id>.deletes.parquet  (key, run_id) of failures re-decided since
 tables/embeddings/<run_id>/shard-00000-<attempt>.parquet  immutable vectors of one shard attempt of one run
 tables/thumbnails/<run_id>/shard-00000-<attempt>.parquet  ... and the WebP thumbnails of its rows
-index/v000042-<run_id>.faiss                      a version's FAISS index
+index/v000042-<run_id>.faiss                      the main FAISS index (as trained at the last compaction)
+index/v000042-<run_id>.delta.faiss                ... the exact segment of vectors added since (IDMap2,Flat)
+index/v000042-<run_id>.removed.npy                ... the ids removed from the main index since
+index/v000042-<run_id>.truth.npz                  ... the held-out queries and their exact neighbours (recall)
 index/v000042-<run_id>.rerank-ids.npy             ... and its exact re-rank vectors, when it has them
 index/v000042-<run_id>.rerank-f16.npy
 tables/duplicates/v000042-<run_id>/threshold-0.9500.parquet      a report computed from version 42
@@ -115,6 +120,18 @@ def images_table_key(version: int, run_id: str) -> str:
 
 def failures_table_key(version: int, run_id: str) -> str:
     return f"{FAILURES}{version_stem(version, run_id)}.parquet"
+
+
+def deletes_key(table_key: str) -> str:
+    """The deletes a version records beside the part it writes (`tables/images/v...deletes.parquet`)."""
+    assert table_key.endswith(".parquet"), table_key
+    return table_key.removesuffix(".parquet") + ".deletes.parquet"
+
+
+def index_segment_keys(version: int, run_id: str) -> tuple[str, str, str]:
+    """(the delta segment, the ids removed from the main index, the recall truth) of a version."""
+    stem = f"{INDEX}{version_stem(version, run_id)}"
+    return f"{stem}.delta.faiss", f"{stem}.removed.npy", f"{stem}.truth.npz"
 
 
 def index_key(version: int, run_id: str) -> str:

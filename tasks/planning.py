@@ -8,6 +8,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from tasks import catalog as cat
@@ -60,16 +64,26 @@ def select_images(listed: list[ObjectInfo]) -> Listing:
     extension at all (S3 keys often have none: their content decides, and one that
     is no image becomes a `not_an_image` failure once). Others are skipped and
     counted by extension, with a few examples."""
-    images, skipped, examples = [], Counter(), {}
-    for obj in listed:
-        ext = extension_of(obj.key)
-        if not ext or ext in READABLE_EXTENSIONS:
-            images.append(obj)
-            continue
+    extensions = _extensions([obj.key for obj in listed])
+    readable = pd.Series(extensions, dtype=object).isin([*READABLE_EXTENSIONS, ""]).to_numpy()
+    images = [listed[i] for i in np.flatnonzero(readable)] if not readable.all() else list(listed)
+    skipped, examples = Counter(), {}
+    for i in np.flatnonzero(~readable):
+        ext = extensions[i]
         skipped[ext] += 1
         if len(seen := examples.setdefault(ext, [])) < SKIPPED_EXAMPLES:
-            seen.append(obj.key)
+            seen.append(listed[i].key)
     return Listing(images, dict(skipped), examples)
+
+
+def _extensions(keys: list[str]) -> np.ndarray:
+    """`extension_of` of every key, in Arrow's C loops (10M keys in seconds, not a minute)."""
+    try:
+        array = pa.array(keys, pa.string())
+    except (pa.ArrowException, UnicodeEncodeError):  # a key with a byte that is not UTF-8
+        return np.array([extension_of(key) for key in keys], dtype=object)
+    found = pc.struct_field(pc.extract_regex(array, r"[^/](?P<ext>\.[^./]*)$"), [0])
+    return pc.utf8_lower(pc.fill_null(found, "")).to_numpy(zero_copy_only=False).astype(object)
 
 
 @dataclass
@@ -130,12 +144,14 @@ def _plan_run(source: ObjectStore, output: ObjectStore, fingerprint: str, *, max
             f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}); this run changed nothing. "
             f"Restore the files, or {cat.ROLLBACK_HINT}")
     reembed_all = previous is not None and previous.manifest.fingerprint != fingerprint
+    catalogued = previous.live_table("images", ["key", "etag", "size"]) if previous \
+        else tables.IMAGES_SCHEMA.empty_table()
     plan = cat.plan_changes(
         listing.images,
-        previous.images if previous else tables.empty_frame(tables.IMAGES_SCHEMA),
+        catalogued,
         previous.failures if previous else tables.empty_frame(tables.FAILURES_SCHEMA),
         reembed_all=reembed_all, max_attempts=max_attempts, limit=limit)
     if previous is not None and not allow_mass_delete:
-        cat.check_deletions(plan, previous.images["key"].nunique() + previous.failures["key"].nunique(),
+        cat.check_deletions(plan, pc.count_distinct(catalogued["key"]).as_py() + previous.failures["key"].nunique(),
                             source=source.url, max_share=max_delete_share, listed=len(listing.images))
     return RunPlan(listing, previous, pointer_etag, plan, reembed_all)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,8 +100,19 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def read_parquet_bytes(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+def read_parquet_bytes(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(data), columns=list(columns) if columns is not None else None)
+
+
+def without_rows(rows: pa.Table, deletes: pa.Table, identity: Sequence[str]) -> pa.Table:
+    """`rows` less those whose `identity` columns match a row of `deletes` (an
+    anti-join on the identity only, so list columns ride along), in their order."""
+    if not len(deletes) or not len(rows):
+        return rows
+    position = "__batchsight_row"
+    keys = rows.select(list(identity)).append_column(position, pa.array(np.arange(len(rows), dtype=np.int64)))
+    kept = keys.join(deletes.select(list(identity)), keys=list(identity), join_type="left anti")[position]
+    return rows.take(np.sort(kept.to_numpy()))
 
 
 def frame_to_table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:

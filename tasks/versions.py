@@ -10,6 +10,7 @@ rollback writes nothing but its manifest, whose base is the version restored.
 
 from __future__ import annotations
 
+import io
 import logging
 import mmap
 import shutil
@@ -23,12 +24,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks import index as faiss_index
 from tasks import layout, tables
-from tasks.catalog import (FORMAT_VERSION, BuildStats, Catalog, FileRecord, LiveEmbeddings, Manifest, Pointer,
+from tasks.catalog import (FORMAT_VERSION, ROW_IDENTITY, BuildStats, Catalog, CatalogError, FileRecord, LiveEmbeddings, Manifest, Pointer,
                            Provenance, RunLease, commit_manifest, crash_point, new_run_id, put_recorded,
-                           read_embedding_batches)
+                           read_embedding_batches, read_manifest, read_pointer)
 from tasks.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -53,10 +56,18 @@ class VersionChange:
     new_failures: Sequence[dict] = ()  # failures of this change (attempts are counted here)
     categories: pd.DataFrame | None = None  # image_id, category, category_confidence of every row
     rolled_back_from: int | None = None
+    compact: bool = False  # fold every part, delete and segment into one of each (`batchsight compact`)
 
     @property
     def changes_rows(self) -> bool:
         return self.from_scratch or bool(self.removed_keys) or any(len(r) for r in self.new_rows)
+
+
+# A night compacts (rewrites the rows as one part and folds the index's delta and
+# removed ids into a new main index) when the changes since the last compaction pass
+# `IndexSettings.compact_share` of the catalogue (and `compact_min_changes`), when
+# a table has this many parts, or when the index must be retrained anyway.
+MAX_TABLE_PARTS = 64
 
 
 def build_version(store: ObjectStore, base: Catalog | None, change: VersionChange, *, parent: Pointer | None,
@@ -66,7 +77,14 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
 
     `base` is the version whose content is changed (the live one, or for a
     rollback the one restored); `parent` the live version it follows (None for
-    the first), which gives the number and the history link."""
+    the first), which gives the number and the history link.
+
+    A run's version is either appended (the usual night: a part of the new rows
+    and the deletes of the rows that left, the new vectors in the index's delta
+    segment and the ids that left recorded apart: bytes in proportion to the
+    change) or compacted (every table one part again and one main index, read and
+    written whole: the first version, a new model, `categories apply`,
+    `batchsight compact`, and a night past a compaction threshold)."""
     assert change.index is not None or not change.changes_rows, "rows that change need an index update"
     assert base is not None or change.index is not None, "a first version needs rows, failures and an index"
     version = (parent.version if parent else 0) + 1
@@ -79,20 +97,26 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
         fields |= asdict(Provenance.of(change.provenance))
     counts = dict(base.manifest.counts) if base else {}
     written: dict[str, FileRecord] = {}
+    dim = change.provenance.embedding_dim if change.provenance else (base.manifest.embedding_dim if base else 0)
 
-    images, gone_ids = _next_images(carried, change)
     t_index = time.perf_counter()
-    built = None
-    if change.index is not None:
-        dim = change.provenance.embedding_dim if change.provenance else base.manifest.embedding_dim
-        built = _next_index(store, carried, images, gone_ids, change.new_parts, dim=dim, settings=change.index,
-                            seed=version)
-        assert built.index.ntotal == len(images), f"index holds {built.index.ntotal} vectors for {len(images)} rows"
+    new_rows = [r for r in change.new_rows if len(r)]
+    gone = _gone_rows(carried, change.removed_keys, new_rows) if change.index is not None else _NO_ROWS
+    n = (counts.get("images", 0) if carried else 0) - len(gone) + sum(len(r) for r in new_rows)
+    reason = _compaction_reason(carried, change, n, len(gone), dim)
+    if reason is not None and carried is not None:
+        log.info("version %s compacts: %s", version, reason)
+    images, built, segments = None, None, None
+    if reason is not None and (change.index is not None or change.categories is not None):
+        images = _next_images(carried, change, gone)
+        if change.index is not None:
+            built = _full_index(store, carried, images, gone, change.new_parts, dim=dim, settings=change.index,
+                                seed=version)
+            assert built.index.ntotal == len(images), f"index holds {built.index.ntotal} vectors for {n} rows"
+    elif change.index is not None:
+        segments = _appended_index(store, carried, gone, change.new_parts, n, settings=change.index)
     index_s = time.perf_counter() - t_index
-    if built is not None:  # the rows changed: the parts that hold a live vector, and a live thumbnail, now
-        fields["embeddings"] = sorted(set(images["embedding_part"].dropna().tolist()))
-        fields["thumbnails"] = sorted(set(images["thumbnail_part"].dropna().tolist())) \
-            if "thumbnail_part" in images else []
+
     failures = None
     if change.redecided is not None:
         before = carried.failures if carried else tables.empty_frame(tables.FAILURES_SCHEMA)
@@ -100,20 +124,44 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
 
     t_write = time.perf_counter()
     try:
-        if images is not None:
-            fields["images"] = key = layout.images_table_key(version, run_id)
-            written[key] = put_recorded(store, key, tables.to_parquet_bytes(
-                tables.frame_to_table(images, tables.IMAGES_SCHEMA)))
+        if images is not None:  # compacted: one part of every live row
+            fields |= {"images": [_put_table(store, layout.images_table_key(version, run_id), images,
+                                             tables.IMAGES_SCHEMA, written)], "images_deletes": None}
+            fields["embeddings"] = sorted(set(images["embedding_part"].dropna().tolist()))
+            fields["thumbnails"] = sorted(set(images["thumbnail_part"].dropna().tolist())) \
+                if "thumbnail_part" in images else []
             counts["images"] = len(images)
+        elif change.index is not None:  # appended: a part of the new rows, the deletes of those that left
+            fields |= _append_rows(store, carried, "images", layout.images_table_key(version, run_id),
+                                   pd.concat(new_rows, ignore_index=True) if new_rows else None,
+                                   tables.IMAGES_SCHEMA, gone, written)
+            fields["embeddings"] = sorted(set(carried.manifest.embeddings) | {k for k in change.new_parts})
+            fields["thumbnails"] = sorted(set(carried.manifest.thumbnails) | {k for k in change.new_files})
+            counts["images"] = n
         if failures is not None:
-            fields["failures"] = key = layout.failures_table_key(version, run_id)
-            written[key] = put_recorded(store, key, tables.to_parquet_bytes(
-                tables.frame_to_table(failures, tables.FAILURES_SCHEMA)))
+            key = layout.failures_table_key(version, run_id)
+            if reason is not None or carried is None:
+                fields |= {"failures": [_put_table(store, key, failures, tables.FAILURES_SCHEMA, written)],
+                           "failures_deletes": None}
+            else:
+                before = carried.failures
+                left = before[before["key"].isin(change.redecided)][list(ROW_IDENTITY["failures"])]
+                fresh = failures[failures["run_id"] == run_id] if len(failures) else failures
+                fields |= _append_rows(store, carried, "failures", key, fresh, tables.FAILURES_SCHEMA,
+                                       pa.Table.from_pandas(left, preserve_index=False), written)
             counts["failures"] = len(failures)
         if built is not None:
             crash_point("before-index-write")
             fields |= _write_index(store, built, version, run_id, written)
-            counts["vectors"] = int(built.index.ntotal)
+            counts |= {"vectors": int(built.index.ntotal), "index_main": int(built.index.ntotal),
+                       "index_delta": 0, "index_removed": 0}
+            crash_point("after-index-write")
+        elif segments is not None:
+            crash_point("before-index-write")
+            fields |= _write_segments(store, segments, version, run_id, written)
+            counts |= {"vectors": int(segments.index.ntotal), "index_main": int(segments.index.main.ntotal),
+                       "index_delta": int(segments.index.delta.ntotal) if segments.index.delta is not None else 0,
+                       "index_removed": len(segments.index.removed)}
             crash_point("after-index-write")
     finally:
         if built is not None and built.rerank_dir is not None:
@@ -130,6 +178,103 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
     return manifest, BuildStats(index_s=index_s, write_s=write_s)
 
 
+_NO_ROWS = pa.table({"image_id": pa.array([], pa.int64()), "run_id": pa.array([], pa.string())})
+
+
+def _gone_rows(carried: Catalog | None, removed_keys: frozenset[str], new_rows: Sequence[pd.DataFrame]) -> pa.Table:
+    """(image_id, run_id) of the live rows whose keys leave. Reads three columns of
+    the live rows, never the rows whole; checks that no new row's image id collides
+    with a row that stays."""
+    if carried is None:
+        return _NO_ROWS
+    live = carried.live_table("images", ["key", "image_id", "run_id"])
+    leaving = pc.is_in(live["key"], value_set=pa.array(sorted(removed_keys), pa.string())) if removed_keys \
+        else pa.array(np.zeros(len(live), bool))
+    if new_rows:
+        new_ids = pa.array(np.concatenate([r["image_id"].to_numpy(np.int64) for r in new_rows]))
+        staying = live.filter(pc.invert(leaving))
+        clash = staying.filter(pc.is_in(staying["image_id"], value_set=new_ids))
+        assert not len(clash), f"image ids collide for keys {clash['key'].to_pylist()[:5]}"
+    return live.filter(leaving).select(["image_id", "run_id"])
+
+
+def _compaction_reason(carried: Catalog | None, change: VersionChange, n: int, n_gone: int, dim: int) -> str | None:
+    """Why this version rewrites its tables and main index whole, or None to append."""
+    if carried is None:
+        return "a first version" if not change.from_scratch else "a new model: every vector is new"
+    if change.compact:
+        return "asked for (`batchsight compact`)"
+    if change.categories is not None:
+        return "every row's category is new"
+    if change.index is None:
+        return None
+    m, settings = carried.manifest, change.index
+    if (parts := max(len(m.images), len(m.failures)) + 1) > MAX_TABLE_PARTS:
+        return f"a table would have {parts} parts (the limit is {MAX_TABLE_PARTS})"
+    choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors,
+                                      rerank=settings.rerank)
+    if (why := faiss_index.retrain_reason(m.index_state, choice, n)) is not None:
+        return why
+    if faiss_index.index_kind(m.index_type) != "flat" and not m.index_truth:
+        return f"version {m.version} keeps no recall truth (written before index segments)"
+    changes = m.counts.get("index_delta", 0) + m.counts.get("index_removed", 0) + n_gone \
+        + sum(len(r) for r in change.new_rows)
+    limit = max(settings.compact_min_changes, int(settings.compact_share * n))
+    if changes > limit:
+        return f"{changes:,} vectors added or removed since the last compaction, past {limit:,}"
+    return None
+
+
+def _put_table(store: ObjectStore, key: str, frame: pd.DataFrame, schema: pa.Schema,
+               written: dict[str, FileRecord]) -> str:
+    written[key] = put_recorded(store, key, tables.to_parquet_bytes(tables.frame_to_table(frame, schema)))
+    return key
+
+
+def _append_rows(store: ObjectStore, carried: Catalog, table: str, key: str, fresh: pd.DataFrame | None,
+                 schema: pa.Schema, gone: pa.Table, written: dict[str, FileRecord]) -> dict:
+    """A part of the `fresh` rows (none when there are none) and the deletes: the
+    base's plus the identities of the rows in `gone`. Returns the manifest fields."""
+    m = carried.manifest
+    parts = list(getattr(m, table))
+    if fresh is not None and len(fresh):
+        sort = ["key", "page"] if "page" in fresh else ["key"]
+        parts.append(_put_table(store, key, fresh.sort_values(sort, kind="stable"), schema, written))
+    deletes_key = getattr(m, f"{table}_deletes")
+    if len(gone):
+        identity = list(ROW_IDENTITY[table])
+        before = [carried.read_table(deletes_key)] if deletes_key else []
+        deletes = pa.concat_tables([*before, gone.select(identity).cast(schema_of(schema, identity))])
+        deletes_key = layout.deletes_key(key)
+        written[deletes_key] = put_recorded(store, deletes_key, tables.to_parquet_bytes(deletes))
+    return {table: parts, f"{table}_deletes": deletes_key}
+
+
+def schema_of(schema: pa.Schema, names: Sequence[str]) -> pa.Schema:
+    return pa.schema([schema.field(name) for name in names])
+
+
+def _next_images(carried: Catalog | None, change: VersionChange, gone: pa.Table) -> pd.DataFrame:
+    """Every live row of the next version, in one frame (a compacted version)."""
+    images = carried.images if carried else tables.empty_frame(tables.IMAGES_SCHEMA)
+    if change.index is not None:
+        leaving = images["image_id"].isin(gone["image_id"].to_numpy())
+        new_rows = [r for r in change.new_rows if len(r)]
+        images = pd.concat([images[~leaving], *new_rows], ignore_index=True) if new_rows else images[~leaving]
+        images = images.sort_values(["key", "page"] if "page" in images else "key", kind="stable") \
+            .reset_index(drop=True)
+        duplicated = images["image_id"].duplicated()
+        assert not duplicated.any(), f"image ids collide for keys {images.loc[duplicated, 'key'].tolist()[:5]}"
+    if change.categories is not None:
+        labels = change.categories.set_index("image_id")
+        missing = ~images["image_id"].isin(labels.index)
+        assert not missing.any(), f"no category for {int(missing.sum())} of {len(images)} rows"
+        images = images.copy()
+        for column in CATEGORY_COLUMNS:
+            images[column] = labels[column].reindex(images["image_id"]).to_numpy()
+    return images
+
+
 def make_version(store: ObjectStore, base: Catalog, change: VersionChange, *, parent: Pointer | None,
                  pointer_etag: str | None, writer: str) -> Manifest:
     """Build and commit a version under a lease of its own (`<writer>-<run id>`):
@@ -141,28 +286,17 @@ def make_version(store: ObjectStore, base: Catalog, change: VersionChange, *, pa
     return manifest
 
 
-def _next_images(carried: Catalog | None, change: VersionChange) -> tuple[pd.DataFrame | None, np.ndarray]:
-    """The next version's rows (None where they are the base's) and the ids that left."""
-    gone = np.empty(0, np.int64)
-    if change.index is None and change.categories is None:
-        return None, gone
-    images = carried.images if carried else tables.empty_frame(tables.IMAGES_SCHEMA)
-    if change.index is not None:
-        leaving = images["key"].isin(change.removed_keys)
-        gone = images.loc[leaving, "image_id"].to_numpy(np.int64)
-        new_rows = [r for r in change.new_rows if len(r)]
-        images = pd.concat([images[~leaving], *new_rows], ignore_index=True) if new_rows else images[~leaving]
-        images = images.sort_values("key", kind="stable").reset_index(drop=True)
-        duplicated = images["image_id"].duplicated()
-        assert not duplicated.any(), f"image ids collide for keys {images.loc[duplicated, 'key'].tolist()[:5]}"
-    if change.categories is not None:
-        labels = change.categories.set_index("image_id")
-        missing = ~images["image_id"].isin(labels.index)
-        assert not missing.any(), f"no category for {int(missing.sum())} of {len(images)} rows"
-        images = images.copy()
-        for column in CATEGORY_COLUMNS:
-            images[column] = labels[column].reindex(images["image_id"]).to_numpy()
-    return images, gone
+def compact(store: ObjectStore, settings: faiss_index.IndexSettings | None = None) -> Manifest:
+    """Fold the live version's parts, deletes and index segments into one part of
+    each table and one main index (retrained where the catalogue outgrew it), as a
+    new version under a lease of its own: what `batchsight compact` and a night
+    past a threshold do. Search answers and rows stay the same."""
+    pointer, etag = read_pointer(store)
+    if pointer is None:
+        raise CatalogError(f"no catalogue at {store.url}; nothing to compact")
+    base = Catalog(store, read_manifest(store, pointer.manifest), pointer.manifest)
+    change = VersionChange(index=settings or faiss_index.IndexSettings(), redecided=frozenset(), compact=True)
+    return make_version(store, base, change, parent=pointer, pointer_etag=etag, writer="compact")
 
 
 def _next_failures(previous: pd.DataFrame, redecided: frozenset[str], fresh: Sequence[dict], *, run_id: str,
@@ -181,15 +315,27 @@ def _next_failures(previous: pd.DataFrame, redecided: frozenset[str], fresh: Seq
 
 @dataclass
 class IndexBuild:
+    """A main index built whole (a compacted version)."""
+
     index: faiss.Index
     state: faiss_index.IndexState
     recall: faiss_index.RecallReport
+    truth: faiss_index.RecallTruth | None = None  # the held-out queries' exact neighbours (IVF kinds)
     rerank_dir: Path | None = None  # the re-rank files, to be written with the index (then removed)
+
+
+@dataclass
+class AppendedIndex:
+    """The base's main index unchanged, with this version's delta segment and removed ids."""
+
+    index: faiss_index.Segments
+    recall: faiss_index.RecallReport
+    truth: faiss_index.RecallTruth | None
 
 
 def _write_index(store: ObjectStore, built: IndexBuild, version: int, run_id: str,
                  written: dict[str, FileRecord]) -> dict:
-    """Write the index (and its re-rank files) and return the manifest fields that describe it."""
+    """Write a new main index (its re-rank files, its recall truth) and return the manifest fields that describe it."""
     key = layout.index_key(version, run_id)
     written[key] = put_recorded(store, key, faiss_index.serialize(built.index))
     rerank = (None, None)
@@ -197,12 +343,44 @@ def _write_index(store: ObjectStore, built: IndexBuild, version: int, run_id: st
         rerank = layout.rerank_keys(version, run_id)
         for rerank_key, name in zip(rerank, (RERANK_IDS_FILE, RERANK_VECTORS_FILE), strict=True):
             written[rerank_key] = _put_file(store, rerank_key, built.rerank_dir / name)
+    truth_key = _put_truth(store, built.truth, version, run_id, written)
     return {"index": key, "index_type": built.state.kind, "index_factory": built.state.factory,
             "index_trained_n": built.state.trained_n, "index_nlist": built.state.nlist,
-            "index_nprobe": built.recall.nprobe, "index_recall_at_10": built.recall.recall_at_10,
-            "index_recall_target": built.recall.target, "index_recall_queries": built.recall.queries,
-            "index_rerank_ids": rerank[0], "index_rerank": rerank[1],
-            "index_rerank_factor": built.recall.rerank_factor}
+            "index_rerank_ids": rerank[0], "index_rerank": rerank[1], "index_delta": None, "index_removed": None,
+            "index_truth": truth_key} | _recall_fields(built.recall)
+
+
+def _write_segments(store: ObjectStore, appended: AppendedIndex, version: int, run_id: str,
+                    written: dict[str, FileRecord]) -> dict:
+    """Write the delta segment and the removed ids (the main index and its re-rank files are the base's)."""
+    delta_key, removed_key, _ = layout.index_segment_keys(version, run_id)
+    segments = appended.index
+    fields = {"index_delta": None, "index_removed": None,
+              "index_truth": _put_truth(store, appended.truth, version, run_id, written)}
+    if segments.delta is not None:
+        written[delta_key] = put_recorded(store, delta_key, faiss_index.serialize(segments.delta))
+        fields["index_delta"] = delta_key
+    if len(segments.removed):
+        sink = io.BytesIO()
+        np.save(sink, segments.removed)
+        written[removed_key] = put_recorded(store, removed_key, sink.getvalue())
+        fields["index_removed"] = removed_key
+    return fields | _recall_fields(appended.recall)
+
+
+def _put_truth(store: ObjectStore, truth: faiss_index.RecallTruth | None, version: int, run_id: str,
+               written: dict[str, FileRecord]) -> str | None:
+    if truth is None:
+        return None
+    key = layout.index_segment_keys(version, run_id)[2]
+    written[key] = put_recorded(store, key, truth.to_bytes())
+    return key
+
+
+def _recall_fields(recall: faiss_index.RecallReport) -> dict:
+    return {"index_nprobe": recall.nprobe, "index_recall_at_10": recall.recall_at_10,
+            "index_recall_target": recall.target, "index_recall_queries": recall.queries,
+            "index_rerank_factor": recall.rerank_factor}
 
 
 def _put_file(store: ObjectStore, key: str, path: Path) -> FileRecord:
@@ -216,12 +394,62 @@ def _put_file(store: ObjectStore, key: str, path: Path) -> FileRecord:
             view.release()
 
 
-def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFrame, gone_ids: np.ndarray,
+def _appended_index(store: ObjectStore, carried: Catalog, gone: pa.Table, new_parts: Mapping[str, FileRecord | None],
+                    n: int, *, settings: faiss_index.IndexSettings) -> AppendedIndex:
+    """The base's main index as it is, the ids that left it recorded apart, and the
+    new vectors in the delta segment (with the ids that left it removed); then recall
+    measured against the kept truth, updated by what left and what came, and nprobe tuned."""
+    base = carried.index
+    gone_ids = gone["image_id"].to_numpy().astype(np.int64)
+    in_delta = base.in_delta(gone_ids)
+    delta = carried.load_delta() or faiss_index.new_delta(base.d)
+    removed = faiss_index.remove_ids(delta, gone_ids[in_delta])
+    assert removed == int(in_delta.sum()), f"the delta held {removed} of {int(in_delta.sum())} vectors to remove"
+    new_blocks = _PartVectors(store, new_parts)
+    for ids, vectors in new_blocks:
+        faiss_index.add_vectors(delta, ids, vectors)
+    segments = faiss_index.Segments(base.main, delta, np.concatenate([base.removed, gone_ids[~in_delta]]))
+    assert len(segments.removed) == len(base.removed) + int((~in_delta).sum()), "an id left the main index twice"
+    assert segments.ntotal == n, f"the index holds {segments.ntotal} vectors for {n} rows"
+    truth = None
+    recall = faiss_index.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
+    if faiss_index.is_ivf(segments):
+        truth = carried.recall_truth().updated(gone_ids, new_blocks)
+        recall = faiss_index.measure_recall_against(segments, truth, target=settings.recall_target,
+                                                    rerank=carried.rerank)
+        _warn_below_target(recall, n, base.d, settings)
+    return AppendedIndex(index=segments, recall=recall, truth=truth)
+
+
+class _PartVectors:
+    """Re-iterable (ids, vectors) of every vector in some embeddings parts."""
+
+    def __init__(self, store: ObjectStore, parts: Mapping[str, FileRecord | None]) -> None:
+        self.store, self.parts = store, parts
+
+    def __iter__(self):
+        for part, record in self.parts.items():
+            for ids, _runs, vectors in read_embedding_batches(self.store, part, record):
+                yield ids, vectors
+
+
+def _warn_below_target(recall: faiss_index.RecallReport, n: int, dim: int, settings: faiss_index.IndexSettings) -> None:
+    if recall.recall_at_10 >= settings.recall_target:
+        return
+    stronger = faiss_index.stronger_choice(n, dim, faiss_index.choose_index(
+        n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank),
+        flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank)
+    log.warning("index recall@10 %.3f misses the target %.2f within %s bytes; %s", recall.recall_at_10,
+                settings.recall_target, f"{settings.budget():,}", faiss_index.next_option_hint(stronger))
+
+
+def _full_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFrame, gone: pa.Table,
                 new_parts: Mapping[str, FileRecord | None], *, dim: int, settings: faiss_index.IndexSettings,
                 seed: int) -> IndexBuild:
-    """The index of the next version: the previous one updated by id (remove the
-    gone, add the new parts) while it still suits the catalogue, else a new one
-    trained on a sample of the live vectors. Then recall is measured and nprobe tuned."""
+    """A new main index holding every live vector: the previous one with its delta
+    folded in and every removal applied while it still suits the catalogue, else
+    one trained on a sample of the live vectors. Then the held-out queries' exact
+    neighbours are found (one pass over the vectors), recall measured and nprobe tuned."""
     n = len(images)
     choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors,
                                       rerank=settings.rerank)
@@ -233,11 +461,18 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
                                                     min(faiss_index.RECALL_QUERIES, n), choice, rng)
     if reason is None:
         index = previous.load_index()
-        removed = faiss_index.remove_ids(index, gone_ids)
-        assert removed == len(gone_ids), f"index held {removed} of {len(gone_ids)} vectors to remove"
-        for part in new_parts:
-            for ids, _runs, vectors in read_embedding_batches(store, part, blocks.files.get(part)):
-                faiss_index.add_vectors(index, ids, vectors)
+        delta = faiss_index.Segments(index, previous.load_delta(), previous.removed_ids())
+        gone_ids = gone["image_id"].to_numpy().astype(np.int64)
+        in_delta = delta.in_delta(gone_ids)
+        leaving_main = np.union1d(delta.removed, gone_ids[~in_delta])
+        removed = faiss_index.remove_ids(index, leaving_main)
+        assert removed == len(leaving_main), f"index held {removed} of {len(leaving_main)} vectors to remove"
+        delta_ids, delta_vectors = delta.delta_vectors()
+        staying = ~np.isin(delta_ids, gone_ids)
+        faiss_index.add_vectors(index, delta_ids[staying], delta_vectors[staying])
+        del delta_vectors
+        for ids, vectors in _PartVectors(store, {part: blocks.files.get(part) for part in new_parts}):
+            faiss_index.add_vectors(index, ids, vectors)
         state = replace(previous.manifest.index_state, rerank=choice.rerank)
         queries = faiss_index.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
     else:
@@ -254,7 +489,7 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
                                        trained_n=n if choice.kind != "flat" else 0, nlist=choice.nlist,
                                        rerank=choice.rerank)
     rerank = rerank_dir = None
-    if state.rerank:  # written anew each version from the live vectors (one more pass over the parts)
+    if state.rerank:  # written anew with each main index from the live vectors (one more pass over the parts)
         rerank_dir = Path(tempfile.mkdtemp(prefix="batchsight-rerank-"))
         try:
             faiss_index.write_rerank_vectors(blocks, n, dim, rerank_dir / RERANK_IDS_FILE,
@@ -263,17 +498,11 @@ def _next_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
         except BaseException:
             shutil.rmtree(rerank_dir, ignore_errors=True)
             raise
+    truth = None
     if queries is None:
         recall = faiss_index.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
     else:
-        recall = faiss_index.measure_recall(index, queries, query_ids, blocks, target=settings.recall_target,
-                                            rerank=rerank)
-        if recall.recall_at_10 < settings.recall_target:
-            stronger = faiss_index.stronger_choice(n, dim, faiss_index.choose_index(
-                n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank),
-                flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank)
-            log.warning("index recall@10 %.3f misses the target %.2f within %s bytes; %s", recall.recall_at_10,
-                        settings.recall_target, f"{settings.budget():,}",
-                        f"the next option up is {stronger.describe()}: raise --index-memory to about "
-                        f"{stronger.estimated_bytes:,} bytes" if stronger else "no index reaches it")
-    return IndexBuild(index=index, state=state, recall=recall, rerank_dir=rerank_dir)
+        truth = faiss_index.RecallTruth.exact(queries, query_ids, blocks)
+        recall = faiss_index.measure_recall_against(index, truth, target=settings.recall_target, rerank=rerank)
+        _warn_below_target(recall, n, dim, settings)
+    return IndexBuild(index=index, state=state, recall=recall, truth=truth, rerank_dir=rerank_dir)

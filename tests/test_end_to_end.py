@@ -100,16 +100,21 @@ def test_search_by_key_leaves_itself_out_unless_asked(catalogued):
 
 def test_a_catalogue_written_before_pages_existed_still_searches(catalogued):
     """Images tables written before documents had pages have no `page` column
-    (and their manifests, written before checksums, no file records)."""
+    (and their manifests, written before checksums, no file records; and before
+    parts, format 1, one snapshot a table)."""
     import json
 
     from tasks import tables
 
     _, cat, _ = catalogued
-    old = tables.read_parquet_bytes(cat.store.get(cat.manifest.images)).drop_columns(["page"])
-    cat.store.put(cat.manifest.images, tables.to_parquet_bytes(old))
+    (snapshot,) = cat.manifest.images
+    old = tables.read_parquet_bytes(cat.store.get(snapshot)).drop_columns(["page"])
+    cat.store.put(snapshot, tables.to_parquet_bytes(old))
     manifest = json.loads(cat.store.get(cat.manifest_key))
     del manifest["files"]
+    for field in ("images_deletes", "failures_deletes", "index_delta", "index_removed", "index_truth"):
+        del manifest[field]
+    manifest |= {"format": 1, "images": snapshot, "failures": manifest["failures"][0]}
     cat.store.put(cat.manifest_key, json.dumps(manifest).encode())
     reopened = Catalog.open(cat.store)
     key = reopened.images["key"].iloc[3]

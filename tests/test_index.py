@@ -494,10 +494,13 @@ def test_catalogue_with_coarse_codes_keeps_a_versioned_rerank_file_and_reaches_t
     hits = sum(len(set(t[t != own][:10]) & set(f[f != own][:10])) for t, f, own in zip(truth, found, ids[sample]))
     assert hits / 3000 >= m.index_recall_at_10 - 0.03
 
-    # nightly: 100 deleted, 200 new -> the index is updated in place, the re-rank file is written anew
+    # nightly: 100 deleted, 200 new -> the main index and its re-rank file stay; the new
+    # vectors are the delta segment, the deleted ids are filtered out of the main index
     v2 = cat.commit(keys[n:], vectors[n:], deleted=keys[:100])
     m2 = v2.manifest
-    assert (m2.index_factory, m2.index_trained_n) == (m.index_factory, n) and m2.index_rerank != m.index_rerank
+    assert (m2.index, m2.index_factory, m2.index_trained_n, m2.index_rerank) == \
+        (m.index, m.index_factory, n, m.index_rerank)
+    assert (m2.counts["index_delta"], m2.counts["index_removed"], m2.counts["vectors"]) == (200, 100, n + 100)
     assert m2.index_recall_at_10 >= 0.95 and verify_version(cat.store, m2).problems == []
     hits = similar_images(v2, key=keys[n + 5], k=3, include_self=True)
     assert hits.iloc[0]["key"] == keys[n + 5] and hits.iloc[0]["score"] == pytest.approx(1.0, abs=2e-3)
