@@ -101,7 +101,17 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
 
 
 def read_parquet_bytes(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
-    return pq.read_table(io.BytesIO(data), columns=list(columns) if columns is not None else None)
+    """A Parquet file, or just `columns` of it (a column an older file lacks comes back null)."""
+    if columns is None:
+        return pq.read_table(io.BytesIO(data))
+    file = pq.ParquetFile(io.BytesIO(data))
+    have = set(file.schema_arrow.names)
+    table = file.read(columns=[c for c in columns if c in have])
+    for name in columns:
+        if name not in have:
+            kind = next((s.field(name).type for s in (IMAGES_SCHEMA, FAILURES_SCHEMA) if name in s.names), pa.string())
+            table = table.append_column(name, pa.nulls(len(table), kind))
+    return table.select(list(columns))
 
 
 def without_rows(rows: pa.Table, deletes: pa.Table, identity: Sequence[str]) -> pa.Table:

@@ -101,7 +101,8 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
 
     t_index = time.perf_counter()
     new_rows = [r for r in change.new_rows if len(r)]
-    gone = _gone_rows(carried, change.removed_keys, new_rows) if change.index is not None else _NO_ROWS
+    gone, staying_parts = _gone_rows(carried, change.removed_keys, new_rows) if change.index is not None \
+        else (_NO_ROWS, {})
     n = (counts.get("images", 0) if carried else 0) - len(gone) + sum(len(r) for r in new_rows)
     reason = _compaction_reason(carried, change, n, len(gone), dim)
     if reason is not None and carried is not None:
@@ -135,8 +136,9 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
             fields |= _append_rows(store, carried, "images", layout.images_table_key(version, run_id),
                                    pd.concat(new_rows, ignore_index=True) if new_rows else None,
                                    tables.IMAGES_SCHEMA, gone, written)
-            fields["embeddings"] = sorted(set(carried.manifest.embeddings) | {k for k in change.new_parts})
-            fields["thumbnails"] = sorted(set(carried.manifest.thumbnails) | {k for k in change.new_files})
+            for field_name, column in (("embeddings", "embedding_part"), ("thumbnails", "thumbnail_part")):
+                named = {part for r in new_rows if column in r for part in r[column].dropna()}
+                fields[field_name] = sorted(staying_parts[column] | named)
             counts["images"] = n
         if failures is not None:
             key = layout.failures_table_key(version, run_id)
@@ -181,21 +183,26 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
 _NO_ROWS = pa.table({"image_id": pa.array([], pa.int64()), "run_id": pa.array([], pa.string())})
 
 
-def _gone_rows(carried: Catalog | None, removed_keys: frozenset[str], new_rows: Sequence[pd.DataFrame]) -> pa.Table:
-    """(image_id, run_id) of the live rows whose keys leave. Reads three columns of
-    the live rows, never the rows whole; checks that no new row's image id collides
-    with a row that stays."""
+PART_COLUMNS = ("embedding_part", "thumbnail_part")  # the manifest lists the parts these name
+
+
+def _gone_rows(carried: Catalog | None, removed_keys: frozenset[str], new_rows: Sequence[pd.DataFrame]
+               ) -> tuple[pa.Table, dict[str, set[str]]]:
+    """(image_id, run_id) of the live rows whose keys leave, and the embeddings and
+    thumbnails parts the rows that stay name. Reads five columns of the live rows,
+    never the rows whole; checks that no new row's image id collides with a row that stays."""
     if carried is None:
-        return _NO_ROWS
-    live = carried.live_table("images", ["key", "image_id", "run_id"])
+        return _NO_ROWS, {column: set() for column in PART_COLUMNS}
+    live = carried.live_table("images", ["key", "image_id", "run_id", *PART_COLUMNS])
     leaving = pc.is_in(live["key"], value_set=pa.array(sorted(removed_keys), pa.string())) if removed_keys \
         else pa.array(np.zeros(len(live), bool))
+    staying = live.filter(pc.invert(leaving))
     if new_rows:
         new_ids = pa.array(np.concatenate([r["image_id"].to_numpy(np.int64) for r in new_rows]))
-        staying = live.filter(pc.invert(leaving))
         clash = staying.filter(pc.is_in(staying["image_id"], value_set=new_ids))
         assert not len(clash), f"image ids collide for keys {clash['key'].to_pylist()[:5]}"
-    return live.filter(leaving).select(["image_id", "run_id"])
+    gone = live.filter(leaving).select(["image_id", "run_id"])
+    return gone, {column: set(pc.unique(staying[column]).drop_null().to_pylist()) for column in PART_COLUMNS}
 
 
 def _compaction_reason(carried: Catalog | None, change: VersionChange, n: int, n_gone: int, dim: int) -> str | None:

@@ -300,7 +300,8 @@ def test_gc_keeps_what_versions_reference(tmp_path, resnet18_weights):
     c.store.put(f"tables/duplicates/{cat.version_stem(v1.version, v1.run_id)}/threshold-0.9900.parquet", b"r1")
     c.store.put("categorizers/20261129T000000Z-abcdef.json", b"{}")
     report = collect_garbage(c.store, keep_versions=1, min_age_s=0)
-    assert any(k.startswith("index/v000001") for k in report.deleted)
+    assert any(k.startswith("manifests/v000001") for k in report.deleted)
+    assert not set(report.deleted) & set(v2.named_files)  # v2 still reads v1's main index and first part
     assert [k for k in report.deleted if k.startswith("tables/duplicates/")] == [
         f"tables/duplicates/{cat.version_stem(v1.version, v1.run_id)}/threshold-0.9900.parquet"]
     assert c.store.exists("categorizers/20261129T000000Z-abcdef.json")

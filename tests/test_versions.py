@@ -30,7 +30,7 @@ from tests.test_nightly import assert_exactly_once, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 runner = CliRunner()
-WRITERS = ("run", "apply", "rollback")
+WRITERS = ("run", "apply", "rollback", "compact")
 
 
 @dataclass
@@ -53,6 +53,8 @@ class Roots:
                     "--weights", str(self.weights), "--batch-size", "8", "--shard-size", "6"]
         if writer == "apply":
             return ["categories", "apply", "--catalog", str(self.out)]
+        if writer == "compact":
+            return ["compact", "--catalog", str(self.out)]
         return ["rollback", "--catalog", str(self.out), "--to", "1"]
 
 
@@ -115,7 +117,8 @@ def expected_after(writer: str, roots: Roots, before: cat.Catalog) -> set[str]:
 
 @pytest.mark.parametrize("writer, crash_at", [  # runs are killed at before-commit (and earlier) in test_nightly.py
     ("run", "after-version-files"), ("apply", "after-version-files"), ("apply", "before-commit"),
-    ("rollback", "after-version-files"), ("rollback", "before-commit")])
+    ("rollback", "after-version-files"), ("rollback", "before-commit"),
+    ("compact", "after-index-write"), ("compact", "before-commit")])
 def test_a_writer_killed_mid_version_leaves_the_live_version_whole(roots, writer, crash_at):
     before = roots.live()
     live_key, live_rows, live_files = snapshot(before)
@@ -149,7 +152,7 @@ def test_a_writer_killed_mid_version_leaves_the_live_version_whole(roots, writer
 # Races: another writer commits while one is building; the loser commits nothing
 
 
-WINNER = {"run": "rollback", "apply": "rollback", "rollback": "apply"}
+WINNER = {"run": "rollback", "apply": "rollback", "rollback": "apply", "compact": "rollback"}
 
 
 def commit_from_elsewhere(roots: Roots, writer: str) -> None:
