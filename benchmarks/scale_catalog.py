@@ -18,7 +18,8 @@ Phases, each in its own process so its peak RSS is its own:
   compact `batchsight compact` on the live version (what a night past a
           threshold does too): every table one part, one main index.
 
-It reports the seconds of list-diff-plan, the stand-in shards, the build (and
+It reports the seconds of the synthetic listing (apart: a real bucket's LIST
+is the store's time), of diff-and-plan, the stand-in shards, the build (and
 its index update) and the commit; the bytes written and read by each step, the
 catalogue's bytes, and the peak RSS of each process. JSON goes to --out.
 
@@ -98,6 +99,18 @@ class SyntheticBucket:
                 continue
             changed_on = i % every_changed if every_changed and i < self.n else 0
             yield ObjectInfo(key_of(i), f"v{changed_on + 1}" if 1 <= changed_on <= night else "v1", 100_000)
+
+
+class Listed:
+    """A listing made beforehand, listed again as it is."""
+
+    url = SyntheticBucket.url
+
+    def __init__(self, objects: list[ObjectInfo]) -> None:
+        self.objects = objects
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return self.objects
 
 
 def key_of(i: int) -> str:
@@ -187,9 +200,12 @@ def main() -> None:
         bucket = SyntheticBucket(args.images, new=args.new, changed=args.changed, deleted=args.deleted,
                                  night=args.night)
         row |= {"night": args.night, "new_share": args.new, "changed_share": args.changed, "deleted_share": args.deleted}
+        t0 = time.perf_counter()
+        listed = Listed(list(bucket.list()))  # made apart: a real bucket's LIST is S3's time, not ours
+        row["listing_s"] = time.perf_counter() - t0
         CountingStore.written = CountingStore.read = 0
         t0 = time.perf_counter()
-        planned = plan_run(bucket, store, "synthetic@" + "0" * 64, allow_mass_delete=True)
+        planned = plan_run(listed, store, "synthetic@" + "0" * 64, allow_mass_delete=True)
         row |= {"plan_s": time.perf_counter() - t0, "plan_read_bytes": CountingStore.read,
                 "listed": len(planned.listing.images), "to_process": len(planned.plan.to_process),
                 "deleted": len(planned.plan.deleted), "plan_peak_rss_bytes": peak_rss()}
@@ -201,7 +217,7 @@ def main() -> None:
                             "--shard-size", str(args.shard_size), "--index-memory", args.index_memory,
                             "--out", str(out_file)], check=True)
             row |= json.loads(out_file.read_text())[0]
-        row["bookkeeping_s"] = row["plan_s"] + row["build_s"] + row["commit_s"]
+        row["bookkeeping_s"] = row["plan_s"] + row["build_s"] + row["commit_s"]  # the listing aside
         row["written_share_of_catalogue"] = (row["build_written_bytes"] + row["parts_written_bytes"]) / row[
             "catalogue_bytes"]
     elif args.phase == "commit":  # the commit step of a night, in a process of its own
@@ -215,6 +231,11 @@ def main() -> None:
         row = {"shards_s": time.perf_counter() - t0, "parts_written_bytes": CountingStore.written}
         row |= commit(store, previous, pointer_etag, plan, results, run_id, args.dim, settings)
         row["commit_step_peak_rss_bytes"] = row.pop("peak_rss_bytes")
+        # what the RSS is made of at the end: private memory, and pages of files mapped
+        # (the main index through IO_FLAG_MMAP, the re-rank file): page cache, shared
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        row |= {f"commit_step_end_{name.lower()}_bytes": int(status[name].split()[0]) * 1024
+                for name in ("RssAnon", "RssFile") if name in status}
     else:
         from tasks.versions import compact
 

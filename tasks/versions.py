@@ -125,32 +125,12 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
 
     t_write = time.perf_counter()
     try:
-        if images is not None:  # compacted: one part of every live row
-            fields |= {"images": [_put_table(store, layout.images_table_key(version, run_id), images,
-                                             tables.IMAGES_SCHEMA, written)], "images_deletes": None}
-            fields["embeddings"] = sorted(set(images["embedding_part"].dropna().tolist()))
-            fields["thumbnails"] = sorted(set(images["thumbnail_part"].dropna().tolist())) \
-                if "thumbnail_part" in images else []
-            counts["images"] = len(images)
-        elif change.index is not None:  # appended: a part of the new rows, the deletes of those that left
-            fields |= _append_rows(store, carried, "images", layout.images_table_key(version, run_id),
-                                   pd.concat(new_rows, ignore_index=True) if new_rows else None,
-                                   tables.IMAGES_SCHEMA, gone, written)
-            for field_name, column in (("embeddings", "embedding_part"), ("thumbnails", "thumbnail_part")):
-                named = {part for r in new_rows if column in r for part in r[column].dropna()}
-                fields[field_name] = sorted(staying_parts[column] | named)
-            counts["images"] = n
+        if images is not None or change.index is not None:
+            fields |= _row_fields(store, carried, version, run_id, images, new_rows, gone, staying_parts, written)
+            counts["images"] = len(images) if images is not None else n
         if failures is not None:
-            key = layout.failures_table_key(version, run_id)
-            if reason is not None or carried is None:
-                fields |= {"failures": [_put_table(store, key, failures, tables.FAILURES_SCHEMA, written)],
-                           "failures_deletes": None}
-            else:
-                before = carried.failures
-                left = before[before["key"].isin(change.redecided)][list(ROW_IDENTITY["failures"])]
-                fresh = failures[failures["run_id"] == run_id] if len(failures) else failures
-                fields |= _append_rows(store, carried, "failures", key, fresh, tables.FAILURES_SCHEMA,
-                                       pa.Table.from_pandas(left, preserve_index=False), written)
+            fields |= _failure_fields(store, carried if reason is None else None, change.redecided, failures,
+                                      layout.failures_table_key(version, run_id), run_id, written)
             counts["failures"] = len(failures)
         if built is not None:
             crash_point("before-index-write")
@@ -180,10 +160,45 @@ def build_version(store: ObjectStore, base: Catalog | None, change: VersionChang
     return manifest, BuildStats(index_s=index_s, write_s=write_s)
 
 
+def _row_fields(store: ObjectStore, carried: Catalog | None, version: int, run_id: str,
+                images: pd.DataFrame | None, new_rows: Sequence[pd.DataFrame], gone: pa.Table,
+                staying_parts: dict[str, set[str]], written: dict[str, FileRecord]) -> dict:
+    """Write the rows of the next version; its manifest fields for them. Compacted
+    (`images` holds every live row): one part. Appended: a part of the new rows,
+    the deletes of those that left."""
+    key = layout.images_table_key(version, run_id)
+    if images is not None:
+        fields = {"images": [_put_table(store, key, images, tables.IMAGES_SCHEMA, written)], "images_deletes": None}
+        for field_name, column in PART_FIELDS:
+            fields[field_name] = sorted(set(images[column].dropna())) if column in images else []
+        return fields
+    fields = _append_rows(store, carried, "images", key, pd.concat(new_rows, ignore_index=True) if new_rows else None,
+                          tables.IMAGES_SCHEMA, gone, written)
+    for field_name, column in PART_FIELDS:
+        named = {part for r in new_rows if column in r for part in r[column].dropna()}
+        fields[field_name] = sorted(staying_parts[column] | named)
+    return fields
+
+
+def _failure_fields(store: ObjectStore, appending_to: Catalog | None, redecided: frozenset[str],
+                    failures: pd.DataFrame, key: str, run_id: str, written: dict[str, FileRecord]) -> dict:
+    """Write the failures of the next version (`failures`, every one standing):
+    one part, or appended to `appending_to`'s parts with the deletes of those re-decided."""
+    if appending_to is None:
+        return {"failures": [_put_table(store, key, failures, tables.FAILURES_SCHEMA, written)],
+                "failures_deletes": None}
+    before = appending_to.failures
+    left = before[before["key"].isin(redecided)][list(ROW_IDENTITY["failures"])]
+    fresh = failures[failures["run_id"] == run_id] if len(failures) else failures
+    return _append_rows(store, appending_to, "failures", key, fresh, tables.FAILURES_SCHEMA,
+                        pa.Table.from_pandas(left, preserve_index=False), written)
+
+
 _NO_ROWS = pa.table({"image_id": pa.array([], pa.int64()), "run_id": pa.array([], pa.string())})
 
 
-PART_COLUMNS = ("embedding_part", "thumbnail_part")  # the manifest lists the parts these name
+PART_FIELDS = (("embeddings", "embedding_part"), ("thumbnails", "thumbnail_part"))  # manifest field, row column
+PART_COLUMNS = tuple(column for _, column in PART_FIELDS)
 
 
 def _gone_rows(carried: Catalog | None, removed_keys: frozenset[str], new_rows: Sequence[pd.DataFrame]
