@@ -5,6 +5,7 @@ builder and commit; vectors are synthetic (no model)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from tasks import index as fi
 from tasks.catalog import Catalog, collect_garbage, rollback
 from tasks.synthetic_vectors import ClusteredVectors
 from tasks.tables import image_id_for
-from tasks.versions import compact
 from tests.test_index import SyntheticCatalogue, brute_force
 
 
@@ -108,6 +108,11 @@ def test_compaction_keeps_every_answer_and_folds_everything_into_one(tmp_path):
     ids, vectors = live_vectors(before)
     queries = vectors[::5]
     answer = fi.search(before.index, queries, 10)
+
+    status = CliRunner().invoke(app, ["status", "--catalog", str(tmp_path / "cat"), "--json"])
+    index = json.loads(status.output)["index"]
+    assert (index["delta_vectors"], index["removed_from_main"]) == \
+        (before.manifest.counts["index_delta"], before.manifest.counts["index_removed"]) and index["delta_vectors"]
 
     result = CliRunner().invoke(app, ["compact", "--catalog", str(tmp_path / "cat")])
     assert result.exit_code == 0, result.output
