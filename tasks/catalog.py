@@ -720,11 +720,6 @@ def _same_bytes(listed: pa.Table, rows: pa.Table, extra: Sequence[str] = ()) -> 
     return matched, same
 
 
-def _objects(column) -> np.ndarray:
-    """A column as a numpy array of Python objects (compared and hashed in C loops)."""
-    return np.asarray(column.to_numpy(dtype=object) if hasattr(column, "to_numpy") else column, dtype=object)
-
-
 class MassDeleteRefused(CatalogError):
     """A plan would delete more of the catalogue than the run is allowed to."""
 

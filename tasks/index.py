@@ -484,6 +484,9 @@ class Segments:
         self.removed = np.unique(np.asarray(removed if removed is not None else [], dtype=np.int64))
         self.delta_ids = np.sort(faiss.vector_to_array(self.delta.id_map)) if self.delta is not None \
             else np.empty(0, np.int64)
+        # built once, not per search: the main index's filter of the removed ids (None: none removed)
+        self._removed_batch = faiss.IDSelectorBatch(self.removed) if len(self.removed) else None
+        self.not_removed = faiss.IDSelectorNot(self._removed_batch) if len(self.removed) else None
 
     @property
     def ntotal(self) -> int:
@@ -494,7 +497,10 @@ class Segments:
         return self.main.d
 
     def in_delta(self, ids: np.ndarray) -> np.ndarray:
-        return np.isin(np.asarray(ids, dtype=np.int64), self.delta_ids)
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self.delta_ids):
+            return np.zeros(ids.shape, bool)
+        return self.delta_ids[np.minimum(np.searchsorted(self.delta_ids, ids), len(self.delta_ids) - 1)] == ids
 
     def reconstruct(self, image_id: int) -> np.ndarray:
         return self.reconstruct_batch(np.array([image_id], np.int64))[0]
@@ -533,23 +539,19 @@ def new_delta(dim: int) -> faiss.Index:
     return faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
 
 
-def _selector(allowed_ids: np.ndarray | None, removed: np.ndarray | None) -> list:
-    """[selector] of ids allowed and not removed (an empty list: no filter), with
-    the objects it refers to kept alive beside it."""
-    parts = []
-    if allowed_ids is not None:
-        parts.append(faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64)))
-    if removed is not None and len(removed):
-        batch = faiss.IDSelectorBatch(np.ascontiguousarray(removed, dtype=np.int64))
-        parts += [faiss.IDSelectorNot(batch), batch]
-    if len(parts) == 3:
-        return [faiss.IDSelectorAnd(parts[0], parts[1]), *parts]
-    return parts[:1] + parts
+def _id_filter(allowed_ids: np.ndarray | None, exclude: faiss.IDSelector | None) -> tuple:
+    """(a selector of the ids in `allowed_ids` (all, when None) that `exclude` lets
+    through, or None for no filter; the selectors it refers to, to keep alive)."""
+    allowed = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64)) \
+        if allowed_ids is not None else None
+    if allowed is None or exclude is None:
+        return allowed or exclude, (allowed, exclude)
+    return faiss.IDSelectorAnd(allowed, exclude), (allowed, exclude)
 
 
-def _search_params(index: faiss.Index, nprobe: int | None, selector: list):
+def _search_params(index: faiss.Index, nprobe: int | None, selector: faiss.IDSelector | None):
     """Per-call search parameters (the shared index is never mutated by a search)."""
-    extra = {"sel": selector[0]} if selector else {}
+    extra = {"sel": selector} if selector is not None else {}
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         # SearchParametersIVF's own nprobe default is 1, so always pass the one meant
@@ -570,14 +572,14 @@ def search(index: faiss.Index | Segments, queries: np.ndarray, k: int, *, nprobe
     segments = as_segments(index)
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(k, segments.ntotal)) if segments.ntotal else 1
-    selector = _selector(allowed_ids, segments.removed)
-    scores, ids = _search_one(segments.main, queries, k, _search_params(segments.main, nprobe, selector),
+    main_filter, _kept = _id_filter(allowed_ids, segments.not_removed)
+    scores, ids = _search_one(segments.main, queries, k, _search_params(segments.main, nprobe, main_filter),
                               rerank, rerank_factor)
     if segments.delta is None:
         return scores, ids
-    delta_selector = _selector(allowed_ids, None)
+    delta_filter, _kept_too = _id_filter(allowed_ids, None)
     d_scores, d_ids = segments.delta.search(queries, min(k, segments.delta.ntotal),
-                                            params=_search_params(segments.delta, None, delta_selector))
+                                            params=_search_params(segments.delta, None, delta_filter))
     return _merge_top(np.hstack([scores, d_scores]), np.hstack([ids, d_ids]), k)
 
 
@@ -626,8 +628,7 @@ def range_search(index: faiss.Index | Segments, queries: np.ndarray, threshold: 
     scores are exact; a pair whose code score fell more than the margin short is missed."""
     segments = as_segments(index)
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    selector = _selector(None, segments.removed)
-    params = _search_params(segments.main, nprobe, selector)
+    params = _search_params(segments.main, nprobe, segments.not_removed)
     if rerank is None:
         lims, scores, ids = segments.main.range_search(queries, float(threshold), params=params)
     else:

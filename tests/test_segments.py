@@ -91,6 +91,11 @@ def test_quiet_nights_append_parts_and_segments_and_search_answers_as_exact_sear
     allowed = ids[::3]
     _, found = fi.search(cat.index, queries, 5, allowed_ids=allowed)
     assert set(found[found >= 0].ravel()) <= set(allowed.tolist())
+    # allowing every live id (changed ones included, whose old vectors the main index still
+    # holds) keeps the removed ones out: the answer is the unfiltered one, no id twice
+    every_scores, every_found = fi.search(cat.index, queries, 10, allowed_ids=ids)
+    np.testing.assert_allclose(every_scores, truth_scores, atol=1e-5)
+    assert all(len(set(row.tolist())) == len(row) for row in every_found)
     gone_ids = set(Catalog.open(sc.store, version=1).images["image_id"]) - set(ids.tolist())
     everything = fi.search(cat.index, vectors, 20)[1]
     assert not gone_ids & set(everything.ravel().tolist())
