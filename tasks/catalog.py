@@ -460,12 +460,21 @@ class LiveEmbeddings:
     """Re-iterable (image_ids, vectors) blocks, one per embeddings part, holding
     only the vectors live in `images` (a part may also hold superseded ones)."""
 
-    def __init__(self, store: ObjectStore, images: pd.DataFrame, files: dict[str, FileRecord] | None = None) -> None:
+    def __init__(self, store: ObjectStore, images: pd.DataFrame | pa.Table,
+                 files: dict[str, FileRecord] | None = None) -> None:
         self.store = store
         self.files = files or {}
         # A part is written by one run (its key names the run), so the ids live in a
         # part are the rows that point at it.
-        self.live = {part: ids.to_numpy(np.int64) for part, ids in images.groupby("embedding_part")["image_id"]}
+        parts = pa.chunked_array(pa.array(images["embedding_part"], pa.string())
+                                 if isinstance(images, pd.DataFrame) else images["embedding_part"]) \
+            .cast(pa.string()).dictionary_encode().combine_chunks()
+        ids = np.asarray(images["image_id"], np.int64)
+        codes = pc.fill_null(parts.indices, -1).to_numpy()  # -1: a row without a part (none live)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(parts.dictionary) + 1))
+        self.live = {part: ids[order[bounds[i]:bounds[i + 1]]] for i, part in enumerate(parts.dictionary.to_pylist())
+                     if bounds[i + 1] > bounds[i]}
         self.parts = sorted(self.live)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -170,7 +170,7 @@ def _row_fields(store: ObjectStore, carried: Catalog | None, version: int, run_i
     if images is not None:
         fields = {"images": [_put_table(store, key, images, tables.IMAGES_SCHEMA, written)], "images_deletes": None}
         for field_name, column in PART_FIELDS:
-            fields[field_name] = sorted(set(images[column].dropna())) if column in images else []
+            fields[field_name] = sorted(pc.unique(images[column]).drop_null().to_pylist())
         return fields
     fields = _append_rows(store, carried, "images", key, pd.concat(new_rows, ignore_index=True) if new_rows else None,
                           tables.IMAGES_SCHEMA, gone, written)
@@ -248,9 +248,10 @@ def _compaction_reason(carried: Catalog | None, change: VersionChange, n: int, n
     return None
 
 
-def _put_table(store: ObjectStore, key: str, frame: pd.DataFrame, schema: pa.Schema,
+def _put_table(store: ObjectStore, key: str, rows: pd.DataFrame | pa.Table, schema: pa.Schema,
                written: dict[str, FileRecord]) -> str:
-    written[key] = put_recorded(store, key, tables.to_parquet_bytes(tables.frame_to_table(frame, schema)))
+    table = rows if isinstance(rows, pa.Table) else tables.frame_to_table(rows, schema)
+    written[key] = put_recorded(store, key, tables.to_parquet_bytes(table))
     return key
 
 
@@ -277,24 +278,32 @@ def schema_of(schema: pa.Schema, names: Sequence[str]) -> pa.Schema:
     return pa.schema([schema.field(name) for name in names])
 
 
-def _next_images(carried: Catalog | None, change: VersionChange, gone: pa.Table) -> pd.DataFrame:
-    """Every live row of the next version, in one frame (a compacted version)."""
-    images = carried.images if carried else tables.empty_frame(tables.IMAGES_SCHEMA)
+def _next_images(carried: Catalog | None, change: VersionChange, gone: pa.Table) -> pa.Table:
+    """Every live row of the next version, in one Arrow table sorted by key and page
+    (a compacted version). Arrow, not pandas: 10M rows are a few GB of columns, where
+    pandas' Python objects for the same rows filled 24 GB."""
+    images = tables.conform(carried.live_table("images"), tables.IMAGES_SCHEMA) if carried \
+        else tables.IMAGES_SCHEMA.empty_table()
     if change.index is not None:
-        leaving = images["image_id"].isin(gone["image_id"].to_numpy())
-        new_rows = [r for r in change.new_rows if len(r)]
-        images = pd.concat([images[~leaving], *new_rows], ignore_index=True) if new_rows else images[~leaving]
-        images = images.sort_values(["key", "page"] if "page" in images else "key", kind="stable") \
-            .reset_index(drop=True)
-        duplicated = images["image_id"].duplicated()
-        assert not duplicated.any(), f"image ids collide for keys {images.loc[duplicated, 'key'].tolist()[:5]}"
+        if len(gone):
+            images = images.filter(pc.invert(pc.is_in(images["image_id"], value_set=gone["image_id"])))
+        new_rows = [tables.frame_to_table(r, tables.IMAGES_SCHEMA) for r in change.new_rows if len(r)]
+        images = pa.concat_tables([images, *new_rows]).combine_chunks() if new_rows else images
+        images = images.set_column(images.schema.get_field_index("page"), "page", pc.fill_null(images["page"], 1))
+        images = images.take(pc.sort_indices(images, [("key", "ascending"), ("page", "ascending")]))
+        ids = np.sort(images["image_id"].to_numpy())
+        duplicated = np.unique(ids[1:][ids[1:] == ids[:-1]])
+        if len(duplicated):
+            clash = images.filter(pc.is_in(images["image_id"], value_set=pa.array(duplicated[:5])))
+            raise AssertionError(f"image ids collide for keys {clash['key'].to_pylist()[:5]}")
     if change.categories is not None:
-        labels = change.categories.set_index("image_id")
-        missing = ~images["image_id"].isin(labels.index)
-        assert not missing.any(), f"no category for {int(missing.sum())} of {len(images)} rows"
-        images = images.copy()
+        labels = change.categories.drop_duplicates("image_id").set_index("image_id")
+        at = labels.index.get_indexer(images["image_id"].to_numpy())
+        assert (at >= 0).all(), f"no category for {int((at < 0).sum())} of {len(images)} rows"
         for column in CATEGORY_COLUMNS:
-            images[column] = labels[column].reindex(images["image_id"]).to_numpy()
+            values = tables.frame_to_table(labels[[column]].iloc[at].reset_index(drop=True),
+                                           schema_of(tables.IMAGES_SCHEMA, [column]))[column]
+            images = images.set_column(images.schema.get_field_index(column), column, values)
     return images
 
 
@@ -362,7 +371,11 @@ def _write_index(store: ObjectStore, built: IndexBuild, version: int, run_id: st
                  written: dict[str, FileRecord]) -> dict:
     """Write a new main index (its re-rank files, its recall truth) and return the manifest fields that describe it."""
     key = layout.index_key(version, run_id)
-    written[key] = put_recorded(store, key, faiss_index.serialize(built.index))
+    # through a file and a memory map, not faiss' in-memory serialisation: a 10M x 128
+    # IVF index is 5 GB, and a second copy of it in RAM is what ran a 10M build out of memory
+    with tempfile.TemporaryDirectory(prefix="batchsight-index-") as tmp:
+        faiss.write_index(built.index, str(Path(tmp) / "main.faiss"))
+        written[key] = _put_file(store, key, Path(tmp) / "main.faiss")
     rerank = (None, None)
     if built.rerank_dir is not None:
         rerank = layout.rerank_keys(version, run_id)
@@ -468,7 +481,7 @@ def _warn_below_target(recall: faiss_index.RecallReport, n: int, dim: int, setti
                 settings.recall_target, f"{settings.budget():,}", faiss_index.next_option_hint(stronger))
 
 
-def _full_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFrame, gone: pa.Table,
+def _full_index(store: ObjectStore, previous: Catalog | None, images: pa.Table, gone: pa.Table,
                 new_parts: Mapping[str, FileRecord | None], *, dim: int, settings: faiss_index.IndexSettings,
                 seed: int) -> IndexBuild:
     """A new main index holding every live vector: the previous one with its delta
@@ -482,7 +495,7 @@ def _full_index(store: ObjectStore, previous: Catalog | None, images: pd.DataFra
     part_files = {part: record for part, record in new_parts.items() if record}
     blocks = LiveEmbeddings(store, images, (previous.manifest.files if previous else {}) | part_files)
     rng = np.random.default_rng(seed)
-    query_ids, train_ids = faiss_index.split_sample(images["image_id"].to_numpy(np.int64),
+    query_ids, train_ids = faiss_index.split_sample(images["image_id"].to_numpy().astype(np.int64, copy=False),
                                                     min(faiss_index.RECALL_QUERIES, n), choice, rng)
     if reason is None:
         index = previous.load_index()
