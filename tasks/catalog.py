@@ -630,6 +630,7 @@ class ChangePlan:
     unchanged: int = 0
     given_up: int = 0  # failed max_attempts times and unchanged since
     deferred: list[ObjectInfo] = field(default_factory=list)  # past --limit, left for a later run
+    catalogued: int = 0  # distinct keys the live version held (rows, failures): what mass deletes are measured against
 
     @property
     def to_process(self) -> list[ObjectInfo]:
@@ -665,11 +666,11 @@ def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame | pa.Ta
                        "etag": pa.array([o.etag for o in objects], pa.string()),
                        "size": pa.array(np.fromiter((o.size for o in objects), np.int64, len(objects))),
                        "listed_at": pa.array(np.arange(len(objects), dtype=np.int64))})
-    known = _one_row_a_key(catalogued)
+    known = _key_columns(catalogued)  # a document's pages are rows of one key, etag and size: the join takes them all
     failures = _one_row_a_key(failed, ["attempts", "stage"])
-    prior, same = _same_bytes(listed, known)
+    prior, same, known_listed = _same_bytes(listed, known)
     changed = prior & (~same | reembed_all)
-    was_failed, failed_same = _same_bytes(listed, failures, ["attempts", "stage"])
+    was_failed, failed_same, failure_listed = _same_bytes(listed, failures, ["attempts", "stage"])
     failed_same &= ~prior & (not reembed_all)
     attempts = np.where(was_failed["stage"] == "decode", max_attempts, was_failed["attempts"])
     retry = failed_same & (attempts < max_attempts)
@@ -677,9 +678,9 @@ def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame | pa.Ta
                       changed=[objects[i] for i in np.flatnonzero(changed)],
                       retry=[objects[i] for i in np.flatnonzero(retry)],
                       unchanged=int((same & ~changed).sum()), given_up=int((failed_same & ~retry).sum()))
-    listed_keys = listed.select(["key"])
-    gone = [t.join(listed_keys, "key", join_type="left anti")["key"] for t in (known, failures)]
-    plan.deleted = sorted(set(gone[0].to_pylist()) | set(gone[1].to_pylist()))
+    gone_known = set(known["key"].filter(pa.array(~known_listed)).to_pylist())
+    plan.deleted = sorted(gone_known | set(failures["key"].filter(pa.array(~failure_listed)).to_pylist()))
+    plan.catalogued = int(prior.sum()) + len(gone_known) + len(failures)  # listed keys are unique
     if limit is not None and len(plan.to_process) > limit:
         keep = plan.to_process[:limit]
         kept = {o.key for o in keep}
@@ -690,14 +691,18 @@ def plan_changes(listing: Iterable[ObjectInfo], catalogued: pd.DataFrame | pa.Ta
     return plan
 
 
-def _one_row_a_key(rows: pd.DataFrame | pa.Table, extra: Sequence[str] = ()) -> pa.Table:
-    """key, etag, size (and `extra`) of `rows`, the last row of each key (a document's
-    pages share key, etag and size), as Arrow."""
+def _key_columns(rows: pd.DataFrame | pa.Table, extra: Sequence[str] = ()) -> pa.Table:
+    """key, etag, size (and `extra`) of `rows`, as Arrow."""
     columns = ["key", "etag", "size", *[c for c in extra if c in rows.columns]]
     table = rows.select(columns) if isinstance(rows, pa.Table) \
         else pa.Table.from_pandas(rows[columns], preserve_index=False)
-    table = table.cast(pa.schema([(c, pa.string() if c in ("key", "etag", "stage") else pa.int64())
-                                  for c in columns]))
+    return table.cast(pa.schema([(c, pa.string() if c in ("key", "etag", "stage") else pa.int64())
+                                 for c in columns]))
+
+
+def _one_row_a_key(rows: pd.DataFrame | pa.Table, extra: Sequence[str] = ()) -> pa.Table:
+    """`_key_columns` of the last row of each key."""
+    table = _key_columns(rows, extra)
     keys = table["key"]
     if len(pc.unique(keys)) == len(keys):
         return table
@@ -707,26 +712,34 @@ def _one_row_a_key(rows: pd.DataFrame | pa.Table, extra: Sequence[str] = ()) -> 
 
 def _same_bytes(listed: pa.Table, rows: pa.Table, extra: Sequence[str] = ()) -> tuple:
     """(listed key has a row in `rows`, and that row has the listed etag and size), in
-    listing order, by a hash join in Arrow. With `extra`, the first item is instead
-    a dict of those columns of the matched rows (None where unmatched)."""
+    listing order, and whether each of `rows` was listed, in its order: one hash join
+    in Arrow. With `extra`, the first item is instead a dict of those columns of the
+    matched rows (None where unmatched)."""
     n = len(listed)
-    right = rows.rename_columns([c if c == "key" else f"row_{c}" for c in rows.column_names])
+    if not len(rows):  # nothing to match (a first run, a catalogue without failures)
+        nothing = np.zeros(n, bool)
+        return ({c: np.full(n, None, object) if c == "stage" else np.zeros(n, np.int64) for c in extra}
+                if extra else nothing), nothing.copy(), np.zeros(0, bool)
+    right = rows.rename_columns([c if c == "key" else f"row_{c}" for c in rows.column_names]) \
+        .append_column("row_at", pa.array(np.arange(len(rows), dtype=np.int64)))
     joined = listed.join(right, "key", join_type="inner")
     at = joined["listed_at"].to_numpy()
     found = np.zeros(n, bool)
     found[at] = True
+    row_listed = np.zeros(len(rows), bool)
+    row_listed[joined["row_at"].to_numpy()] = True
     same = np.zeros(n, bool)
     same[at] = pc.and_(pc.equal(joined["etag"], joined["row_etag"]),
                        pc.equal(joined["size"], joined["row_size"])).fill_null(False).to_numpy(zero_copy_only=False)
     if not extra:
-        return found, same
+        return found, same, row_listed
     matched = {}
     for column in extra:
         values = np.full(n, None, dtype=object) if column == "stage" else np.zeros(n, np.int64)
         if f"row_{column}" in joined.column_names:
             values[at] = joined[f"row_{column}"].to_numpy(zero_copy_only=False)
         matched[column] = values
-    return matched, same
+    return matched, same, row_listed
 
 
 class MassDeleteRefused(CatalogError):
