@@ -387,24 +387,49 @@ class Catalog:
             return None
         key = self.manifest.index
         path = self.store._path(key)
-        record = self.manifest.files.get(key)
         if not path.exists():
             raise CatalogCorrupt(f"{self.store.describe(key)} is missing; {ROLLBACK_HINT}")
-        if record is not None:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-            size = path.stat().st_size
-            if size != record.size or digest.hexdigest() != record.sha256:
-                raise CatalogCorrupt(f"{self.store.describe(key)} is damaged: "
-                                     f"{_mismatch(size, record) or 'its sha256 differs from the manifest'}; "
-                                     f"{ROLLBACK_HINT}")
+        self._check_once(key, path)
         try:
             return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
         except RuntimeError as exc:
             raise CatalogCorrupt(f"index {self.store.describe(key)} cannot be read by faiss ({_first_line(exc)}); "
                                  f"{ROLLBACK_HINT}") from None
+
+    def _check_once(self, key: str, path: Path) -> None:
+        """Check a large local file (the main index: 5 GB at 10M x 128) against its
+        recorded size and sha256 by streaming it, once: a stamp under the
+        catalogue's `VERIFIED_DIR` names the file as checked (device, inode, size,
+        mtime), and later opens of the same unchanged file trust it, so a night does
+        not hash the whole main index again. Any rewrite or truncation changes the
+        stamp; a bit flipped in place does not, which `status --verify` (every byte,
+        every time) is for."""
+        record = self.manifest.files.get(key)
+        if record is None:
+            return
+        st = path.stat()
+        stamp = self.store.root / VERIFIED_DIR / record.sha256
+        seen = f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
+        try:
+            if stamp.read_text() == seen:
+                return
+        except OSError:
+            pass
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if st.st_size != record.size or digest.hexdigest() != record.sha256:
+            raise CatalogCorrupt(f"{self.store.describe(key)} is damaged: "
+                                 f"{_mismatch(st.st_size, record) or 'its sha256 differs from the manifest'}; "
+                                 f"{ROLLBACK_HINT}")
+        try:  # best effort: a catalogue mounted read-only is checked at every open
+            stamp.parent.mkdir(exist_ok=True)
+            tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+            tmp.write_text(seen)
+            tmp.replace(stamp)
+        except OSError:
+            pass
 
     @cached_property
     def rerank(self) -> faiss_index.RerankVectors | None:
@@ -815,6 +840,9 @@ def build_next_version(store: ObjectStore, previous: Catalog | None, plan: Chang
 
 
 RERANK_CACHE_ENV = "BATCHSIGHT_RERANK_CACHE"
+# Under a local catalogue's root, outside every prefix gc collects: stamps of large
+# files whose sha256 has been checked (`Catalog._check_once`).
+VERIFIED_DIR = ".verified"
 
 
 def read_runs(store: ObjectStore) -> pd.DataFrame:
@@ -976,4 +1004,9 @@ def collect_garbage(store: ObjectStore, *, keep_versions: int | None = None, min
             store.delete(obj.key)
         report.deleted.append(obj.key)
         report.bytes_freed += obj.size
+    if isinstance(store, LocalStore) and not dry_run:  # stamps of files no retained version names
+        named = {record.sha256 for m in retained for record in m.files.values()}
+        for stamp in (store.root / VERIFIED_DIR).glob("*"):
+            if stamp.name not in named:
+                stamp.unlink(missing_ok=True)
     return report

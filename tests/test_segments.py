@@ -6,6 +6,7 @@ builder and commit; vectors are synthetic (no model)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks import index as fi
-from tasks.catalog import Catalog, collect_garbage, rollback
+from tasks.catalog import VERIFIED_DIR, Catalog, CatalogCorrupt, collect_garbage, rollback, verify_version
 from tasks.synthetic_vectors import ClusteredVectors
 from tasks.tables import image_id_for
+from tasks.versions import compact
 from tests.test_index import SyntheticCatalogue, brute_force
 
 
@@ -172,6 +174,45 @@ def test_recall_truth_kept_with_the_version_equals_an_exact_pass(tmp_path):
         assert depth >= 11
         np.testing.assert_array_equal(truth.ids[row, :depth], fresh[row, :depth])
     assert (truth.depth < fi.TRUTH_DEPTH).any()  # some lists lost entries to the nights' removals
+
+
+def test_the_main_index_is_hashed_once_and_verify_still_reads_every_byte(tmp_path):
+    """A night opens the main index through a memory map after checking its sha256;
+    once checked, an unchanged file (same inode, size and mtime) is trusted, so a
+    night does not stream gigabytes again. A rewritten file is checked anew, and
+    `status --verify` hashes everything, every time."""
+    settings = fi.IndexSettings(flat_max_vectors=500, memory_budget_bytes=1 << 30)
+    sc, _ = nights(16, settings, tmp_path / "cat", n=2000, rounds=1)
+    cat = sc.catalog()
+    assert cat.manifest.index_type == "ivf-flat"
+    path = sc.store._path(cat.manifest.index)
+    assert cat.index.ntotal == len(cat.images)
+    stamp = sc.store.root / VERIFIED_DIR / cat.manifest.files[cat.manifest.index].sha256
+    st = path.stat()
+    assert stamp.read_text() == f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
+
+    # a byte flipped in place, times put back: trusted by a night, found by verify
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sc.catalog().index.ntotal == len(cat.images)
+    report = verify_version(sc.store, cat.manifest)
+    assert len(report.problems) == 1 and cat.manifest.index in report.problems[0]
+    # the file changed (its mtime moved): checked again, and refused
+    os.utime(path)
+    with pytest.raises(CatalogCorrupt, match="sha256 differs"):
+        sc.catalog().index
+    path.write_bytes(original)
+    assert sc.catalog().index.ntotal == len(cat.images)
+
+    # gc drops the stamps of files no kept version names
+    assert compact(sc.store, settings).index_type == "ivf-flat"
+    assert sc.catalog().index.ntotal == len(cat.images)
+    assert len(list(stamp.parent.iterdir())) == 2
+    collect_garbage(sc.store, min_age_s=0, keep_versions=1)
+    assert [p.name for p in stamp.parent.iterdir()] == [sc.catalog().manifest.files[sc.catalog().manifest.index].sha256]
 
 
 def readme_recipes() -> list[str]:
