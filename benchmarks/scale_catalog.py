@@ -139,11 +139,47 @@ def shard_results(store: LocalStore, run_id: str, objects: list[ObjectInfo], *, 
     return results
 
 
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def commit_memory_limit(size: str, previous: cat.Catalog | None):
+    """For `--commit-memory`: a cgroup (v1) of that memory limit, the page cache
+    charged to it, that the commit step's process joins before it starts; and the
+    main index's pages dropped from the page cache first, so they are faulted in,
+    and charged, by the step itself (pages cached earlier stay charged to whoever
+    read them). None without a limit."""
+    if not size:
+        return None
+    group = CGROUP_V1_MEMORY / "batchsight-scale-commit"
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(parse_memory_size(size)))
+    for counter in ("memory.max_usage_in_bytes", "memory.failcnt"):
+        (group / counter).write_text("0")
+    if previous is not None and previous.manifest.index:
+        fd = os.open(Path(previous.store.url) / previous.manifest.index, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    tasks = str(group / "tasks")
+
+    def join() -> None:  # in the child, before exec
+        with open(tasks, "w") as f:
+            f.write(str(os.getpid()))
+    return join
+
+
 def catalogue_bytes(root: Path, manifest: cat.Manifest) -> int:
     return sum((root / key).stat().st_size for key in manifest.named_files)
 
 
 def peak_rss() -> int:
+    """This process's peak RSS: VmHWM, the high-water mark of its own memory map.
+    Not getrusage's ru_maxrss: Linux carries that across exec, so a child started
+    by subprocess (vfork + exec) reports its parent's peak when that was higher."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -179,6 +215,9 @@ def main() -> None:
     parser.add_argument("--night", type=int, default=1, help="which night (1, 2, ...): the nights before it "
                         "must have run on this catalogue, in order (compactions between them are fine)")
     parser.add_argument("--index-memory", default="", help="index budget, e.g. 4G (default: the run's)")
+    parser.add_argument("--commit-memory", default="", help="(night) run the commit step in a memory cgroup of "
+                        "this size, e.g. 4G, page cache charged (cgroup v1, as root), after dropping the main "
+                        "index's pages from the page cache: shows the step fits, mapped pages and all")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_catalog.json"))
     args = parser.parse_args()
     settings = IndexSettings(memory_budget_bytes=parse_memory_size(args.index_memory) if args.index_memory else None)
@@ -212,11 +251,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             plan_file, out_file = Path(tmp) / "plan.pickle", Path(tmp) / "commit.json"
             plan_file.write_bytes(pickle.dumps((planned.plan, planned.pointer_etag)))
+            limit = commit_memory_limit(args.commit_memory, planned.previous)
             subprocess.run([sys.executable, __file__, "--phase", "commit", "--plan-file", str(plan_file),
                             "--root", args.root, "--images", str(args.images), "--dim", str(args.dim),
                             "--shard-size", str(args.shard_size), "--index-memory", args.index_memory,
-                            "--out", str(out_file)], check=True)
+                            "--out", str(out_file)], check=True, preexec_fn=limit)
             row |= json.loads(out_file.read_text())[0]
+            if args.commit_memory:  # the cgroup's own count: private memory and page cache charged to it
+                group = CGROUP_V1_MEMORY / "batchsight-scale-commit"
+                row |= {"commit_memory_limit": args.commit_memory,
+                        "commit_cgroup_max_usage_bytes": int((group / "memory.max_usage_in_bytes").read_text()),
+                        "commit_cgroup_limit_hits": int((group / "memory.failcnt").read_text())}
         row["bookkeeping_s"] = row["plan_s"] + row["build_s"] + row["commit_s"]  # the listing aside
         row["written_share_of_catalogue"] = (row["build_written_bytes"] + row["parts_written_bytes"]) / row[
             "catalogue_bytes"]

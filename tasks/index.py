@@ -728,8 +728,8 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
-                target: float, *, rerank: RerankVectors | None = None) -> RecallReport:
-    """Raise nprobe 1, 2, 4, ... until recall@k reaches `target`. IVF-Flat always
+                target: float, *, rerank: RerankVectors | None = None, start: int = 1) -> RecallReport:
+    """Raise nprobe `start`, 2 x `start`, ... until recall@k reaches `target`. IVF-Flat always
     gets there (at nprobe = nlist it is exact). Where codes cap recall below
     the target, stop when doubling gains under RECALL_PLATEAU and keep the
     smallest nprobe within that of the best. With `rerank`, each of RERANK_FACTORS
@@ -737,10 +737,10 @@ def tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, 
     the first does, the fewest of RERANK_TRIM that still reach it at that nprobe
     are kept (its curve stays the one nprobe was tuned on)."""
     if rerank is None:
-        return _tune_nprobe(index, queries, query_ids, truth, target, rerank=None, factor=0)
+        return _tune_nprobe(index, queries, query_ids, truth, target, rerank=None, factor=0, start=start)
     best = None
     for factor in RERANK_FACTORS:
-        report = _tune_nprobe(index, queries, query_ids, truth, target, rerank=rerank, factor=factor)
+        report = _tune_nprobe(index, queries, query_ids, truth, target, rerank=rerank, factor=factor, start=start)
         if best is None or report.recall_at_10 > best.recall_at_10 + RECALL_PLATEAU:
             best = report
         if report.recall_at_10 >= target:
@@ -761,12 +761,12 @@ def _trim_rerank(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray,
 
 
 def _tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
-                 target: float, *, rerank: RerankVectors | None, factor: int) -> RecallReport:
+                 target: float, *, rerank: RerankVectors | None, factor: int, start: int = 1) -> RecallReport:
     k = truth.shape[1]
     ivf = faiss.extract_index_ivf(main_index(index))
     nlist, exact_codes = ivf.nlist, ivf.code_size == 4 * ivf.d  # IVF-Flat stores the float32 vectors
     curve: list[tuple[int, float]] = []
-    nprobe = 1
+    nprobe = max(1, min(start, nlist))
     while True:
         _, found = search(index, queries, k + 1, nprobe=nprobe, rerank=rerank, rerank_factor=factor)
         curve.append((nprobe, recall_at_k(drop_self(found, query_ids, k), truth)))
@@ -847,15 +847,19 @@ def measure_recall(index: faiss.Index | Segments, queries: np.ndarray, query_ids
 
 
 def measure_recall_against(index: faiss.Index | Segments, truth: RecallTruth, *, target: float, k: int = RECALL_K,
-                           rerank: RerankVectors | None = None) -> RecallReport:
-    """`measure_recall` with the exact neighbours known (`truth`, kept with the version)."""
+                           rerank: RerankVectors | None = None, start_nprobe: int = 1) -> RecallReport:
+    """`measure_recall` with the exact neighbours known (`truth`, kept with the version).
+    A night starts from the nprobe its base was tuned to (`start_nprobe`): one pass
+    when recall still reaches the target (each pass reads most of the main index's
+    lists: 5 GB at 10M x 128), doubling only when it no longer does; a compaction
+    tunes from 1 again."""
     k = min(k, as_segments(index).ntotal - 1)
     if not is_ivf(index) or k < 1:
         return RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=target)  # exact by construction
     usable = truth.usable(k)
     queries, query_ids = truth.queries[usable], truth.query_ids[usable]
     report = tune_nprobe(index, queries, query_ids, drop_self(truth.ids[usable, :k + 1], query_ids, k), target,
-                         rerank=rerank)
+                         rerank=rerank, start=start_nprobe)
     set_nprobe(index, report.nprobe)
     log.info("recall@%s %.3f at nprobe %s, re-rank factor %s (target %.2f, %s queries; tried %s)", k,
              report.recall_at_10, report.nprobe, report.rerank_factor, target, report.queries, report.curve)

@@ -174,6 +174,12 @@ def test_recall_truth_kept_with_the_version_equals_an_exact_pass(tmp_path):
         assert depth >= 11
         np.testing.assert_array_equal(truth.ids[row, :depth], fresh[row, :depth])
     assert (truth.depth < fi.TRUTH_DEPTH).any()  # some lists lost entries to the nights' removals
+    # a night starts from the nprobe its base was tuned to: one pass while recall holds
+    tuned = [Catalog.open(sc.store, version=v).manifest.index_nprobe for v in range(1, m.version + 1)]
+    assert tuned == sorted(tuned) and tuned[0] > 1, tuned
+    report = fi.measure_recall_against(cat.index, truth, target=0.95, start_nprobe=m.index_nprobe)
+    assert report.curve[0][0] == m.index_nprobe and len(report.curve) == 1 and report.recall_at_10 >= 0.95
+    assert fi.measure_recall_against(cat.index, truth, target=0.95).curve[0][0] == 1  # a compaction's: from 1
 
 
 def test_the_main_index_is_hashed_once_and_verify_still_reads_every_byte(tmp_path):
