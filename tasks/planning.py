@@ -74,7 +74,7 @@ def select_images(listed: list[ObjectInfo]) -> Listing:
     return Listing(images, dict(skipped), examples)
 
 
-_READ = sorted(READABLE_EXTENSIONS | {""})
+_READ = READABLE_EXTENSIONS | {""}  # "": no extension, the content decides
 
 
 def _readable(keys: list[str]) -> np.ndarray:
@@ -83,9 +83,9 @@ def _readable(keys: list[str]) -> np.ndarray:
     try:
         array = pa.array(keys, pa.string())
     except (pa.ArrowException, UnicodeEncodeError):  # a key with a byte that is not UTF-8
-        return np.array([extension_of(key) in READABLE_EXTENSIONS or not extension_of(key) for key in keys], bool)
+        return np.array([extension_of(key) in _READ for key in keys], bool)
     found = pc.struct_field(pc.extract_regex(array, r"[^/](?P<ext>\.[^./]*)$"), [0])
-    return pc.is_in(pc.utf8_lower(pc.fill_null(found, "")), value_set=pa.array(_READ)).to_numpy(zero_copy_only=False)
+    return pc.is_in(pc.utf8_lower(pc.fill_null(found, "")), value_set=pa.array(sorted(_READ))).to_numpy(zero_copy_only=False)
 
 
 @dataclass

@@ -289,13 +289,15 @@ def _next_images(carried: Catalog | None, change: VersionChange, gone: pa.Table)
             images = images.filter(pc.invert(pc.is_in(images["image_id"], value_set=gone["image_id"])))
         new_rows = [tables.frame_to_table(r, tables.IMAGES_SCHEMA) for r in change.new_rows if len(r)]
         images = pa.concat_tables([images, *new_rows]).combine_chunks() if new_rows else images
-        images = images.set_column(images.schema.get_field_index("page"), "page", pc.fill_null(images["page"], 1))
-        images = images.take(pc.sort_indices(images, [("key", "ascending"), ("page", "ascending")]))
         ids = np.sort(images["image_id"].to_numpy())
         duplicated = np.unique(ids[1:][ids[1:] == ids[:-1]])
         if len(duplicated):
             clash = images.filter(pc.is_in(images["image_id"], value_set=pa.array(duplicated[:5])))
             raise AssertionError(f"image ids collide for keys {clash['key'].to_pylist()[:5]}")
+    # one order for every compacted part, as `Catalog.images` reads it (rows written before
+    # documents had pages are an image's page 1)
+    images = images.set_column(images.schema.get_field_index("page"), "page", pc.fill_null(images["page"], 1))
+    images = images.take(pc.sort_indices(images, [("key", "ascending"), ("page", "ascending")]))
     if change.categories is not None:
         labels = change.categories.drop_duplicates("image_id").set_index("image_id")
         at = labels.index.get_indexer(images["image_id"].to_numpy())

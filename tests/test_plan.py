@@ -48,6 +48,10 @@ A, B, C = ObjectInfo("a.jpg", "e1", 10), ObjectInfo("b.jpg", "e2", 20), ObjectIn
      dict(new=["a.jpg"], retry=[], given_up=0)),
     # a failed object deleted from the source leaves the failures table
     ([], catalogued(), failed(("a.jpg", "e1", 10, 1)), {}, dict(deleted=["a.jpg"])),
+    # a document's pages are rows of one key: one object, unchanged; the mass-delete guard counts keys
+    ([ObjectInfo("d.pdf", "e4", 40), A], catalogued(("d.pdf", "e4", 40), ("d.pdf", "e4", 40), ("b.jpg", "e2", 20)),
+     failed(("a.jpg", "e1", 10, 1, "decode"), ("x.jpg", "e7", 70, 1)), {},
+     dict(new=[], changed=[], deleted=["b.jpg", "x.jpg"], unchanged=1, given_up=1, catalogued=4)),
     # --limit caps the work; past it, changed images are removed now and redone later
     ([ObjectInfo("a.jpg", "e9", 10), B, C], catalogued(("a.jpg", "e1", 10)), failed(), {"limit": 1},
      dict(new=[], changed=["a.jpg"], deferred=["b.jpg", "c.jpg"])),
@@ -58,6 +62,7 @@ def test_plan_changes(listing, known, fails, kwargs, expect):
         "new": [o.key for o in plan.new], "changed": [o.key for o in plan.changed],
         "retry": [o.key for o in plan.retry], "deleted": plan.deleted, "unchanged": plan.unchanged,
         "given_up": plan.given_up, "deferred": [o.key for o in plan.deferred], "empty": plan.is_empty,
+        "catalogued": plan.catalogued,
     }
     for field, value in expect.items():
         assert got[field] == value, f"{field}: {got[field]} != {value}"

@@ -155,13 +155,15 @@ def test_a_night_past_the_threshold_compacts_on_its_own_and_rollback_restores_se
     np.testing.assert_allclose(cat.index.reconstruct_batch(ids), vectors, atol=1e-6)
 
 
-def test_recall_truth_kept_with_the_version_equals_an_exact_pass(tmp_path):
+def test_recall_truth_kept_with_the_version_equals_an_exact_pass(tmp_path, caplog):
     """An IVF catalogue: each night's recall is measured against the truth carried
     over (ids that left dropped, new vectors merged in), which must equal exact
     neighbours computed afresh over the live vectors."""
     dim = 24
     settings = fi.IndexSettings(flat_max_vectors=500, memory_budget_bytes=1 << 30)
-    sc, _ = nights(dim, settings, tmp_path / "cat", n=3000, rounds=3)
+    with caplog.at_level("INFO", logger="tasks.index"):
+        sc, _ = nights(dim, settings, tmp_path / "cat", n=3000, rounds=3)
+    curves = [r.args[-1] for r in caplog.records if r.getMessage().startswith("recall@")]
     cat = sc.catalog()
     m = cat.manifest
     assert m.index_type == "ivf-flat" and m.index_delta and m.index_truth and m.index_recall_queries > 900
@@ -177,6 +179,8 @@ def test_recall_truth_kept_with_the_version_equals_an_exact_pass(tmp_path):
     # a night starts from the nprobe its base was tuned to: one pass while recall holds
     tuned = [Catalog.open(sc.store, version=v).manifest.index_nprobe for v in range(1, m.version + 1)]
     assert tuned == sorted(tuned) and tuned[0] > 1, tuned
+    assert len(curves) == len(tuned) and curves[0][0][0] == 1  # the first version tunes from 1
+    assert [curve[0][0] for curve in curves[1:]] == tuned[:-1], (curves, tuned)  # each night from its base's
     report = fi.measure_recall_against(cat.index, truth, target=0.95, start_nprobe=m.index_nprobe)
     assert report.curve[0][0] == m.index_nprobe and len(report.curve) == 1 and report.recall_at_10 >= 0.95
     assert fi.measure_recall_against(cat.index, truth, target=0.95).curve[0][0] == 1  # a compaction's: from 1
