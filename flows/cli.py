@@ -54,8 +54,8 @@ ClusterOpt = Annotated[str | None, typer.Option(
     envvar="BATCHSIGHT_DASK_CLUSTER", help="Run the shards on the Dask cluster whose scheduler is at this address "
     "(tcp://HOST:8786); see docs/operations.md.")]
 WorkersOpt = Annotated[int | None, typer.Option(
-    min=1, help="Run the shards on a local Dask cluster of this many worker processes (one per GPU on a GPU "
-    "machine). Default: in this process.")]
+    min=1, help="Run the shards on a local Dask cluster of this many worker processes; on a GPU machine a "
+    "multiple of the GPUs, several shard processes feeding each card. Default: in this process.")]
 
 
 BUG_REPORT = ("this is a bug in batchsight, not something you did: please report it with the command you ran "

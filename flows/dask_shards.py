@@ -2,9 +2,12 @@
 of runner is flows/runners.py).
 
 - `--workers N`: a temporary `LocalCluster` of N worker processes, one shard at a
-  time each, the model's CPU threads shared out (`OMP_NUM_THREADS`), task runs
-  reported to this flow's Prefect API; on a machine with GPUs, one worker per
-  GPU, each pinned to its card by `PinGpu` and advertising `GPU=1`.
+  time each, the cores shared out (`OMP_NUM_THREADS` for the model's CPU
+  streams, `BATCHSIGHT_WORKER_CORES` for decode processes), task runs reported
+  to this flow's Prefect API; on a machine with GPUs, N a multiple of the GPUs,
+  each worker pinned to a card by `PinGpu` and advertising `GPU=1`: several
+  shard processes can feed one card, so no single interpreter batches and
+  writes every image.
 - `--cluster ADDRESS`: a running cluster; its workers are set up by whoever
   started them (docs/operations.md).
 
@@ -32,7 +35,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 
 from flows.runners import RunnerError, ShardRunner, ShardsDone
-from tasks.pipeline import ProgressReporter
+from tasks.pipeline import WORKER_CORES_ENV, ProgressReporter
 
 PROGRESS_EVERY_S = 0.5  # a worker sends a shard's count at most this often
 
@@ -44,8 +47,9 @@ def local_gpus() -> int:
 
 
 class PinGpu(WorkerPlugin):
-    """A Dask worker plugin: worker `name` (0, 1, ...) sees only GPU `name`, set
-    before anything in the worker touches CUDA."""
+    """A Dask worker plugin: worker `name` (0, 1, ...) sees only GPU `name` modulo
+    the GPUs (several workers share a card when there are more workers than
+    cards), set before anything in the worker touches CUDA."""
 
     name = "batchsight-pin-gpu"
 
@@ -58,7 +62,9 @@ class PinGpu(WorkerPlugin):
 
 def _local_cluster_kwargs(workers: int, gpus: int, api_url: str | None) -> dict[str, Any]:
     cores = os.cpu_count() or 1
-    env = {"OMP_NUM_THREADS": str(max(1, cores // workers))}  # the model's CPU streams share the cores
+    share = str(max(1, cores // workers))
+    # The model's CPU streams and the decode processes share the cores out.
+    env = {"OMP_NUM_THREADS": share, WORKER_CORES_ENV: share}
     if api_url:  # task runs report to this flow's API, not to a temporary server of each worker's own
         env["PREFECT_API_URL"] = api_url
     kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": 1, "processes": True,
@@ -82,8 +88,9 @@ def _dask_runner(runner: ShardRunner) -> Iterator[Any]:
             yield task_runner
         return
     gpus = local_gpus()
-    if gpus and runner.workers > gpus:
-        raise RunnerError(f"this machine has {gpus} GPUs and a worker takes one: use --workers {gpus} at most")
+    if gpus and runner.workers % gpus:
+        raise RunnerError(f"this machine has {gpus} GPUs and --workers {runner.workers} would give some cards more "
+                          f"workers than others: use a multiple of {gpus}")
     kwargs = _local_cluster_kwargs(runner.workers, gpus, _flow_api_url())
     # GPU workers decode in processes of their own, which a daemonic process may
     # not start. Dask's MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap

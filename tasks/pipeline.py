@@ -95,19 +95,28 @@ class StageTimes:
 
 
 INPUT_BOUND_WAIT = 0.2  # batching idle this share of the time: the inputs are the wall
+SHARD_BOUND_MODEL = 0.5  # the model busy less than this share, batching not idle: the shard's process is the wall
 
 
-def bottleneck(stage_s: dict[str, float], wall_s: float) -> str:
+def bottleneck(stage_s: dict[str, float], shard_s: float) -> str:
     """One line that tells an operator what held a run back, from its stage times
-    and the wall time of its shards."""
-    if wall_s <= 0:
+    and its shards' own seconds (`shard_s`: each shard's wall time, summed, so
+    shards running side by side on several workers count once each)."""
+    if shard_s <= 0:
         return ""
-    waited = min(1.0, stage_s.get("wait_s", 0.0) / wall_s)
+    waited = min(1.0, stage_s.get("wait_s", 0.0) / shard_s)
     if waited >= INPUT_BOUND_WAIT:
         slower = "fetch" if stage_s.get("fetch_s", 0.0) > stage_s.get("decode_s", 0.0) else "decode"
         return (f"input: batches waited for images {waited:.0%} of the time, mostly in {slower}; raise --io-workers"
                 + (", or move the catalogue job closer to the bucket" if slower == "fetch" else
                    ", add cores, or use --gpu-decode on a GPU"))
+    busy = stage_s.get("model_s", 0.0) / shard_s
+    if busy < SHARD_BOUND_MODEL:
+        # Neither waiting for images nor in the model: the shard's one process
+        # (batching, device decode calls, rows and parts) is what a GPU waits on.
+        return (f"shard process: the model was busy {busy:.0%} of the time and batches waited for images "
+                f"{waited:.0%}; the rest went to batching and writing in the shard's one process: run several "
+                "shard processes (--workers N, also on one GPU)")
     return (f"model: it ran all the time (batches waited for images {waited:.0%} of the time); a GPU, "
             "--compile on or a smaller model is what goes faster")
 
@@ -208,12 +217,18 @@ def decodes_in_processes(option: str, device: torch.device, cores: int | None = 
     return device.type == "cuda" or cores >= PROCESS_DECODE_MIN_CORES
 
 
+WORKER_CORES_ENV = "BATCHSIGHT_WORKER_CORES"  # this process's share of the cores (a local Dask worker's)
+
+
 def decode_process_count(device: torch.device, cores: int | None = None) -> int:
-    """One decode process a core; on a GPU machine of more than 4 cores, two cores
+    """One decode process a core of this process's share (`WORKER_CORES_ENV`,
+    set for each worker of a local cluster; else every core); on a GPU, cores
     are left to the shard's own process (fetch threads, batching, GPU decode and
-    the model's launches)."""
-    cores = cores or os.cpu_count() or 1
-    return cores - 2 if device.type == "cuda" and cores > 4 else cores
+    the model's launches): two of more than 4, one of 2 to 4."""
+    cores = cores or int(os.environ.get(WORKER_CORES_ENV) or 0) or os.cpu_count() or 1
+    if device.type != "cuda" or cores < 2:
+        return cores
+    return cores - 2 if cores > 4 else cores - 1
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}

