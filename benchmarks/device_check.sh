@@ -11,6 +11,12 @@
 #
 #     benchmarks/device_check.sh --wheels .whl --out /tmp/device_check.json
 #     benchmarks/device_check.sh --device cpu --images 200 --model resnet18     # smoke test, anywhere
+#
+# The next GPU session's question (issue 13): do several shard processes on the one card
+# beat one? In-process against --workers 4, GPU decode, both sets, about 5 minutes:
+#
+#     benchmarks/device_check.sh --wheels .whl --compile off --only "GPU decode" --budget-s 360 \
+#         --out "$OUT/device_check.json"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,12 +28,12 @@ while [[ $# -gt 0 ]]; do
         *) ARGS+=("$1"); shift ;;
     esac
 done
-if ! "$PY" -c "import prefect, faiss, boto3, pypdfium2" 2>/dev/null; then
-    [[ -n "$WHEELS" ]] || { echo "prefect, faiss, boto3 or pypdfium2 is missing: pass --wheels DIR (benchmarks/gpu_wheels.sh)" >&2; exit 2; }
+if ! "$PY" -c "import prefect, prefect_dask, faiss, boto3, pypdfium2" 2>/dev/null; then
+    [[ -n "$WHEELS" ]] || { echo "prefect, prefect-dask, faiss, boto3 or pypdfium2 is missing: pass --wheels DIR (benchmarks/gpu_wheels.sh)" >&2; exit 2; }
     SITE=${TMPDIR:-/tmp}/batchsight-wheels
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-    "$PY" -c "import prefect, faiss, boto3, pypdfium2; print('wheels:', 'prefect', prefect.__version__, 'faiss', faiss.__version__)"
+    "$PY" -c "import prefect, prefect_dask, faiss, boto3, pypdfium2; print('wheels:', 'prefect', prefect.__version__, 'faiss', faiss.__version__)"
 fi
 export PREFECT_HOME=${PREFECT_HOME:-$(mktemp -d)} PREFECT_SERVER_ANALYTICS_ENABLED=false PYTHONUNBUFFERED=1
 exec "$PY" benchmarks/device_check.py "${ARGS[@]}"

@@ -3,7 +3,8 @@
 # that already has torch, torchvision, numpy, pandas, pyarrow and Pillow (and, like
 # most CUDA images, jinja2, pyyaml, pygments and regex): prefect, faiss-cpu, boto3,
 # pypdfium2 and whatever of their dependencies such an image lacks, for CPython 3.12
-# on x86-64 Linux, into .whl/ (about 60 MB). botocore keeps only its s3 and sts data
+# on x86-64 Linux, into .whl/ (about 62 MiB; prefect-dask, dask and distributed for
+# --workers). botocore keeps only its s3 and sts data
 # (16 MB -> 1 MB). Run where pip can reach a package index:
 #
 #     benchmarks/gpu_wheels.sh            # then: benchmarks/device_check.sh --wheels .whl
@@ -18,9 +19,12 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux_2_5_x86_64)
 TARGET=(--python-version 3.12 --implementation cp --only-binary=:all: "${PLATFORMS[@]}")
 # The versions this project's venv resolved, closed over their dependencies for 3.12.
-ROOTS=(prefect==3.9.1 faiss-cpu==1.15.1 boto3==1.44.8 pypdfium2==5.15.2)
-# On the GPU image already; carrying them would shadow the image's own builds.
-SKIP='^(numpy|pygments|pyyaml|regex)=='
+ROOTS=(prefect==3.9.1 prefect-dask==0.3.7 faiss-cpu==1.15.1 boto3==1.44.8 pypdfium2==5.15.2)
+# On the GPU image already (.library/device/KINDS.md lists its packages): carrying them
+# would shadow the image's own builds, and the call carries 64 MiB at most. Besides
+# the builds, the small pure-Python ones whose interfaces have long been stable;
+# typer, rich, httpx, anyio, click and jinja2 travel, for the versions prefect pins.
+SKIP='^(numpy|pygments|pyyaml|regex|msgpack|charset-normalizer|python-dateutil|fsspec|psutil|urllib3|certifi|requests|idna|toolz|sortedcontainers|six|zipp|mdurl|colorama|pluggy|cloudpickle)=='
 
 "$PY" -m pip install --dry-run --quiet --ignore-installed --target "$WORK/t" --report "$WORK/report.json" \
     "${TARGET[@]}" "${ROOTS[@]}"

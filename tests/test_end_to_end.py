@@ -4,6 +4,9 @@ real FAISS. The same test body runs on both kinds of storage."""
 
 from __future__ import annotations
 
+import uuid
+
+import boto3
 import numpy as np
 import pandas as pd
 import pytest
@@ -35,18 +38,41 @@ def source_store(url, endpoint):
     return LocalStore(url)
 
 
-@pytest.fixture
-def catalogued(roots, samples, resnet18_weights):
+def catalogue_samples(roots, samples, weights):
     source, output, endpoint = roots
     write_samples(source_store(source, endpoint), samples)
-    summary = catalog_images(source=source, output=output, model="resnet18", weights=str(resnet18_weights),
+    summary = catalog_images(source=source, output=output, model="resnet18", weights=str(weights),
                              batch_size=16, shard_size=20, endpoint_url=endpoint)
     cat = Catalog.open(cached_store(output, endpoint))
     return summary, cat, roots
 
 
-def test_every_good_image_has_one_row_and_one_vector(catalogued, samples):
-    summary, cat, _ = catalogued
+@pytest.fixture
+def catalogued(roots, samples, resnet18_weights):
+    """A catalogue of its own, for a test that changes it."""
+    return catalogue_samples(roots, samples, resnet18_weights)
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def shared(request, tmp_path_factory, samples, resnet18_weights):
+    """One catalogue a store kind for the tests that only read it (built once,
+    not once a test: 9 s each on S3)."""
+    if request.param == "local":
+        root = tmp_path_factory.mktemp("e2e")
+        LocalStore(root / "src", create=True)
+        roots = str(root / "src"), str(root / "out"), None
+    else:
+        endpoint = request.getfixturevalue("moto_endpoint")
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        buckets = [f"bs-e2e-shared-{side}-{uuid.uuid4().hex[:8]}" for side in ("src", "out")]
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        roots = f"s3://{buckets[0]}/incoming/photos", f"s3://{buckets[1]}/catalog", endpoint
+    return catalogue_samples(roots, samples, resnet18_weights)
+
+
+def test_every_good_image_has_one_row_and_one_vector(shared, samples):
+    summary, cat, _ = shared
     good = sorted(s.key for s in samples if s.kind != "broken")
     images = cat.images
     assert summary.status == "committed" and cat.manifest.version == 1
@@ -65,8 +91,8 @@ def test_every_good_image_has_one_row_and_one_vector(catalogued, samples):
     assert row["width"] > 0 and row["height"] > 0
 
 
-def test_broken_files_land_in_failures_and_the_rest_is_processed(catalogued):
-    summary, cat, _ = catalogued
+def test_broken_files_land_in_failures_and_the_rest_is_processed(shared):
+    summary, cat, _ = shared
     failures = cat.failures.set_index("key")
     assert set(failures.index) == {"broken/truncated.jpg", "broken/empty.jpg", "broken/notes.jpg"}
     assert failures.loc["broken/truncated.jpg", "error_type"] == "truncated"
@@ -76,8 +102,8 @@ def test_broken_files_land_in_failures_and_the_rest_is_processed(catalogued):
     assert summary.failed == 3 and summary.processed == 50
 
 
-def test_image_ids_are_stable_for_a_key(catalogued, resnet18_weights, tmp_path):
-    _, cat, (source, _, endpoint) = catalogued
+def test_image_ids_are_stable_for_a_key(shared, resnet18_weights, tmp_path):
+    _, cat, (source, _, endpoint) = shared
     other = catalog_images(source=source, output=str(tmp_path / "second"), model="resnet18",
                            weights=str(resnet18_weights), endpoint_url=endpoint)
     again = Catalog.open(LocalStore(tmp_path / "second"))
@@ -86,8 +112,8 @@ def test_image_ids_are_stable_for_a_key(catalogued, resnet18_weights, tmp_path):
                                    again.images.set_index("key")["image_id"])
 
 
-def test_search_by_key_leaves_itself_out_unless_asked(catalogued):
-    _, cat, _ = catalogued
+def test_search_by_key_leaves_itself_out_unless_asked(shared):
+    _, cat, _ = shared
     key = cat.images["key"].iloc[7]
     result = similar_images(cat, key=key, k=5)
     assert list(result.columns) == ["rank", "key", "page", "score", "top_class", "category", "image_id"]
@@ -122,8 +148,8 @@ def test_a_catalogue_written_before_pages_existed_still_searches(catalogued):
     assert (best["key"], best["page"]) == (key, 1)
 
 
-def test_reencoded_resized_copy_finds_its_original(catalogued, samples):
-    _, cat, _ = catalogued
+def test_reencoded_resized_copy_finds_its_original(shared, samples):
+    _, cat, _ = shared
     photos = [s for s in samples if s.kind == "product"][:4]
     for original in photos:
         copy = reencoded_copy(original.data, scale=0.7, quality=75)
