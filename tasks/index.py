@@ -728,16 +728,25 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune_nprobe(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
-                target: float, *, rerank: RerankVectors | None = None, start: int = 1) -> RecallReport:
+                target: float, *, rerank: RerankVectors | None = None, start: int = 1,
+                start_factor: int = 0) -> RecallReport:
     """Raise nprobe `start`, 2 x `start`, ... until recall@k reaches `target`. IVF-Flat always
     gets there (at nprobe = nlist it is exact). Where codes cap recall below
     the target, stop when doubling gains under RECALL_PLATEAU and keep the
     smallest nprobe within that of the best. With `rerank`, each of RERANK_FACTORS
     is tried in turn (fewest candidates first) until one reaches the target; when
     the first does, the fewest of RERANK_TRIM that still reach it at that nprobe
-    are kept (its curve stays the one nprobe was tuned on)."""
+    are kept (its curve stays the one nprobe was tuned on). A night passes its
+    base's factor as `start_factor`: while recall holds there, that is one pass at
+    the base's nprobe and factor, not a pass at every factor and trim from the
+    smallest (each pass reads most of the main index's lists)."""
     if rerank is None:
         return _tune_nprobe(index, queries, query_ids, truth, target, rerank=None, factor=0, start=start)
+    if start_factor:
+        report = _tune_nprobe(index, queries, query_ids, truth, target, rerank=rerank, factor=start_factor,
+                              start=start)
+        if report.recall_at_10 >= target:
+            return report
     best = None
     for factor in RERANK_FACTORS:
         report = _tune_nprobe(index, queries, query_ids, truth, target, rerank=rerank, factor=factor, start=start)
@@ -847,19 +856,20 @@ def measure_recall(index: faiss.Index | Segments, queries: np.ndarray, query_ids
 
 
 def measure_recall_against(index: faiss.Index | Segments, truth: RecallTruth, *, target: float, k: int = RECALL_K,
-                           rerank: RerankVectors | None = None, start_nprobe: int = 1) -> RecallReport:
+                           rerank: RerankVectors | None = None, start_nprobe: int = 1,
+                           start_rerank_factor: int = 0) -> RecallReport:
     """`measure_recall` with the exact neighbours known (`truth`, kept with the version).
-    A night starts from the nprobe its base was tuned to (`start_nprobe`): one pass
-    when recall still reaches the target (each pass reads most of the main index's
-    lists: 5 GB at 10M x 128), doubling only when it no longer does; a compaction
-    tunes from 1 again."""
+    A night starts from the nprobe and re-rank factor its base was tuned to
+    (`start_nprobe`, `start_rerank_factor`): one pass when recall still reaches the
+    target (each pass reads most of the main index's lists: 5 GB at 10M x 128),
+    doubling only when it no longer does; a compaction tunes from 1 again."""
     k = min(k, as_segments(index).ntotal - 1)
     if not is_ivf(index) or k < 1:
         return RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=target)  # exact by construction
     usable = truth.usable(k)
     queries, query_ids = truth.queries[usable], truth.query_ids[usable]
     report = tune_nprobe(index, queries, query_ids, drop_self(truth.ids[usable, :k + 1], query_ids, k), target,
-                         rerank=rerank, start=start_nprobe)
+                         rerank=rerank, start=start_nprobe, start_factor=start_rerank_factor)
     set_nprobe(index, report.nprobe)
     log.info("recall@%s %.3f at nprobe %s, re-rank factor %s (target %.2f, %s queries; tried %s)", k,
              report.recall_at_10, report.nprobe, report.rerank_factor, target, report.queries, report.curve)

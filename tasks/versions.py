@@ -456,7 +456,8 @@ def _appended_index(store: ObjectStore, carried: Catalog, gone: pa.Table, new_pa
     if faiss_index.is_ivf(segments):
         truth = carried.recall_truth().updated(gone_ids, new_blocks)
         recall = faiss_index.measure_recall_against(segments, truth, target=settings.recall_target,
-                                                    rerank=carried.rerank, start_nprobe=carried.manifest.index_nprobe)
+                                                    rerank=carried.rerank, start_nprobe=carried.manifest.index_nprobe,
+                                                    start_rerank_factor=carried.manifest.index_rerank_factor)
         _warn_below_target(recall, n, base.d, settings)
     return AppendedIndex(index=segments, recall=recall, truth=truth)
 

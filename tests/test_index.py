@@ -496,8 +496,23 @@ def test_catalogue_with_coarse_codes_keeps_a_versioned_rerank_file_and_reaches_t
 
     # nightly: 100 deleted, 200 new -> the main index and its re-rank file stay; the new
     # vectors are the delta segment, the deleted ids are filtered out of the main index
-    v2 = cat.commit(keys[n:], vectors[n:], deleted=keys[:100])
+    passes = []
+    search = fi.search
+
+    def counted(*args, **kwargs):
+        passes.append(kwargs.get("rerank_factor"))
+        return search(*args, **kwargs)
+
+    fi.search = counted
+    try:
+        v2 = cat.commit(keys[n:], vectors[n:], deleted=keys[:100])
+    finally:
+        fi.search = search
     m2 = v2.manifest
+    # The night measured recall once, at its base's nprobe and re-rank factor (it
+    # used to try the smallest factor first and trim, a pass over the index each).
+    assert (m2.index_nprobe, m2.index_rerank_factor) == (m.index_nprobe, m.index_rerank_factor)
+    assert passes == [m.index_rerank_factor]
     assert (m2.index, m2.index_factory, m2.index_trained_n, m2.index_rerank) == \
         (m.index, m.index_factory, n, m.index_rerank)
     assert (m2.counts["index_delta"], m2.counts["index_removed"], m2.counts["vectors"]) == (200, 100, n + 100)
