@@ -233,7 +233,8 @@ def run(
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs and bf16-capable CPUs, else fp32.")]
     = Precision(D.precision),
     limit: Annotated[int | None, typer.Option(min=1, help="Process at most this many images this run.")] = D.limit,
-    shard_size: Annotated[int, typer.Option(min=1, help="Images per Prefect task.")] = D.shard_size,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per Prefect task (with --workers N, smaller where "
+                                                       "the workers would get fewer than 2 shards each).")] = D.shard_size,
     io_workers: Annotated[int | None, typer.Option(min=1, max=256, help="Fetch/decode threads per shard "
                                                    "(default: twice the cores, at least 4).")] = D.io_workers,
     compile: Annotated[Compile, typer.Option(help="torch.compile the model: auto = when the run has 3,000+ "

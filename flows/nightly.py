@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.runners import ShardRunner, check_reachable, run_shards, shard_progress
+from flows.runners import ShardRunner, check_reachable, run_shards, shard_progress, shard_size_for
 from models.engine import EmbedderSettings, describe_model, get_embedder, should_compile
 from models.errors import UserError
 from models.registry import model_family
@@ -150,6 +150,7 @@ def catalog_images(
         if progress:  # after compiling, so the bar's rate is the shards' rate
             progress.start(len(todo))
         topic = None if runner.in_process else f"batchsight-progress-{run_id}"
+        shard_size = shard_size_for(len(todo), shard_size, runner)
         specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source_at, output=output_at,
                            run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
                            decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages,

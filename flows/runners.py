@@ -71,6 +71,20 @@ class ShardRunner:
         return "this process"
 
 
+SHARDS_PER_WORKER = 2  # at least, on a local cluster: no worker idles while one shard is left
+
+
+def shard_size_for(objects: int, shard_size: int, runner: ShardRunner) -> int:
+    """`shard_size`, made smaller where a local cluster of `runner.workers` would
+    otherwise get fewer than `SHARDS_PER_WORKER` shards a worker (a night of
+    5,000 images in shards of 2,000 kept one of 4 workers idle and the last
+    shard running alone). Never larger; a remote cluster's size is not known
+    before it is reached, so its shards keep `shard_size`."""
+    if not runner.workers or objects <= 0:
+        return shard_size
+    return max(1, min(shard_size, -(-objects // (SHARDS_PER_WORKER * runner.workers))))
+
+
 def scheduler_address(cluster: str) -> tuple[str, int]:
     """(host, port) of a Dask scheduler address such as tcp://10.0.0.5:8786."""
     parsed = urlparse(cluster if "://" in cluster else f"tcp://{cluster}")

@@ -278,3 +278,16 @@ def test_several_workers_share_a_card_and_the_cores(monkeypatch):
     with pytest.raises(dask_shards.RunnerError, match="use a multiple of 2"):
         with dask_shards._dask_runner(ShardRunner(workers=3)):
             pass
+
+
+@pytest.mark.parametrize("objects,size,runner,expected", [
+    (5000, 2000, ShardRunner(workers=4), 625),  # 3 shards for 4 workers -> 8 shards of 625
+    (100_000, 2000, ShardRunner(workers=4), 2000),  # plenty of shards already: never larger
+    (5000, 2000, ShardRunner(), 2000),  # in this process: one shard at a time anyway
+    (5000, 2000, ShardRunner(cluster="tcp://10.0.0.5:8786"), 2000),  # a remote cluster's size is unknown here
+    (3, 2000, ShardRunner(workers=4), 1),
+])
+def test_a_local_cluster_gets_at_least_two_shards_a_worker(objects, size, runner, expected):
+    from flows.runners import shard_size_for
+
+    assert shard_size_for(objects, size, runner) == expected
