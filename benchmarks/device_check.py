@@ -280,7 +280,7 @@ def summarise(results: dict) -> None:
         base = steps.get("dataloader " + ("mix" if "mix" in name else "imagenet-like"), {}).get("images_per_s")
         r["vs_model_alone_compiled"] = r["images_per_s"] / model if model else None
         r["vs_dataloader"] = r["images_per_s"] / base if base else None
-        target = TARGETS.get(name.split(", ")[0] + ", " + name.split(", ")[1])  # with or without shard processes
+        target = TARGETS.get(", ".join(name.split(", ")[:2]))  # the same with or without shard processes
         if target:
             r["target_images_per_s"] = target
             r["meets_target"] = r["images_per_s"] >= target and (r["vs_dataloader"] or 0) >= 10

@@ -75,6 +75,7 @@ def select_images(listed: list[ObjectInfo]) -> Listing:
 
 
 _READ = READABLE_EXTENSIONS | {""}  # "": no extension, the content decides
+_READ_ARRAY = pa.array(sorted(_READ))
 
 
 def _readable(keys: list[str]) -> np.ndarray:
@@ -85,7 +86,7 @@ def _readable(keys: list[str]) -> np.ndarray:
     except (pa.ArrowException, UnicodeEncodeError):  # a key with a byte that is not UTF-8
         return np.array([extension_of(key) in _READ for key in keys], bool)
     found = pc.struct_field(pc.extract_regex(array, r"[^/](?P<ext>\.[^./]*)$"), [0])
-    return pc.is_in(pc.utf8_lower(pc.fill_null(found, "")), value_set=pa.array(sorted(_READ))).to_numpy(zero_copy_only=False)
+    return pc.is_in(pc.utf8_lower(pc.fill_null(found, "")), value_set=_READ_ARRAY).to_numpy(zero_copy_only=False)
 
 
 @dataclass

@@ -8,6 +8,7 @@ runner does for the clusters it starts), seeded random resnet18 weights from a f
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -80,13 +81,16 @@ def test_shards_on_a_local_cluster_give_the_same_catalogue_as_one_process(new_bu
     built_before = engine.embedders_built()
     progress = CountingProgress()
     with reporting_progress(progress):
-        spread = run(source, on_cluster, resnet18_weights, moto_endpoint, shard_size=4, workers=2)
+        # shards of 100 would be one shard for two workers: the flow cuts them to two a worker at least
+        spread = run(source, on_cluster, resnet18_weights, moto_endpoint, shard_size=100, workers=2)
 
     assert spread.status == "committed" and spread.runner == "a local Dask cluster of 2 worker processes"
     assert engine.embedders_built() == built_before, "the flow's process loaded no model: the workers did"
     me = f"{socket.gethostname()}:{os.getpid()}"
     assert me not in spread.shards_by_process and 1 <= len(spread.shards_by_process) <= 2
-    assert sum(spread.shards_by_process.values()) == spread.shards == one.shards
+    size = math.ceil((one.processed + one.failed) / 4)  # two shards a worker
+    assert sum(spread.shards_by_process.values()) == spread.shards == math.ceil((one.processed + one.failed) / size)
+    assert spread.shards >= 4 and one.shards == 5  # shards of 4 in this process
     assert spread.models_built == 1, "each worker process built its model once and reused it for its next shards"
     # The bar in this process counted every object the workers read, each once.
     assert progress.total == progress.done == spread.processed + spread.failed == one.processed + one.failed
@@ -249,8 +253,10 @@ def test_cluster_flags_are_checked_before_any_work(tmp_path):
 def test_several_workers_share_a_card_and_the_cores(monkeypatch):
     """Several shard processes may feed one GPU (one interpreter batching and
     writing every image was the wall on an H200). No GPU here: the card count is
-    set by hand, and what is checked is where each worker is pinned and what
-    share of the cores its decode processes get."""
+    set by hand (`local_gpus`), and a real local cluster of two workers on that
+    one "card" is asked where each worker is pinned, what share of the cores its
+    decode processes get, and whether it may start them (not daemonic)."""
+    import multiprocessing
     from types import SimpleNamespace
 
     import torch
@@ -258,17 +264,27 @@ def test_several_workers_share_a_card_and_the_cores(monkeypatch):
     from flows import dask_shards
     from tasks.pipeline import WORKER_CORES_ENV, decode_process_count
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    def worker_setup() -> tuple[str | None, str | None, bool]:
+        return (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get(WORKER_CORES_ENV),
+                multiprocessing.current_process().daemon)
+
+    monkeypatch.setattr(dask_shards, "local_gpus", lambda: 1)
+    with dask_shards._dask_runner(ShardRunner(workers=2)) as task_runner:  # was refused: more workers than GPUs
+        client = task_runner.client
+        client.wait_for_workers(2)
+        seen = list(client.run(worker_setup).values())
+        resources = [w["resources"] for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert seen == [("0", share, False)] * 2 and resources == [{"GPU": 1}] * 2
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # restored as it was when the test ends
     pinned = []
-    for name in range(4):
+    for name in range(4):  # two cards, four workers
         dask_shards.PinGpu(2).setup(SimpleNamespace(name=name))
         pinned.append(os.environ["CUDA_VISIBLE_DEVICES"])
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert pinned == ["0", "1", "0", "1"]
 
-    kwargs = dask_shards._local_cluster_kwargs(4, 1, None)
-    assert kwargs["resources"] == {"GPU": 1} and kwargs["n_workers"] == 4
-    assert kwargs["env"]["OMP_NUM_THREADS"] == kwargs["env"][WORKER_CORES_ENV] == "4"
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert decode_process_count(cuda) == 14  # one process: all 16 cores, two left to the shard's own process
     monkeypatch.setenv(WORKER_CORES_ENV, "4")

@@ -503,11 +503,9 @@ def test_catalogue_with_coarse_codes_keeps_a_versioned_rerank_file_and_reaches_t
         passes.append(kwargs.get("rerank_factor"))
         return search(*args, **kwargs)
 
-    fi.search = counted
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fi, "search", counted)
         v2 = cat.commit(keys[n:], vectors[n:], deleted=keys[:100])
-    finally:
-        fi.search = search
     m2 = v2.manifest
     # The night measured recall once, at its base's nprobe and re-rank factor (it
     # used to try the smallest factor first and trim, a pass over the index each).
