@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from throughput import cpu_model, image_pool, write_set  # noqa: E402
 
 from models.registry import model_family  # noqa: E402
-from tasks.pipeline import CHUNK, DecodeOptions, _ChunkJob, decode_chunk, decode_to_pixels  # noqa: E402
+from tasks.shard.pixels import decode_to_pixels  # noqa: E402
+from tasks.shard.runner import CHUNK, DecodeOptions, _ChunkJob, decode_chunk  # noqa: E402
 from tasks.storage import LocalStore, StoreSpec  # noqa: E402
 
 

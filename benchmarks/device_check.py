@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput  # noqa: E402
-from tasks.decode import decode_image  # noqa: E402
+
 from tasks.sample_data import encode, make_document, make_product_photo  # noqa: E402
+from tasks.shard.decode import decode_image  # noqa: E402
 
 IMAGENET = {"jpeg-500x375": 1.0}
 
@@ -226,9 +227,8 @@ def main() -> None:
     if args.compile == "on":
         step("model alone, compiled", model_alone, args.model, args.device, batch, True, pool, args.model_seconds)
 
-    from prefect.testing.utilities import prefect_test_harness
-
     import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         env = dict(os.environ, PREFECT_API_URL=prefect.settings.PREFECT_API_URL.value(),

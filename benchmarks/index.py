@@ -35,7 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import index as fi  # noqa: E402
+from tasks.search import index as faiss_index
+from tasks.search import index_choice, index_recall
 from tasks.synthetic_vectors import ClusteredVectors  # noqa: E402
 
 SINGLE_QUERIES = 200
@@ -52,39 +53,39 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def configure(kind: str, n: int, dim: int, args: argparse.Namespace) -> fi.IndexChoice:
+def configure(kind: str, n: int, dim: int, args: argparse.Namespace) -> index_choice.IndexChoice:
     """The choice `choose_index` would make for `kind` (with its re-rank where --rerank
     is on), with optional PQ overrides; `chosen` is what `choose_index` picks within --memory."""
     if kind == "chosen":
         if not args.memory:
             raise SystemExit("kind 'chosen' needs --memory, e.g. 2G")
-        return fi.choose_index(n, dim, fi.parse_memory_size(args.memory), rerank=args.rerank == "on")
+        return index_choice.choose_index(n, dim, index_choice.parse_memory_size(args.memory), rerank=args.rerank == "on")
     choice = configure_codes(kind, n, dim, args)
-    return fi._with_rerank(choice, n, dim) if args.rerank == "on" and kind in fi.RERANK_KINDS else choice
+    return index_choice._with_rerank(choice, n, dim) if args.rerank == "on" and kind in index_choice.RERANK_KINDS else choice
 
 
-def configure_codes(kind: str, n: int, dim: int, args: argparse.Namespace) -> fi.IndexChoice:
-    if kind in fi.SQ_CODES:
-        return fi.ivf_sq_choice(n, dim, kind)
+def configure_codes(kind: str, n: int, dim: int, args: argparse.Namespace) -> index_choice.IndexChoice:
+    if kind in index_choice.SQ_CODES:
+        return index_choice.ivf_sq_choice(n, dim, kind)
     if kind == "flat":
-        return fi.flat_choice(n, dim)
+        return index_choice.flat_choice(n, dim)
     if kind == "ivf-flat":
-        return fi.ivf_flat_choice(n, dim)
-    if kind not in fi.KINDS:
-        raise SystemExit(f"unknown kind {kind!r}; use {', '.join(fi.KINDS)}")
+        return index_choice.ivf_flat_choice(n, dim)
+    if kind not in index_choice.KINDS:
+        raise SystemExit(f"unknown kind {kind!r}; use {', '.join(index_choice.KINDS)}")
     # OPQ by the library's rule, which leaves it out where a re-rank follows
     opq = {"on": True, "off": False}.get(args.opq, False if args.rerank == "on" else None)
     if args.pq_m:
-        choice = fi.ivf_pq_for_code(n, dim, args.pq_m, opq=opq)
+        choice = index_choice.ivf_pq_for_code(n, dim, args.pq_m, opq=opq)
         if choice is None:
-            raise SystemExit(f"PQ{args.pq_m} does not suit dimension {dim}: at most d/{fi.PQ_MIN_DIMS_PER_CODE} "
+            raise SystemExit(f"PQ{args.pq_m} does not suit dimension {dim}: at most d/{index_choice.PQ_MIN_DIMS_PER_CODE} "
                              "bytes, and without OPQ a divisor of d")
         return choice
-    budget = fi.parse_memory_size(args.pq_memory) if args.pq_memory else fi.ivf_flat_choice(n, dim).estimated_bytes // 16
-    choice = fi.ivf_pq_choice(n, dim, budget)
+    budget = index_choice.parse_memory_size(args.pq_memory) if args.pq_memory else index_choice.ivf_flat_choice(n, dim).estimated_bytes // 16
+    choice = index_choice.ivf_pq_choice(n, dim, budget)
     if choice is None:
         raise SystemExit(f"no IVF-PQ for {n} x {dim} fits in {budget:,} bytes; pass --pq-memory or --pq-m")
-    return fi.ivf_pq_for_code(n, dim, choice.pq_m, opq=opq) if opq is not None else choice
+    return index_choice.ivf_pq_for_code(n, dim, choice.pq_m, opq=opq) if opq is not None else choice
 
 
 def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
@@ -100,10 +101,10 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
         rng = np.random.default_rng(args.seed + 1)
         pool = np.setdiff1d(np.arange(data.n, dtype=np.int64), query_ids)  # held out: queries never train
         train_ids = rng.choice(pool, min(choice.train_size, len(pool)), replace=False)
-        training = fi.gather_vectors(data, train_ids, data.dim)
+        training = index_recall.gather_vectors(data, train_ids, data.dim)
     t_sample = time.perf_counter()
     print(f"  training sample of {choice.train_size:,} in {t_sample - t0:.1f} s", flush=True)
-    index = fi.trained_index(choice, data.dim, training)
+    index = faiss_index.trained_index(choice, data.dim, training)
     del training
     t_train = time.perf_counter()
     print(f"  trained in {t_train - t_sample:.1f} s", flush=True)
@@ -111,16 +112,16 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
     if choice.rerank:  # one pass adds every block and writes it to the re-rank file
         def adding(blocks):
             for ids, vectors in blocks:
-                fi.add_vectors(index, ids, vectors)
+                faiss_index.add_vectors(index, ids, vectors)
                 yield ids, vectors
         paths = Path(args.rerank_dir) / f"rerank-{data.n}x{data.dim}-ids.npy", \
             Path(args.rerank_dir) / f"rerank-{data.n}x{data.dim}-f16.npy"
         paths[0].parent.mkdir(parents=True, exist_ok=True)
-        fi.write_rerank_vectors(adding(data), data.n, data.dim, *paths)
-        rerank = fi.RerankVectors.open(*paths)
+        faiss_index.write_rerank_vectors(adding(data), data.n, data.dim, *paths)
+        rerank = faiss_index.RerankVectors.open(*paths)
     else:
         for ids, vectors in data:
-            fi.add_vectors(index, ids, vectors)
+            faiss_index.add_vectors(index, ids, vectors)
     t_add = time.perf_counter()
     build_peak = peak_rss_bytes()  # before any search touches the re-rank file's pages
     gc.collect()
@@ -130,27 +131,27 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
 
     t_tune = time.perf_counter()
     if choice.kind == "flat":
-        _, found = fi.search(index, queries, truth.shape[1] + 1)
-        report = fi.RecallReport(recall_at_10=fi.recall_at_k(fi.drop_self(found, query_ids, truth.shape[1]), truth),
+        _, found = faiss_index.search(index, queries, truth.shape[1] + 1)
+        report = index_recall.RecallReport(recall_at_10=index_recall.recall_at_k(index_recall.drop_self(found, query_ids, truth.shape[1]), truth),
                                  nprobe=0, queries=len(queries), target=args.recall_target)
     else:
-        report = fi.tune_nprobe(index, queries, query_ids, truth, args.recall_target, rerank=rerank)
+        report = index_recall.tune_nprobe(index, queries, query_ids, truth, args.recall_target, rerank=rerank)
     nprobe = report.nprobe or None
     factor = report.rerank_factor
     tune_s = time.perf_counter() - t_tune
     print(f"  recall@10 {report.recall_at_10:.3f} at nprobe {report.nprobe}, re-rank x{factor} "
           f"(tuned in {tune_s:.1f} s: {report.curve})", flush=True)
     if report.recall_at_10 < args.recall_target:
-        stronger = fi.stronger_choice(data.n, data.dim, choice)
+        stronger = index_choice.stronger_choice(data.n, data.dim, choice)
         print(f"  recall@10 {report.recall_at_10:.3f} misses {args.recall_target}; "
               f"{stronger.describe() if stronger else 'nothing'} would be next up", flush=True)
 
     t = time.perf_counter()
     for q in queries[:SINGLE_QUERIES]:
-        fi.search(index, q[None], 10, nprobe=nprobe, rerank=rerank, rerank_factor=factor)
+        faiss_index.search(index, q[None], 10, nprobe=nprobe, rerank=rerank, rerank_factor=factor)
     single_qps = min(SINGLE_QUERIES, len(queries)) / (time.perf_counter() - t)
     t = time.perf_counter()
-    fi.search(index, queries, 10, nprobe=nprobe, rerank=rerank, rerank_factor=factor)
+    faiss_index.search(index, queries, 10, nprobe=nprobe, rerank=rerank, rerank_factor=factor)
     batch_qps = len(queries) / (time.perf_counter() - t)
     row = {
         "n": data.n, "dim": data.dim, "kind": kind, "factory": choice.factory, "nlist": choice.nlist,
@@ -160,7 +161,7 @@ def bench_kind(kind: str, data: ClusteredVectors, queries: np.ndarray, query_ids
         "batch_qps": batch_qps,
         "recall_at_10": report.recall_at_10, "nprobe": report.nprobe, "recall_curve": report.curve,
         "queries": len(queries), "rerank": choice.rerank, "rerank_factor": factor,
-        "disk_bytes": choice.disk_bytes, "budget_bytes": fi.parse_memory_size(args.memory) if args.memory else None,
+        "disk_bytes": choice.disk_bytes, "budget_bytes": index_choice.parse_memory_size(args.memory) if args.memory else None,
         "load_average": {"start": load0, "end": os.getloadavg()},
     }
     del index
@@ -173,20 +174,20 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict]:
                             seed=args.seed, block_size=args.block_size)
     query_ids = np.sort(np.random.default_rng(args.seed).choice(n, min(args.queries, n), replace=False)).astype(np.int64)
     print(f"[{n:,} x {args.dim}] gathering {len(query_ids)} queries and their exact neighbours ...", flush=True)
-    queries = fi.gather_vectors(data, query_ids, args.dim)
+    queries = index_recall.gather_vectors(data, query_ids, args.dim)
     t = time.perf_counter()
     cached = Path(args.truth_cache) / f"{n}x{args.dim}-c{data.clusters}-s{args.spread}-seed{args.seed}-" \
         f"q{len(query_ids)}-{GENERATOR_SHA[:12]}.npy" if args.truth_cache else None
     if cached and cached.exists():
         truth = np.load(cached)
     else:
-        _, truth = fi.exact_neighbours(queries, data, fi.RECALL_K + 1)
+        _, truth = index_recall.exact_neighbours(queries, data, index_recall.RECALL_K + 1)
         if cached:
             cached.parent.mkdir(parents=True, exist_ok=True)
             np.save(cached, truth)
     truth_s = time.perf_counter() - t  # benchmark time: a run measures recall against the same exact search
     print(f"[{n:,} x {args.dim}] ground truth in {truth_s:.1f} s", flush=True)
-    truth = fi.drop_self(truth, query_ids, fi.RECALL_K)
+    truth = index_recall.drop_self(truth, query_ids, index_recall.RECALL_K)
     return [bench_kind(kind, data, queries, query_ids, truth, args) | {"truth_s": truth_s}
             for kind in args.kinds.split(",")]
 
@@ -207,20 +208,20 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000", help="vector counts, comma-separated")
     parser.add_argument("--dim", type=int, default=2048, help="2048 = ResNet-50 embeddings")
     parser.add_argument("--kinds", default="flat,ivf-flat,ivf-pq",
-                        help=f"{', '.join(fi.KINDS)}, or chosen (what choose_index picks in --memory)")
+                        help=f"{', '.join(index_choice.KINDS)}, or chosen (what choose_index picks in --memory)")
     parser.add_argument("--memory", default="", help="index memory budget for kind 'chosen', e.g. 2G or 16M")
     parser.add_argument("--rerank", default="on", choices=["on", "off"],
-                        help="exact re-rank for the codes of fi.RERANK_KINDS")
+                        help="exact re-rank for the codes of index_choice.RERANK_KINDS")
     parser.add_argument("--rerank-dir", default=os.path.join(tempfile.gettempdir(), "batchsight-rerank"),
                         help="where the float16 re-rank file goes")
     parser.add_argument("--clusters", type=int, default=0, help="cluster centres (default: one per 1,000 vectors)")
     parser.add_argument("--spread", type=float, default=1.0, help="noise norm relative to a centre's")
-    parser.add_argument("--queries", type=int, default=fi.RECALL_QUERIES, help="held-out queries for recall and q/s")
-    parser.add_argument("--recall-target", type=float, default=fi.DEFAULT_RECALL_TARGET)
+    parser.add_argument("--queries", type=int, default=index_recall.RECALL_QUERIES, help="held-out queries for recall and q/s")
+    parser.add_argument("--recall-target", type=float, default=index_choice.DEFAULT_RECALL_TARGET)
     parser.add_argument("--pq-memory", default="", help="IVF-PQ budget, e.g. 512M (default: 1/16 of IVF-Flat's size)")
     parser.add_argument("--pq-m", type=int, default=0, help="force the PQ code size in bytes")
     parser.add_argument("--opq", default="auto", choices=["auto", "on", "off"], help="override the OPQ rule")
-    parser.add_argument("--lists-per-sqrt-n", type=float, default=fi.NLIST_PER_SQRT_N,
+    parser.add_argument("--lists-per-sqrt-n", type=float, default=index_choice.NLIST_PER_SQRT_N,
                         help="IVF lists per sqrt(n), to compare list counts (the library's rule: NLIST_PER_SQRT_N)")
     parser.add_argument("--truth-cache", default=os.path.join(tempfile.gettempdir(), "batchsight-index-truth"),
                         help="folder that keeps exact neighbours between runs ('' to recompute)")
@@ -231,7 +232,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-    fi.NLIST_PER_SQRT_N = args.lists_per_sqrt_n  # every choice below (lists, training sample, estimate) follows it
+    index_choice.NLIST_PER_SQRT_N = args.lists_per_sqrt_n  # every choice below (lists, training sample, estimate) follows it
 
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):

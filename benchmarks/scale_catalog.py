@@ -49,12 +49,22 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import catalog as cat  # noqa: E402
-from tasks import layout, tables  # noqa: E402
-from tasks.index import IndexSettings, parse_memory_size  # noqa: E402
+from tasks.catalog import (
+    layout,  # noqa: E402
+    tables,  # noqa: E402
+)
+from tasks.catalog.manifest import Manifest, commit_manifest, new_run_id, put_recorded, read_pointer
+from tasks.catalog.reader import Catalog
+from tasks.catalog.versions import build_next_version
 from tasks.options import RUN_DEFAULTS  # noqa: E402
-from tasks.planning import plan_run  # noqa: E402
-from tasks.storage import LocalStore, ObjectInfo  # noqa: E402
+from tasks.records import (
+    ChangePlan,
+    ObjectInfo,  # noqa: E402
+    ShardResult,
+)
+from tasks.search.index_choice import IndexSettings, parse_memory_size  # noqa: E402
+from tasks.source.planning import plan_run  # noqa: E402
+from tasks.storage import LocalStore  # noqa: E402
 from tasks.synthetic_vectors import ClusteredVectors  # noqa: E402
 
 MODEL = dict(model="synthetic", weights="none", weights_source="random", weights_sha256="0" * 64)
@@ -118,7 +128,7 @@ def key_of(i: int) -> str:
 
 
 def shard_results(store: LocalStore, run_id: str, objects: list[ObjectInfo], *, dim: int, shard_size: int,
-                  seed: int) -> list[cat.ShardResult]:
+                  seed: int) -> list[ShardResult]:
     """What the shards of a run over `objects` hand back: rows, and a part of
     vectors each (clustered synthetic vectors standing in for the model's)."""
     vectors = ClusteredVectors(len(objects), dim, clusters=max(10, len(objects) // 1000), seed=seed,
@@ -128,21 +138,21 @@ def shard_results(store: LocalStore, run_id: str, objects: list[ObjectInfo], *, 
         infos = [objects[p] for p in positions]
         image_ids = np.array([tables.image_id_for(o.key) for o in infos], np.int64)
         part = layout.embeddings_part_key(run_id, shard, "bench")
-        record = cat.put_recorded(store, part, tables.to_parquet_bytes(tables.embeddings_table(image_ids, run_id,
+        record = put_recorded(store, part, tables.to_parquet_bytes(tables.embeddings_table(image_ids, run_id,
                                                                                                 block)))
         rows = pd.DataFrame({"image_id": image_ids, "key": [o.key for o in infos], "page": 1,
                              "etag": [o.etag for o in infos], "size": [o.size for o in infos],
                              "width": 640, "height": 480, "top_class": "thing", "top_prob": 0.5,
                              "model": "synthetic", "weights_sha256": "0" * 64, "run_id": run_id,
                              "processed_at": pd.Timestamp.now(tz="UTC"), "embedding_part": part})
-        results.append(cat.ShardResult(shard, rows, part, [], {}, part_file=record))
+        results.append(ShardResult(shard, rows, part, [], {}, part_file=record))
     return results
 
 
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 
 
-def commit_memory_limit(size: str, previous: cat.Catalog | None):
+def commit_memory_limit(size: str, previous: Catalog | None):
     """For `--commit-memory`: a cgroup (v1) of that memory limit, the page cache
     charged to it, that the commit step's process joins before it starts; and the
     main index's pages dropped from the page cache first, so they are faulted in,
@@ -169,7 +179,7 @@ def commit_memory_limit(size: str, previous: cat.Catalog | None):
     return join
 
 
-def catalogue_bytes(root: Path, manifest: cat.Manifest) -> int:
+def catalogue_bytes(root: Path, manifest: Manifest) -> int:
     return sum((root / key).stat().st_size for key in manifest.named_files)
 
 
@@ -183,16 +193,16 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def commit(store: CountingStore, previous: cat.Catalog | None, pointer_etag: str | None, plan: cat.ChangePlan,
-           results: list[cat.ShardResult], run_id: str, dim: int, settings: IndexSettings) -> dict:
+def commit(store: CountingStore, previous: Catalog | None, pointer_etag: str | None, plan: ChangePlan,
+           results: list[ShardResult], run_id: str, dim: int, settings: IndexSettings) -> dict:
     CountingStore.written = CountingStore.read = 0
     rss_before = peak_rss()
     t0 = time.perf_counter()
-    manifest, stats = cat.build_next_version(store, previous, plan, results, run_id=run_id, source=SyntheticBucket.url,
+    manifest, stats = build_next_version(store, previous, plan, results, run_id=run_id, source=SyntheticBucket.url,
                                              embedding_dim=dim, reembed_all=False, index_settings=settings, **MODEL)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cat.commit_manifest(store, manifest, pointer_etag)
+    commit_manifest(store, manifest, pointer_etag)
     return {"version": manifest.version, "build_s": build_s, "index_s": stats.index_s, "write_s": stats.write_s,
             "commit_s": time.perf_counter() - t0, "build_written_bytes": CountingStore.written,
             "build_read_bytes": CountingStore.read, "index": manifest.index_factory,
@@ -226,14 +236,14 @@ def main() -> None:
     row: dict = {"phase": args.phase, "images": args.images, "dim": args.dim, "shard_size": args.shard_size}
 
     if args.phase == "build":
-        if cat.read_pointer(store)[0] is not None:
+        if read_pointer(store)[0] is not None:
             raise SystemExit(f"{root} holds a catalogue already; pass an empty --root")
-        run_id = cat.new_run_id()
+        run_id = new_run_id()
         objects = list(SyntheticBucket(args.images).list())
         t0 = time.perf_counter()
         results = shard_results(store, run_id, objects, dim=args.dim, shard_size=args.shard_size, seed=0)
         row["shards_s"] = time.perf_counter() - t0
-        plan = cat.ChangePlan(new=objects)
+        plan = ChangePlan(new=objects)
         row |= commit(store, None, None, plan, results, run_id, args.dim, settings)
     elif args.phase == "night":
         bucket = SyntheticBucket(args.images, new=args.new, changed=args.changed, deleted=args.deleted,
@@ -267,8 +277,8 @@ def main() -> None:
             "catalogue_bytes"]
     elif args.phase == "commit":  # the commit step of a night, in a process of its own
         plan, pointer_etag = pickle.loads(Path(args.plan_file).read_bytes())
-        previous = cat.Catalog.open(store)
-        run_id = cat.new_run_id()
+        previous = Catalog.open(store)
+        run_id = new_run_id()
         CountingStore.written = CountingStore.read = 0
         t0 = time.perf_counter()
         results = shard_results(store, run_id, plan.to_process, dim=args.dim, shard_size=args.shard_size,
@@ -282,7 +292,7 @@ def main() -> None:
         row |= {f"commit_step_end_{name.lower()}_bytes": int(status[name].split()[0]) * 1024
                 for name in ("RssAnon", "RssFile") if name in status}
     else:
-        from tasks.versions import compact
+        from tasks.catalog.versions import compact
 
         CountingStore.written = CountingStore.read = 0
         t0 = time.perf_counter()

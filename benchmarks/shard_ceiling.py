@@ -43,7 +43,8 @@ def one_shard(folder: str, part: int, parts: int, decode_in: str, model: str, ou
     import torch
 
     import tasks.pipeline as pipeline
-    from models.engine import EmbedderSettings, EmbedResult, get_embedder
+    from models.engine import EmbedResult, get_embedder
+    from models.settings import EmbedderSettings
     from tasks.storage import StoreSpec
 
     settings = EmbedderSettings(model, weights="random:0", device="cpu")

@@ -32,10 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.engine import Embedder, EmbedderSettings, cpu_supports_bf16, default_batch_size, stack_images  # noqa: E402
-from tasks.decode import decode_image  # noqa: E402
-from tasks.pipeline import bounded_map  # noqa: E402
+from models.engine import Embedder, cpu_supports_bf16, default_batch_size, stack_images  # noqa: E402
+from models.settings import EmbedderSettings  # noqa: E402
 from tasks.sample_data import encode, make_document, make_product_photo  # noqa: E402
+from tasks.shard.decode import decode_image  # noqa: E402
+from tasks.shard.runner import bounded_map  # noqa: E402
 from tasks.storage import LocalStore, S3Store  # noqa: E402
 
 MIX = {"jpeg-500x375": 0.70, "jpeg-4000x3000": 0.10, "png-document": 0.10, "png-640x480": 0.10}
@@ -207,9 +208,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
     args = parser.parse_args()
 
-    from prefect.testing.utilities import prefect_test_harness
-
     import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

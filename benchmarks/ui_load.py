@@ -40,10 +40,13 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.catalog import Catalog, ChangePlan, ShardResult, build_next_version, commit_manifest, read_pointer  # noqa: E402
+from tasks.catalog.manifest import commit_manifest, read_pointer  # noqa: E402
+from tasks.catalog.reader import Catalog  # noqa: E402
+from tasks.catalog.tables import embeddings_table, image_id_for, to_parquet_bytes  # noqa: E402
+from tasks.catalog.versions import build_next_version  # noqa: E402
+from tasks.records import ChangePlan, ShardResult  # noqa: E402
 from tasks.storage import LocalStore  # noqa: E402
 from tasks.synthetic_vectors import ClusteredVectors  # noqa: E402
-from tasks.tables import embeddings_table, image_id_for, to_parquet_bytes  # noqa: E402
 
 CATEGORIES = ("invoice", "receipt", "form", "product", "uncertain")
 

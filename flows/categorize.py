@@ -18,13 +18,13 @@ from prefect import flow
 from models.categorizer import Categorizer
 from models.engine import get_embedder
 from models.errors import UserError
-from tasks.catalog import Catalog, open_catalog
-from tasks.categories import (ApplyReport, LabelsError, active_categorizer, apply_to_catalog, fit_from_catalog,
-                              labels_from_prefix, read_labels_csv, suggest_clusters, write_suggestions)
-from tasks.labels import review_labels as read_review_labels
-from tasks.labels import with_review_labels
-from tasks.pipeline import embed_blobs
-from tasks.search import query_embedder_settings, weights_reader
+from tasks.catalog.reader import Catalog, open_catalog
+from tasks.categories.apply import ApplyReport, apply_to_catalog, fit_from_catalog, suggest_clusters, write_suggestions
+from tasks.categories.labels import LabelsError, labels_from_prefix, read_labels_csv, with_review_labels
+from tasks.categories.labels import review_labels as read_review_labels
+from tasks.categories.store import active_categorizer
+from tasks.query_embedding import embed_blobs
+from tasks.search.query import query_embedder_settings, weights_reader
 from tasks.storage import ObjectStore, cached_store
 
 

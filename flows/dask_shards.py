@@ -34,8 +34,10 @@ from distributed import LocalCluster, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 
-from flows.runners import RunnerError, ShardRunner, ShardsDone
-from tasks.pipeline import WORKER_CORES_ENV, ProgressReporter
+from tasks.config import RunnerError, ShardConfig
+from tasks.records import ShardsDone
+from tasks.shard.progress import ProgressReporter
+from tasks.shard.runner import WORKER_CORES_ENV
 
 PROGRESS_EVERY_S = 0.5  # a worker sends a shard's count at most this often
 
@@ -82,7 +84,7 @@ def _flow_api_url() -> str | None:
 
 
 @contextlib.contextmanager
-def _dask_runner(runner: ShardRunner) -> Iterator[Any]:
+def _dask_runner(runner: ShardConfig) -> Iterator[Any]:
     if runner.cluster:
         with DaskTaskRunner(address=runner.cluster) as task_runner:
             yield task_runner
@@ -147,7 +149,7 @@ class _ForwardProgress:
         self.progress.advance(grown)
 
 
-def run_on_dask(task, specs: Sequence[Any], runner: ShardRunner, *, progress: ProgressReporter | None = None,
+def run_on_dask(task, specs: Sequence[Any], runner: ShardConfig, *, progress: ProgressReporter | None = None,
                 topic: str | None = None) -> ShardsDone:
     """`task(spec)` for every spec on the Dask cluster `runner` names (or starts)."""
     t0 = time.perf_counter()

@@ -1,51 +1,92 @@
-"""The nightly flow: list -> plan -> shards -> build + commit -> report.
+"""The nightly flow, step by step as a night runs: check the model, plan or
+skip, run the shards, build and commit the next version, report.
 
 Thin by design: each step is a plain function in `tasks/`; this module wires
-them, hands the shards to the runner the caller chose (flows/runners.py) and
-reports.
+them, hands the shards to the runner the config names (flows/runners.py) and
+reports. Its one parameter is the run's `RunConfig`, which Prefect validates.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.runners import ShardRunner, check_reachable, run_shards, shard_progress, shard_size_for
-from models.engine import EmbedderSettings, describe_model, get_embedder, should_compile
+from flows.runners import check_reachable, run_shards, shard_progress, shard_size_for
+from models.engine import Embedder, ModelInfo, describe_model, get_embedder, should_compile
 from models.errors import UserError
 from models.registry import model_family
-from models.weights import resolve_weights
-from tasks import catalog as cat
-from tasks import planning
-from tasks.categories import active_categorizer
-from tasks.index import IndexSettings, parse_memory_size
-from tasks.options import RUN_DEFAULTS as D
-from tasks.pipeline import DecodeOptions, ShardSpec, current_progress, process_shard
-from tasks.runs import RunSummary
-from tasks.storage import StorageError, StoreSpec, check_roots_apart, url_reader
-from tasks.thumbnails import THUMBNAIL_SIDE
+from models.weights import ResolvedWeights, resolve_weights
+from tasks.catalog.errors import CatalogError
+from tasks.catalog.leases import RunLease
+from tasks.catalog.manifest import Manifest, commit_manifest, new_run_id, read_manifest
+from tasks.catalog.reader import Catalog
+from tasks.catalog.runs_log import write_run_row
+from tasks.catalog.versions import build_next_version
+from tasks.categories.store import active_categorizer
+from tasks.config import RunConfig
+from tasks.records import BuildStats, ChangePlan, ShardResult
+from tasks.report import RunSummary
+from tasks.shard.progress import current_progress
+from tasks.shard.runner import ShardSpec, process_shard
+from tasks.source.planning import RunPlan, plan_run
+from tasks.storage import StorageError, StoreSpec, cached_store, url_reader
+
+
+@dataclass
+class RunSetup:
+    """What a run knows before it lists anything: its model, checked."""
+
+    weights: ResolvedWeights
+    model: ModelInfo
+    embedder: Embedder | None  # loaded here when the shards run in this process
+    categorizer: str | None  # the active categoriser's key, checked against the model
+
+
+def check_model(config: RunConfig) -> RunSetup:
+    """Resolve and check the weights once, here (every shard's process checks the
+    same sha256 when it loads them); load the model where the shards run in this
+    process (a wrong architecture or device fails before listing); refuse an
+    active categoriser trained on other embeddings."""
+    resolved = resolve_weights(config.model.weights, model_family(config.model.name),
+                               expected_sha256=config.model.weights_sha256, read=url_reader(config.endpoint_url))
+    settings = config.embedder_settings(resolved.sha256)
+    embedder = get_embedder(settings, weights=resolved) if config.shards.in_process else None
+    if config.decode.gpu_decode and embedder is not None and embedder.device.type != "cuda":
+        raise UserError("--gpu-decode decodes JPEGs with nvJPEG and needs a CUDA device; drop it or use --device cuda")
+    info = describe_model(settings, resolved)
+    active = active_categorizer(cached_store(config.output, config.endpoint_url, create=True))
+    if active:
+        active[0].check_fits(info.fingerprint)
+    return RunSetup(resolved, info, embedder, active[1] if active else None)
 
 
 def _worth_retrying(task, task_run, state) -> bool:
     """Retry a listing on network trouble, never on what a retry cannot change
     (a damaged catalogue, a refused mass delete, a missing bucket)."""
-    return not isinstance(state.data, (cat.CatalogError, StorageError))
+    return not isinstance(state.data, (CatalogError, StorageError))
 
 
-@task(name="list-and-plan", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying,
-      cache_policy=NO_CACHE)
-def list_and_plan(source: StoreSpec, output: StoreSpec, fingerprint: str, **options) -> planning.RunPlan:
-    """List the source (all pages), open the live version, diff them; or take the
-    plan the CLI made moments ago in this process (`planning.plan_run`'s hand-over)."""
-    return planning.plan_run(source.open(), output.open(create=True), fingerprint, take_handed_over=True, **options)
+@task(name="plan", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
+def plan_task(config: RunConfig, fingerprint: str) -> RunPlan:
+    """List the source (all pages), open the live version, diff them."""
+    return plan_run(config, fingerprint)
+
+
+def plan_or_skip(config: RunConfig, fingerprint: str, planned: RunPlan | None) -> RunPlan:
+    """The plan the caller made moments ago (the CLI plans first, so a quiet night
+    never starts Prefect) while `CURRENT` has not moved since, else a new one."""
+    if planned is not None and planned.still_current(cached_store(config.output, config.endpoint_url)):
+        return planned
+    return plan_task(config, fingerprint)
 
 
 @task(name="process-shard", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def process_shard_task(spec: ShardSpec) -> cat.ShardResult:
+def process_shard_task(spec: ShardSpec) -> ShardResult:
     on_progress, finish = shard_progress(current_progress(), spec.progress_topic, spec.index)
     try:
         return process_shard(spec, on_progress=on_progress)
@@ -55,134 +96,100 @@ def process_shard_task(spec: ShardSpec) -> cat.ShardResult:
 
 @task(name="build-and-commit", cache_policy=NO_CACHE)
 def build_and_commit(output: StoreSpec, previous_key: str | None, pointer_etag: str | None,
-                     plan: cat.ChangePlan, results: list[cat.ShardResult], **version_meta) -> tuple[cat.Manifest, cat.BuildStats]:
+                     plan: ChangePlan, results: list[ShardResult], **version_meta) -> tuple[Manifest, BuildStats]:
     store = output.open(create=True)
-    previous = cat.Catalog(store, cat.read_manifest(store, previous_key), previous_key) if previous_key else None
-    manifest, stats = cat.build_next_version(store, previous, plan, results, **version_meta)
-    cat.commit_manifest(store, manifest, pointer_etag)
+    previous = Catalog(store, read_manifest(store, previous_key), previous_key) if previous_key else None
+    manifest, stats = build_next_version(store, previous, plan, results, **version_meta)
+    commit_manifest(store, manifest, pointer_etag)
     return manifest, stats
 
 
-@flow(name="catalog-images")
-def catalog_images(
-    source: str,
-    output: str,
-    model: str = D.model,
-    weights: str | None = D.weights,
-    weights_sha256: str | None = D.weights_sha256,
-    batch_size: int | None = D.batch_size,
-    device: str = D.device,
-    precision: str = D.precision,
-    limit: int | None = D.limit,
-    shard_size: int = D.shard_size,
-    io_workers: int | None = D.io_workers,
-    compile: str = D.compile,
-    gpu_decode: bool = D.gpu_decode,
-    pdf_dpi: int = D.pdf_dpi,
-    max_pages: int = D.max_pages,
-    thumbnails: bool = D.thumbnails,
-    index_memory: str | None = D.index_memory,
-    recall_target: float = D.recall_target,
-    max_attempts: int = D.max_attempts,
-    max_delete_share: float = D.max_delete_share,
-    allow_mass_delete: bool = D.allow_mass_delete,
-    endpoint_url: str | None = D.endpoint_url,
-    cluster: str | None = D.cluster,
-    workers: int | None = D.workers,
-) -> RunSummary:
-    """Catalogue `source` into `output`: embed new and changed images, drop
-    deleted ones, and commit a new version atomically. Shards run in this
-    process, on a local Dask cluster of `workers` processes, or on the Dask
-    cluster at `cluster` (flows/runners.py)."""
+def shard_specs(config: RunConfig, planned: RunPlan, setup: RunSetup, *, run_id: str, batch_size: int | None,
+                compiled: bool, progress_topic: str | None) -> list[ShardSpec]:
+    """The plan's work cut into shards: plain data, so each travels to whatever process runs it."""
+    todo = planned.plan.to_process
+    size = shard_size_for(len(todo), config.shards)
+    source, output = StoreSpec(config.source, config.endpoint_url), StoreSpec(config.output, config.endpoint_url)
+    return [ShardSpec(index=i, items=tuple(todo[start:start + size]), source=source, output=output, run_id=run_id,
+                      embedder=config.embedder_settings(setup.weights.sha256), batch_size=batch_size,
+                      workers=config.decode.io_workers, decode=config.decode_options(), compile=compiled,
+                      categorizer=setup.categorizer, progress_topic=progress_topic)
+            for i, start in enumerate(range(0, len(todo), size))]
+
+
+@flow(name="catalog-images", validate_parameters=True)
+def catalog_images(config: RunConfig, planned: RunPlan | None = None) -> RunSummary:
+    """Catalogue `config.source` into `config.output`: embed new and changed
+    images, drop deleted ones, and commit a new version atomically. `planned` is
+    a plan the caller made moments ago (None: list and plan here)."""
     logger = get_run_logger()
     started = time.perf_counter()
-    check_roots_apart(source, output)
-    source_at, output_at = StoreSpec(source, endpoint_url), StoreSpec(output, endpoint_url)
-    runner = ShardRunner(cluster=cluster, workers=workers)
-    check_reachable(runner)
-    run_id = cat.new_run_id()
-    index_settings = IndexSettings(
-        memory_budget_bytes=parse_memory_size(index_memory) if index_memory else None, recall_target=recall_target)
-    # Weights are resolved and checked once, here; every shard's process checks
-    # the same sha256 when it loads them.
-    resolved = resolve_weights(weights, model_family(model), expected_sha256=weights_sha256,
-                               read=url_reader(endpoint_url))
-    settings = EmbedderSettings(model=model, weights=weights, weights_sha256=resolved.sha256, device=device,
-                                precision=precision)
-    model_info = describe_model(settings, resolved)
-    # The model is loaded where the shards run: here for the in-process runner
-    # (failing fast on a bad device), else once in each Dask worker process.
-    embedder = get_embedder(settings, weights=resolved) if runner.in_process else None
-    out_store = output_at.open(create=True)
-    active = active_categorizer(out_store)
-    if active:  # refused here, before any work, if it was trained on other embeddings
-        active[0].check_fits(model_info.fingerprint)
-    categorizer_key = active[1] if active else None
-    if gpu_decode and embedder is not None and embedder.device.type != "cuda":
-        raise UserError("--gpu-decode decodes JPEGs with nvJPEG and needs a CUDA device; drop it or use --device cuda")
-    summary = RunSummary(run_id=run_id, status="failed", version=None, source=source, output=output,
-                         model=model, weights_sha256=resolved.sha256,
+    config = config.with_environment()
+    check_reachable(config.shards)
+    setup = check_model(config)
+    run_id = new_run_id()
+    out_store = cached_store(config.output, config.endpoint_url, create=True)
+    summary = RunSummary(run_id=run_id, status="failed", version=None, source=config.source, output=config.output,
+                         model=setup.model.name, weights_sha256=setup.weights.sha256,
                          started_at=datetime.now(UTC).isoformat())
-    lease = cat.RunLease(out_store, run_id)  # gc leaves this run's files alone while it lives
     try:
-        lease.__enter__()
-        planned = list_and_plan(source_at, output_at, model_info.fingerprint, max_attempts=max_attempts,
-                                limit=limit, max_delete_share=max_delete_share, allow_mass_delete=allow_mass_delete)
-        previous, plan, reembed_all = planned.previous, planned.plan, planned.reembed_all
-        summary.note_plan(planned)
-        if reembed_all:
-            logger.info("model or weights changed (%s -> %s): re-embedding every image",
-                        previous.manifest.fingerprint[:40], model_info.fingerprint[:40])
-        logger.info("listed %s objects under %s: %s", summary.listed, source, summary.counts)
-        if plan.is_empty:
+        with RunLease(out_store, run_id):  # gc leaves this run's files alone while it lives
+            planned = plan_or_skip(config, setup.model.fingerprint, planned)
+            summary.note_plan(planned)
+            if planned.reembed_all:
+                logger.info("model or weights changed (%s -> %s): re-embedding every image",
+                            planned.previous.manifest.fingerprint[:40], setup.model.fingerprint[:40])
+            logger.info("listed %s objects under %s: %s", summary.listed, config.source, summary.counts)
+            if planned.plan.is_empty:
+                return summary
+            _run_and_commit(config, planned, setup, run_id, summary)
             return summary
-
-        todo = plan.to_process
-        if embedder is not None:
-            batch_size = batch_size or embedder.fitting_batch_size()
-        compiled = should_compile(compile, len(todo))
-        t_compile = time.perf_counter()
-        if compiled and embedder is not None:  # once, here, so shards in this process start warm
-            embedder.enable_compile()
-            embedder.warm_up(batch_size)
-        compile_s = time.perf_counter() - t_compile
-        progress = current_progress()
-        if progress:  # after compiling, so the bar's rate is the shards' rate
-            progress.start(len(todo))
-        topic = None if runner.in_process else f"batchsight-progress-{run_id}"
-        shard_size = shard_size_for(len(todo), shard_size, runner)
-        specs = [ShardSpec(index=i, items=tuple(todo[start:start + shard_size]), source=source_at, output=output_at,
-                           run_id=run_id, embedder=settings, batch_size=batch_size, workers=io_workers,
-                           decode=DecodeOptions(on_device=gpu_decode, pdf_dpi=pdf_dpi, max_pages=max_pages,
-                                               thumbnail_side=THUMBNAIL_SIDE if thumbnails else 0),
-                           compile=compiled, categorizer=categorizer_key, progress_topic=topic)
-                 for i, start in enumerate(range(0, len(todo), shard_size))]
-        logger.info("%s shards of up to %s objects on %s", len(specs), shard_size, runner.describe())
-        t_shards = time.perf_counter()
-        done = run_shards(process_shard_task, specs, runner, progress=progress, topic=topic)
-        results = done.results
-        shard_wall = time.perf_counter() - t_shards
-
-        manifest, stats = build_and_commit(
-            output_at, previous.manifest_key if previous else None, planned.pointer_etag, plan, results,
-            run_id=run_id, source=source, model=model_info.name, weights=resolved.spec,
-            weights_source=resolved.source, weights_sha256=resolved.sha256,
-            embedding_dim=model_info.embedding_dim, reembed_all=reembed_all, index_settings=index_settings,
-            categorizer=categorizer_key)
-        summary.note_shards(results, runner=runner.describe(), wall_s=shard_wall, cluster_start_s=done.start_s,
-                            ready_at=done.ready_at, compile_s=compile_s, build=stats, batch_size=batch_size)
-        summary.note_commit(manifest.version)
-        logger.info("run %s committed version %s: %s images, %s failures, %.1f images/s", run_id,
-                    manifest.version, manifest.counts["images"], manifest.counts["failures"], summary.images_per_s)
-        return summary
     except Exception as exc:
         summary.message = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        lease.__exit__(None, None, None)
         summary.elapsed_s = time.perf_counter() - started
-        cat.write_run_row(out_store, summary.run_row())
+        write_run_row(out_store, summary.run_row())
         _publish_artifact(summary)
+
+
+def _run_and_commit(config: RunConfig, planned: RunPlan, setup: RunSetup, run_id: str, summary: RunSummary) -> None:
+    logger = get_run_logger()
+    todo = planned.plan.to_process
+    batch_size = config.model.batch_size
+    if setup.embedder is not None:
+        batch_size = batch_size or setup.embedder.fitting_batch_size()
+    compiled = should_compile(config.model.compile, len(todo))
+    t_compile = time.perf_counter()
+    if compiled and setup.embedder is not None:  # once, here, so shards in this process start warm
+        setup.embedder.enable_compile()
+        setup.embedder.warm_up(batch_size)
+    compile_s = time.perf_counter() - t_compile
+    progress = current_progress()
+    if progress:  # after compiling, so the bar's rate is the shards' rate
+        progress.start(len(todo))
+    topic = None if config.shards.in_process else f"batchsight-progress-{run_id}"
+    specs = shard_specs(config, planned, setup, run_id=run_id, batch_size=batch_size, compiled=compiled,
+                        progress_topic=topic)
+    logger.info("%s shards of up to %s objects on %s", len(specs), max((len(s.items) for s in specs), default=0),
+                config.shards.describe())
+    t_shards = time.perf_counter()
+    done = run_shards(process_shard_task, specs, config.shards, progress=progress, topic=topic)
+    shard_wall = time.perf_counter() - t_shards
+    previous = planned.previous
+    manifest, stats = build_and_commit(
+        StoreSpec(config.output, config.endpoint_url), previous.manifest_key if previous else None,
+        planned.pointer_etag, planned.plan, done.results,
+        run_id=run_id, source=config.source, model=setup.model.name, weights=setup.weights.spec,
+        weights_source=setup.weights.source, weights_sha256=setup.weights.sha256,
+        embedding_dim=setup.model.embedding_dim, reembed_all=planned.reembed_all,
+        index_settings=config.index_settings(), categorizer=setup.categorizer)
+    summary.note_shards(done.results, runner=config.shards.describe(), wall_s=shard_wall,
+                        cluster_start_s=done.start_s, ready_at=done.ready_at, compile_s=compile_s, build=stats,
+                        batch_size=batch_size)
+    summary.note_commit(manifest.version)
+    logger.info("run %s committed version %s: %s images, %s failures, %.1f images/s", run_id, manifest.version,
+                manifest.counts["images"], manifest.counts["failures"], summary.images_per_s)
 
 
 def _publish_artifact(summary: RunSummary) -> None:

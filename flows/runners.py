@@ -28,72 +28,32 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
-from models.errors import UserError
+from tasks.config import RunnerError, ShardConfig, scheduler_address
+from tasks.records import ShardsDone
 
 if TYPE_CHECKING:
-    from tasks.pipeline import ProgressReporter
+    from tasks.shard.progress import ProgressReporter
 
 SCHEDULER_CONNECT_TIMEOUT_S = 10.0
-
-
-class RunnerError(UserError):
-    """A --cluster / --workers choice that cannot work; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class ShardRunner:
-    """Where the shards of a run go; plain data (a flow parameter)."""
-
-    cluster: str | None = None  # address of a running Dask scheduler
-    workers: int | None = None  # size of a temporary local cluster
-
-    def __post_init__(self) -> None:
-        if self.cluster and self.workers:
-            raise RunnerError("pass --cluster ADDRESS (a running Dask cluster) or --workers N (a local one), not both")
-        if self.workers is not None and self.workers < 1:
-            raise RunnerError(f"--workers must be 1 or more, not {self.workers}")
-        if self.cluster:
-            scheduler_address(self.cluster)
-
-    @property
-    def in_process(self) -> bool:
-        return not self.cluster and not self.workers
-
-    def describe(self) -> str:
-        if self.cluster:
-            return f"the Dask cluster at {self.cluster}"
-        if self.workers:
-            return f"a local Dask cluster of {self.workers} worker processes"
-        return "this process"
 
 
 SHARDS_PER_WORKER = 2  # at least, on a local cluster: no worker idles while one shard is left
 
 
-def shard_size_for(objects: int, shard_size: int, runner: ShardRunner) -> int:
-    """`shard_size`, made smaller where a local cluster of `runner.workers` would
+def shard_size_for(objects: int, shards: ShardConfig) -> int:
+    """`shards.shard_size`, made smaller where a local cluster of `shards.workers` would
     otherwise get fewer than `SHARDS_PER_WORKER` shards a worker (a night of
     5,000 images in shards of 2,000 kept one of 4 workers idle and the last
     shard running alone). Never larger; a remote cluster's size is not known
     before it is reached, so its shards keep `shard_size`."""
-    if not runner.workers or objects <= 0:
-        return shard_size
-    return max(1, min(shard_size, -(-objects // (SHARDS_PER_WORKER * runner.workers))))
+    if not shards.workers or objects <= 0:
+        return shards.shard_size
+    return max(1, min(shards.shard_size, -(-objects // (SHARDS_PER_WORKER * shards.workers))))
 
 
-def scheduler_address(cluster: str) -> tuple[str, int]:
-    """(host, port) of a Dask scheduler address such as tcp://10.0.0.5:8786."""
-    parsed = urlparse(cluster if "://" in cluster else f"tcp://{cluster}")
-    if parsed.scheme not in ("tcp", "tls") or not parsed.hostname:
-        raise RunnerError(f"--cluster {cluster!r} is not a Dask scheduler address; write it as tcp://HOST:8786")
-    return parsed.hostname, parsed.port or 8786
-
-
-def check_reachable(runner: ShardRunner, timeout_s: float = SCHEDULER_CONNECT_TIMEOUT_S) -> None:
+def check_reachable(runner: ShardConfig, timeout_s: float = SCHEDULER_CONNECT_TIMEOUT_S) -> None:
     """Fail in seconds, before any listing, when the scheduler does not answer."""
     if not runner.cluster:
         return
@@ -107,14 +67,7 @@ def check_reachable(runner: ShardRunner, timeout_s: float = SCHEDULER_CONNECT_TI
                           "--cluster to run here") from None
 
 
-@dataclass
-class ShardsDone:
-    results: list[Any]  # in spec order
-    start_s: float  # seconds to start or reach the cluster (0 in process)
-    ready_at: float  # epoch seconds when the first shard was submitted to a running cluster
-
-
-def run_shards(task, specs: Sequence[Any], runner: ShardRunner, *, progress: ProgressReporter | None = None,
+def run_shards(task, specs: Sequence[Any], runner: ShardConfig, *, progress: ProgressReporter | None = None,
                topic: str | None = None) -> ShardsDone:
     """Run `task(spec)` for every spec where `runner` says."""
     if runner.in_process:

@@ -18,11 +18,19 @@ import numpy as np
 import pandas as pd
 
 from models.errors import UserError
-from tasks import duplicates as dups
-from tasks import layout
-from tasks.catalog import Catalog, open_catalog
-from tasks.search import (QUERY_RESULT_COLUMNS, RESULT_COLUMNS, allowed_ids, check_k, embed_images, neighbours,
-                          read_queries, vectors_for_keys)
+from tasks.catalog import layout
+from tasks.catalog.reader import Catalog, open_catalog
+from tasks.search import duplicates as dups
+from tasks.search.query import (
+    QUERY_RESULT_COLUMNS,
+    RESULT_COLUMNS,
+    allowed_ids,
+    check_k,
+    embed_images,
+    neighbours,
+    read_queries,
+    vectors_for_keys,
+)
 
 
 def _catalog(catalog: str | Catalog, endpoint_url: str | None) -> Catalog:

@@ -41,14 +41,18 @@ from pydantic import BaseModel, Field
 from flows.search import find_duplicates
 from models.categorizer import UNCERTAIN
 from models.errors import UserError
-from tasks import index as faiss_index
-from tasks import search as image_search
-from tasks.catalog import Catalog, CatalogError, read_manifest, read_pointer, read_runs
-from tasks.categories import active_categorizer
-from tasks.decode import DecodeError
-from tasks.labels import Label, LabelLog, save_labels
+from tasks.catalog.errors import CatalogError
+from tasks.catalog.manifest import read_manifest, read_pointer
+from tasks.catalog.reader import Catalog
+from tasks.catalog.runs_log import read_runs
+from tasks.categories.labels import Label, LabelLog, save_labels
+from tasks.categories.store import active_categorizer
+from tasks.search import index as faiss_index
+from tasks.search import index_choice
+from tasks.search import query as image_search
+from tasks.search.thumbnails import THUMBNAIL_MEDIA_TYPE, thumbnail_of
+from tasks.shard.decode import DecodeError
 from tasks.storage import ObjectNotFound, ObjectStore, cached_store
-from tasks.thumbnails import THUMBNAIL_MEDIA_TYPE, thumbnail_of
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ class CatalogView:
         self.pages_of_key = images.groupby("key").size().to_dict()
         self.index = cat.index  # loaded before the view goes live
         # flat and IVF-Flat keep the stored vectors exactly; PQ codes are approximations
-        self.exact_vectors = faiss_index.index_kind(cat.manifest.index_type) in ("flat", "ivf-flat")
+        self.exact_vectors = index_choice.index_kind(cat.manifest.index_type) in ("flat", "ivf-flat")
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -242,6 +246,7 @@ class LiveCatalog:
 
 # ---- the request guard: token, host and security headers, as plain ASGI (no per-request task hop)
 
+
 class RequestGuard:
     """Adds the security headers to every response; checks the token where one is
     needed (every request when `token_everywhere`, else label writes) and the Host
@@ -312,6 +317,7 @@ async def _plain(send, status: int, body: dict) -> None:
 
 # ---- API models
 
+
 class SearchOptions(BaseModel):
     k: int = Field(10, ge=1, le=1000, description="Neighbours per key.")
     prefix: str | None = Field(None, description="Only return images whose key starts with this.")
@@ -356,6 +362,7 @@ def _text(value) -> str | None:
 
 
 # ---- the app
+
 
 def create_app(catalog: str | ObjectStore, *, token: str | None = None, token_everywhere: bool | None = None,
                endpoint_url: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,

@@ -29,34 +29,10 @@ from PIL import Image
 from models.errors import UserError
 from models.family import ModelFamily
 from models.registry import model_family
+from models.settings import COMPILE_MODES, EmbedderSettings
 from models.weights import ResolvedWeights, apply_weights, resolve_weights
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class EmbedderSettings:
-    """Everything that decides which model runs and how; hashable, so one Embedder
-    per distinct settings is cached per process."""
-
-    model: str  # a name `models.registry` knows (the run's default lives in tasks.options)
-    weights: str | None = None
-    weights_sha256: str | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    top_k: int = 5
-
-    def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise UserError(f"unknown device {self.device!r}: use one of {', '.join(DEVICES)}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if not 1 <= self.top_k <= 20:
-            raise UserError(f"top_k must be between 1 and 20, not {self.top_k}")
-
 
 @dataclass
 class EmbedResult:
@@ -150,7 +126,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-COMPILE_MODES = ("auto", "on", "off")
 # Compiling costs 10-20 s once per process and saves ~40% of model time on a
 # bf16 CPU (ResNet-50: ~15 ms an image), so it pays for itself past ~1,500
 # images; auto compiles from 3,000 to leave a margin for slower compiles.

@@ -20,6 +20,7 @@ import torch
 
 from models.errors import WeightsError
 from models.family import ModelFamily
+from models.registry import model_family
 
 # torch.hub's convention: `resnet50-11ad3fa6.pth` carries a prefix of its sha256.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|safetensors)$")
@@ -198,8 +199,6 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str
 def save_random_weights(model_name: str, seed: int, path: str | Path) -> str:
     """Write seeded random weights for `model_name` to `path` (for tests and the demo)
     and return their sha256."""
-    from models.registry import model_family
-
     torch.manual_seed(seed)
     module = model_family(model_name).module()
     path = Path(path)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
-import logging
-import random
 import hashlib
 import io
+import logging
 import os
+import random
 import re
 import stat
 import tempfile
@@ -31,10 +31,16 @@ from urllib.parse import urlparse
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
-                                 ResponseStreamingError)
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ResponseStreamingError,
+)
 
 from models.errors import UserError
+from tasks.records import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +62,6 @@ class ObjectNotFound(StorageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "object not found"
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    """One listed object: its key relative to the store root, ETag and size."""
-
-    key: str
-    etag: str
-    size: int
-    modified: float = 0.0  # seconds since the epoch; gc's grace period reads it
 
 
 def normalize_key(key: str) -> str:
@@ -321,7 +317,7 @@ class S3Store(ObjectStore):
                                        multipart_chunksize=max(multipart_threshold // 4, 5 * 1024 * 1024))
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.endpoint_url = resolved_endpoint(endpoint_url)
         session = boto3.session.Session()
         self.client = session.client(
             "s3",
@@ -432,6 +428,14 @@ class S3Store(ObjectStore):
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
+def resolved_endpoint(endpoint_url: str | None) -> str | None:
+    """The S3 endpoint to use: the one given, else `AWS_ENDPOINT_URL` (read here only), else AWS's own."""
+    return endpoint_url or os.environ.get(ENDPOINT_ENV) or None
 
 
 def is_s3_url(url: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.catalog import Catalog
+from tasks.catalog.reader import Catalog
 
 
 def assert_exactly_once(c: Catalog, expected_keys: set[str]) -> None:

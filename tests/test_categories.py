@@ -8,17 +8,16 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from flows.categorize import apply_categories, fit_categories, suggest_categories
-from flows.nightly import catalog_images
 from flows.search import similar_images
 from models.categorizer import UNCERTAIN, CategorizerMismatch, fit_categorizer
 from models.weights import save_random_weights
-from tasks.catalog import open_catalog
-from tasks.categories import active_categorizer
+from tasks.catalog.reader import open_catalog
+from tasks.categories.store import active_categorizer
 from tasks.sample_data import encode, make_document, make_product_photo
 from tasks.storage import LocalStore
+from tests.helpers import run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 KINDS = ("invoice", "receipt", "form", "product")
@@ -51,7 +50,7 @@ def labelled_catalog(tmp_path_factory, resnet18_weights):
             store.put(f"inbox/{kind}-{i:02d}.jpg", make(kind, rng))
     store.put("inbox/bundle.pdf", three_page_pdf(rng))
     out = str(root / "out")
-    catalog_images(source=str(root / "src"), output=out, model="resnet18", weights=str(resnet18_weights))
+    run_flow(source=str(root / "src"), output=out, model="resnet18", weights=str(resnet18_weights))
     labels = root / "labels.csv"
     labels.write_text("key,label\n" + "".join(f"labelled/{k}/{k}-{i:02d}.jpg,{k}\n" for k in KINDS for i in range(16)))
     return root, out, labels
@@ -131,7 +130,7 @@ def test_apply_and_nightly_runs_fill_the_category_columns(labelled_catalog, resn
 
     rng = np.random.default_rng(55)
     LocalStore(root / "src").put("inbox/late-receipt.jpg", make("receipt", rng))
-    summary = catalog_images(source=str(root / "src"), output=out, model="resnet18", weights=str(resnet18_weights))
+    summary = run_flow(source=str(root / "src"), output=out, model="resnet18", weights=str(resnet18_weights))
     assert summary.processed == 1
     live = open_catalog(out)
     assert live.manifest.categorizer == active_categorizer(live.store)[1]  # the version names its categoriser
@@ -147,7 +146,7 @@ def test_a_categoriser_of_other_embeddings_is_refused(labelled_catalog, tmp_path
     other = tmp_path / "other.pth"
     save_random_weights("resnet18", 99, other)
     with pytest.raises(CategorizerMismatch, match="trained on embeddings of resnet18@.*Fit a new one"):
-        catalog_images(source=str(root / "src"), output=out, model="resnet18", weights=str(other))
+        run_flow(source=str(root / "src"), output=out, model="resnet18", weights=str(other))
     after = open_catalog(out).manifest  # refused before any work: no new version, same embeddings
     assert (after.version, after.weights_sha256) == (before.version, before.weights_sha256)
     assert {o.key for o in open_catalog(out).store.list("tables/embeddings/")} == parts_before  # nothing embedded

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli import COMMANDS, app, load_command
 from tasks.sample_data import generate_samples, write_samples
 from tasks.storage import LocalStore
+from tests.helpers import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +28,6 @@ def bucket(tmp_path):
     return tmp_path / "bucket"
 
 
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def test_run_then_search_and_status(bucket, tmp_path, resnet18_weights):
@@ -114,9 +112,9 @@ def test_a_bug_exits_1_with_its_traceback_and_asks_for_a_report(tmp_path, bug):
     a bug: exit 1, the traceback, a line asking for a report. A bug cannot be
     produced on purpose, so this one is injected: `open_catalog` is replaced, in a
     subprocess running the real `main()`, by a function that raises."""
-    code = ("import sys, flows.cli as cli, tasks.catalog as cat\n"
+    code = ("import sys, flows.cli as cli, flows.cli.catalog as status_command\n"
             f"def broken(*a, **k): raise {bug}('injected bug')\n"
-            "cat.open_catalog = broken\n"
+            "status_command.open_catalog = broken\n"
             "sys.argv = ['batchsight', 'status', '--catalog', sys.argv[1]]\n"
             "cli.main()\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
@@ -153,3 +151,21 @@ def test_a_run_with_work_lists_the_bucket_once(bucket, tmp_path, resnet18_weight
     code, text = invoke(*args)  # a new plan, from a new listing: the object that arrived is seen
     assert code == 0 and "committed version 2" in text and "1 objects embedded" in text, text
     assert len(listings) == 2
+
+
+def test_the_root_help_lists_each_command_with_its_own_help_line():
+    for name, (_, line) in COMMANDS.items():
+        assert load_command(name).get_short_help_str(limit=1000) == line, name
+    code, text = invoke("--help")
+    assert code == 0 and all(name in text for name in COMMANDS)
+
+
+def test_the_root_help_and_status_load_no_model_code():
+    """Each command's module is imported when it runs: `--help` and `status` do not wait for torch."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom flows.cli import app\n"
+            "CliRunner().invoke(app, ['--help'])\nCliRunner().invoke(app, ['status', '--catalog', sys.argv[1]])\n"
+            "print(sorted(m for m in ('torch', 'prefect', 'flows.nightly') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code, "/nonexistent"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

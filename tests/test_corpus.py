@@ -19,12 +19,21 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.catalog import Catalog
-from tasks.decode import MAX_RENDER_PIXELS
-from tasks.sample_data import (encode, header_bomb_tiff, make_document, make_product_photo, malformed_tiff,
-                               patch_tiff, pdf_document, tiff_document, unimplemented_dds)
+from tasks.catalog.reader import Catalog
+from tasks.catalog.tables import image_id_for
+from tasks.sample_data import (
+    encode,
+    header_bomb_tiff,
+    make_document,
+    make_product_photo,
+    malformed_tiff,
+    patch_tiff,
+    pdf_document,
+    tiff_document,
+    unimplemented_dds,
+)
+from tasks.shard.decode import MAX_RENDER_PIXELS
 from tasks.storage import LocalStore, StorageError, key_for_local_name, local_name_for_key
-from tasks.tables import image_id_for
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

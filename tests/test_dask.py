@@ -25,14 +25,15 @@ from prefect.cache_policies import NO_CACHE
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.nightly import catalog_images
-from flows.runners import ShardRunner, run_shards
+from flows.runners import run_shards, shard_size_for
 from models import engine
-from tasks import catalog as cat
-from tasks.pipeline import reporting_progress
+from tasks.catalog.reader import Catalog, open_catalog
+from tasks.config import ShardConfig
 from tasks.sample_data import generate_samples, write_samples
+from tasks.shard.progress import reporting_progress
 from tasks.storage import LocalStore, S3Store
 from tests.catalog_checks import assert_exactly_once
+from tests.helpers import free_port, run_flow
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.timeout(900)]
 
@@ -44,7 +45,7 @@ def api_url() -> str:
         return str(client.api_url)
 
 
-def vectors_by_key(c: cat.Catalog) -> dict[str, np.ndarray]:
+def vectors_by_key(c: Catalog) -> dict[str, np.ndarray]:
     ids, vectors = c.embeddings()
     key_of = dict(zip(c.images["image_id"], c.images["key"], strict=True))
     return {key_of[i]: v for i, v in zip(ids.tolist(), vectors, strict=True)}
@@ -64,7 +65,7 @@ class CountingProgress:
 
 
 def run(source, output, weights, endpoint=None, **kw):
-    return catalog_images(source=source, output=output, model="resnet18", weights=str(weights), batch_size=4,
+    return run_flow(source=source, output=output, model="resnet18", weights=str(weights), batch_size=4,
                           precision="fp32", device="cpu", endpoint_url=endpoint, **kw)
 
 
@@ -96,7 +97,7 @@ def test_shards_on_a_local_cluster_give_the_same_catalogue_as_one_process(new_bu
     assert progress.total == progress.done == spread.processed + spread.failed == one.processed + one.failed
     assert spread.stage_s["to_first_batch_s"] > 0 and spread.stage_s["model_s"] > 0
 
-    a, b = cat.open_catalog(here, endpoint_url=moto_endpoint), cat.open_catalog(on_cluster, endpoint_url=moto_endpoint)
+    a, b = open_catalog(here, endpoint_url=moto_endpoint), open_catalog(on_cluster, endpoint_url=moto_endpoint)
     assert_exactly_once(b, set(a.images["key"]))
     assert set(b.failures["key"]) == set(a.failures["key"]) and len(b.failures) > 0
     va, vb = vectors_by_key(a), vectors_by_key(b)
@@ -150,24 +151,20 @@ def test_a_worker_killed_mid_shard_leaves_every_image_exactly_once(tmp_path, res
     if "summary" in outcome:  # the shard reran on a worker that lived
         assert outcome["summary"].status == "committed"
         assert not any(p.endswith(f":{killed}") for p in outcome["summary"].shards_by_process)
-        assert_exactly_once(cat.open_catalog(str(out)), expected)
+        assert_exactly_once(open_catalog(str(out)), expected)
     else:  # or the run failed cleanly: nothing committed, and a rerun finishes
         assert not (out / "CURRENT").exists()
         run(str(src), str(out), resnet18_weights, shard_size=5)
-        assert_exactly_once(cat.open_catalog(str(out)), expected)
+        assert_exactly_once(open_catalog(str(out)), expected)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_lost_scheduler_commits_nothing_and_a_rerun_finishes(tmp_path, resnet18_weights):
     src, out = tmp_path / "src", tmp_path / "out"
     samples = generate_samples(40, seed=53, broken=False)
     write_samples(LocalStore(src, create=True), samples)
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, PREFECT_API_URL=api_url(), OMP_NUM_THREADS="1")
     scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                                   "--port", address.rsplit(":", 1)[1], "--dashboard-address", ":0"],
@@ -207,7 +204,7 @@ def test_a_lost_scheduler_commits_nothing_and_a_rerun_finishes(tmp_path, resnet1
             proc.wait(timeout=30)
     rerun = run(str(src), str(out), resnet18_weights, shard_size=5)  # in this process: the cluster is gone
     assert rerun.status == "committed" and rerun.counts["new"] == len(samples)
-    assert_exactly_once(cat.open_catalog(str(out)), {s.key for s in samples})
+    assert_exactly_once(open_catalog(str(out)), {s.key for s in samples})
 
 
 @task(cache_policy=NO_CACHE)
@@ -232,7 +229,7 @@ def test_two_shards_never_share_a_gpu(gpu):
     resources = {"GPU": 1} if gpu else None
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
                       resources=resources, env={"PREFECT_API_URL": api_url()}) as local_cluster:
-        runs = run_shards(hold_the_card, list(range(4)), ShardRunner(cluster=local_cluster.scheduler_address)).results
+        runs = run_shards(hold_the_card, list(range(4)), ShardConfig(cluster=local_cluster.scheduler_address)).results
     assert [r[0] for r in runs] == [0, 1, 2, 3]
     assert _overlaps(runs) is not gpu
 
@@ -243,7 +240,7 @@ def test_cluster_flags_are_checked_before_any_work(tmp_path):
     (tmp_path / "src").mkdir()
     both = cli.invoke(app, [*args, "--cluster", "tcp://127.0.0.1:8786", "--workers", "2"])
     assert both.exit_code == 2 and "not both" in both.output
-    nobody = cli.invoke(app, [*args, "--cluster", f"tcp://127.0.0.1:{_free_port()}"])
+    nobody = cli.invoke(app, [*args, "--cluster", f"tcp://127.0.0.1:{free_port()}"])
     assert nobody.exit_code == 2 and "no Dask scheduler answers" in nobody.output
     assert not (tmp_path / "out").exists(), "nothing was written"
     bad = cli.invoke(app, [*args, "--cluster", "http://example:8786"])
@@ -262,14 +259,14 @@ def test_several_workers_share_a_card_and_the_cores(monkeypatch):
     import torch
 
     from flows import dask_shards
-    from tasks.pipeline import WORKER_CORES_ENV, decode_process_count
+    from tasks.shard.runner import WORKER_CORES_ENV, decode_process_count
 
     def worker_setup() -> tuple[str | None, str | None, bool]:
         return (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get(WORKER_CORES_ENV),
                 multiprocessing.current_process().daemon)
 
     monkeypatch.setattr(dask_shards, "local_gpus", lambda: 1)
-    with dask_shards._dask_runner(ShardRunner(workers=2)) as task_runner:  # was refused: more workers than GPUs
+    with dask_shards._dask_runner(ShardConfig(workers=2)) as task_runner:  # was refused: more workers than GPUs
         client = task_runner.client
         client.wait_for_workers(2)
         seen = list(client.run(worker_setup).values())
@@ -292,18 +289,16 @@ def test_several_workers_share_a_card_and_the_cores(monkeypatch):
 
     monkeypatch.setattr(dask_shards, "local_gpus", lambda: 2)
     with pytest.raises(dask_shards.RunnerError, match="use a multiple of 2"):
-        with dask_shards._dask_runner(ShardRunner(workers=3)):
+        with dask_shards._dask_runner(ShardConfig(workers=3)):
             pass
 
 
-@pytest.mark.parametrize("objects,size,runner,expected", [
-    (5000, 2000, ShardRunner(workers=4), 625),  # 3 shards for 4 workers -> 8 shards of 625
-    (100_000, 2000, ShardRunner(workers=4), 2000),  # plenty of shards already: never larger
-    (5000, 2000, ShardRunner(), 2000),  # in this process: one shard at a time anyway
-    (5000, 2000, ShardRunner(cluster="tcp://10.0.0.5:8786"), 2000),  # a remote cluster's size is unknown here
-    (3, 2000, ShardRunner(workers=4), 1),
+@pytest.mark.parametrize("objects,shards,expected", [
+    (5000, ShardConfig(shard_size=2000, workers=4), 625),  # 3 shards for 4 workers -> 8 shards of 625
+    (100_000, ShardConfig(shard_size=2000, workers=4), 2000),  # plenty of shards already: never larger
+    (5000, ShardConfig(shard_size=2000), 2000),  # in this process: one shard at a time anyway
+    (5000, ShardConfig(shard_size=2000, cluster="tcp://10.0.0.5:8786"), 2000),  # a remote cluster's size is unknown here
+    (3, ShardConfig(shard_size=2000, workers=4), 1),
 ])
-def test_a_local_cluster_gets_at_least_two_shards_a_worker(objects, size, runner, expected):
-    from flows.runners import shard_size_for
-
-    assert shard_size_for(objects, size, runner) == expected
+def test_a_local_cluster_gets_at_least_two_shards_a_worker(objects, shards, expected):
+    assert shard_size_for(objects, shards) == expected

@@ -16,10 +16,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.decode import MAX_RENDER_PIXELS, DecodeError, decode_image, decode_pages, pdf_render_scale
-from tasks.sample_data import (broken_files, encode, header_bomb_tiff, make_product_photo, malformed_tiff, patch_tiff,
-                               pdf_document, tiff_document, unimplemented_dds)
-from tasks.tables import image_id_for
+from tasks.catalog.tables import image_id_for
+from tasks.sample_data import (
+    broken_files,
+    encode,
+    header_bomb_tiff,
+    make_product_photo,
+    malformed_tiff,
+    patch_tiff,
+    pdf_document,
+    tiff_document,
+    unimplemented_dds,
+)
+from tasks.shard.decode import MAX_RENDER_PIXELS, DecodeError, decode_image, decode_pages, pdf_render_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +183,7 @@ def test_large_tiff_frames_are_reduced_to_cover_the_model_input_and_report_their
 
 BOUNDED_DECODE = """
 import json, resource, sys
-from tasks.decode import DecodeError, decode_pages
+from tasks.shard.decode import DecodeError, decode_pages
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB of address space, Python included
 out = {}
 for path in sys.argv[1:]:

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
 
 from deployments import nightly
-from tasks.catalog import open_catalog, read_runs
+from tasks.catalog.reader import open_catalog
+from tasks.catalog.runs_log import read_runs
+from tasks.config import RunConfig
 from tasks.sample_data import generate_samples, write_samples
 from tasks.storage import LocalStore
 
@@ -29,7 +32,30 @@ def test_prefect_yaml_matches_the_served_deployment():
     assert dep["concurrency_limit"] == 1
     path, _, attr = dep["entrypoint"].partition(":")
     assert (ROOT / path).is_file() and getattr(nightly, attr).retries == nightly.RETRIES
-    assert {"source", "output"} <= set(dep["parameters"])
+    # its one parameter is a run configuration, as `batchsight serve` registers it
+    (config,) = dep["parameters"].values()
+    filled = yaml.safe_load(yaml.safe_dump(config).replace("{{ $BATCHSIGHT_SOURCE }}", "/data/photos")
+                            .replace("{{ $BATCHSIGHT_OUTPUT }}", "/data/catalog"))
+    assert RunConfig.model_validate(filled).model.name == "resnet50"
+
+
+def test_a_deployment_parameter_out_of_bounds_is_refused_before_a_run_starts(tmp_path):
+    """The deployment's parameter schema is the config's, bounds included: Prefect's
+    server refuses a run whose config is out of bounds, so no run starts at all."""
+    deployment_id = nightly.build_deployment(RunConfig(source=str(tmp_path / "src"), output=str(tmp_path / "out")),
+                                             name="bounds-test").apply()
+    with get_client(sync_client=True) as client:
+        for group, field, bad in (("model", "batch_size", 0), ("index", "recall_target", 1.5),
+                                  ("shards", "shard_size", -3), ("model", "device", "tpu")):
+            config = {"source": str(tmp_path / "src"), "output": str(tmp_path / "out"), group: {field: bad}}
+            with pytest.raises(Exception, match=field) as refused:
+                client.create_flow_run_from_deployment(deployment_id, parameters={"config": config})
+            assert "Validation failed" in str(refused.value), refused.value
+        good = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"config": {"source": str(tmp_path / "src"), "output": str(tmp_path / "o2"),
+                                                  "model": {"batch_size": 8}}})
+        runs = client.read_flow_runs()
+        assert [r.id for r in runs if r.deployment_id == deployment_id] == [good.id]
 
 
 def test_serve_registers_schedule_and_runs_a_triggered_night(tmp_path, resnet18_weights):
@@ -59,8 +85,9 @@ def test_serve_registers_schedule_and_runs_a_triggered_night(tmp_path, resnet18_
             assert deployment is not None, "serve never registered the deployment"
             (schedule,) = deployment.schedules
             assert (schedule.schedule.cron, schedule.schedule.timezone) == ("30 3 * * *", "Europe/Berlin")
-            assert deployment.parameters == {"source": str(src), "output": str(out), "model": "resnet18",
-                                             "weights": str(resnet18_weights), "batch_size": 4}
+            assert deployment.parameters == {"config": {
+                "source": str(src), "output": str(out),
+                "model": {"name": "resnet18", "weights": str(resnet18_weights), "batch_size": 4}}}
             limit = deployment.global_concurrency_limit
             assert limit is not None and limit.limit == 1
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,18 +13,20 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.search import find_duplicates
-from tasks import duplicates as dups
-from tasks import index as fi
-from tasks import tables
-from tasks.catalog import Catalog
+from tasks.catalog import tables
+from tasks.catalog.reader import Catalog
 from tasks.sample_data import generate_samples, reencoded_copy, write_samples
+from tasks.search import duplicates as dups
+from tasks.search import index as faiss_index
+from tasks.search import index_choice, index_recall
 from tasks.storage import LocalStore
+from tests.helpers import run_flow
 
 
 @pytest.fixture(autouse=True)
 def one_faiss_thread():
     """The machine is shared; FAISS would otherwise take every core."""
-    with fi.faiss_threads(1):
+    with faiss_index.faiss_threads(1):
         yield
 
 
@@ -57,11 +58,11 @@ def planted_duplicates(seed: int = 0):
 def test_planted_copies_form_their_groups_and_nothing_else_does(kind):
     ids, vectors, expected = planted_duplicates()
     blocks = [(ids[i:i + 500], vectors[i:i + 500]) for i in range(0, len(ids), 500)]
-    choice = fi.flat_choice(len(ids), 32) if kind == "flat" else fi.ivf_flat_choice(len(ids), 32)
-    index = fi.build_index(choice, 32, vectors, blocks)
+    choice = index_choice.flat_choice(len(ids), 32) if kind == "flat" else index_choice.ivf_flat_choice(len(ids), 32)
+    index = faiss_index.build_index(choice, 32, vectors, blocks)
     nprobe = None
     if kind == "ivf-flat":
-        nprobe = fi.measure_recall(index, vectors[:200], ids[:200], blocks, target=0.95).nprobe
+        nprobe = index_recall.measure_recall(index, vectors[:200], ids[:200], blocks, target=0.95).nprobe
     pairs = dups.similar_pairs(index, blocks, 0.9, n_images=len(ids), nprobe=nprobe)
     groups = dups.group_pairs(pairs)
     found = {frozenset(g) for g in groups.groupby("group_id")["image_id"].apply(list)}
@@ -72,7 +73,7 @@ def test_planted_copies_form_their_groups_and_nothing_else_does(kind):
 
 def test_a_threshold_that_matches_everything_is_refused():
     ids, vectors, _ = planted_duplicates()
-    index = fi.build_index(fi.flat_choice(len(ids), 32), 32, None, [(ids, vectors)])
+    index = faiss_index.build_index(index_choice.flat_choice(len(ids), 32), 32, None, [(ids, vectors)])
     with pytest.raises(ValueError, match="that is similarity, not duplication; use a higher threshold"):
         dups.similar_pairs(index, [(ids, vectors)], -0.5, n_images=len(ids))
     with pytest.raises(ValueError, match=r"threshold is a cosine similarity in \[-1, 1\), not 1.5"):
@@ -88,8 +89,7 @@ RANDOM_WEIGHTS_THRESHOLD = 0.9982
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_reencoded_resized_and_cropped_copies_land_in_one_group(tmp_path, resnet18_weights):
-    from flows.nightly import catalog_images
-
+    
     photos = generate_samples(12, seed=5, document_fraction=0.0, broken=False)
     originals = photos[:2]
     copies = {}
@@ -103,7 +103,7 @@ def test_reencoded_resized_and_cropped_copies_land_in_one_group(tmp_path, resnet
         for key, data in group.items():
             bucket.put(key, data)
     out = tmp_path / "catalog"
-    catalog_images(source=str(tmp_path / "bucket"), output=str(out), model="resnet18", weights=str(resnet18_weights),
+    run_flow(source=str(tmp_path / "bucket"), output=str(out), model="resnet18", weights=str(resnet18_weights),
                    device="cpu", precision="fp32", batch_size=8)
 
     result = CliRunner().invoke(app, ["duplicates", "--catalog", str(out), "--threshold",

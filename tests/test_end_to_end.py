@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.nightly import catalog_images
 from flows.search import similar_images
-from tasks.catalog import Catalog
+from tasks.catalog.reader import Catalog
 from tasks.sample_data import reencoded_copy, write_samples
 from tasks.storage import LocalStore, S3Store, cached_store
+from tests.helpers import run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -41,7 +41,7 @@ def source_store(url, endpoint):
 def catalogue_samples(roots, samples, weights):
     source, output, endpoint = roots
     write_samples(source_store(source, endpoint), samples)
-    summary = catalog_images(source=source, output=output, model="resnet18", weights=str(weights),
+    summary = run_flow(source=source, output=output, model="resnet18", weights=str(weights),
                              batch_size=16, shard_size=20, endpoint_url=endpoint)
     cat = Catalog.open(cached_store(output, endpoint))
     return summary, cat, roots
@@ -104,7 +104,7 @@ def test_broken_files_land_in_failures_and_the_rest_is_processed(shared):
 
 def test_image_ids_are_stable_for_a_key(shared, resnet18_weights, tmp_path):
     _, cat, (source, _, endpoint) = shared
-    other = catalog_images(source=source, output=str(tmp_path / "second"), model="resnet18",
+    other = run_flow(source=source, output=str(tmp_path / "second"), model="resnet18",
                            weights=str(resnet18_weights), endpoint_url=endpoint)
     again = Catalog.open(LocalStore(tmp_path / "second"))
     assert other.version == 1
@@ -130,7 +130,7 @@ def test_a_catalogue_written_before_pages_existed_still_searches(catalogued):
     parts, format 1, one snapshot a table)."""
     import json
 
-    from tasks import tables
+    from tasks.catalog import tables
 
     _, cat, _ = catalogued
     (snapshot,) = cat.manifest.images

@@ -17,9 +17,10 @@ from PIL import Image
 from torch.utils._pytree import tree_flatten, tree_map
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from models.engine import EmbedResult, Embedder, EmbedderSettings, batch_size_that_fits, stack_images
-from tasks.pipeline import (DecodeOptions, decodes_in_processes, jpeg_size, non_finite_rows, run_shard)
+from models.engine import Embedder, EmbedResult, batch_size_that_fits, stack_images
+from models.settings import EmbedderSettings
 from tasks.sample_data import encode, make_document, make_product_photo
+from tasks.shard.runner import DecodeOptions, decodes_in_processes, jpeg_size, non_finite_rows, run_shard
 from tasks.storage import LocalStore
 
 
@@ -251,9 +252,9 @@ def test_where_cpu_decoding_runs(option, device, cores, expected):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torchvision cannot decode on cuda")
 def test_without_a_gpu_jpeg_decoder_one_line_says_so_and_jpegs_decode_on_the_cpu(caplog):
-    from tasks.pipeline import device_jpeg_decoder
+    from tasks.shard.runner import device_jpeg_decoder
 
-    with caplog.at_level("WARNING", logger="tasks.pipeline"):
+    with caplog.at_level("WARNING", logger="tasks.shard.runner"):
         assert device_jpeg_decoder(torch.device("cuda")) is None
     [record] = [r for r in caplog.records if "--gpu-decode" in r.getMessage()]
     assert "decoding them on the CPU instead" in record.getMessage() and "\n" not in record.getMessage()

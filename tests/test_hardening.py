@@ -14,28 +14,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.nightly import catalog_images
 from models.registry import model_family
 from models.weights import WeightsError, resolve_weights
-from tasks import catalog as cat
+from tasks.catalog.errors import CatalogCorrupt
+from tasks.catalog.gc import collect_garbage
+from tasks.catalog.leases import RunLease
+from tasks.catalog.manifest import read_pointer
+from tasks.catalog.reader import open_catalog
+from tasks.catalog.runs_log import read_runs
+from tasks.config import RunConfig
 from tasks.sample_data import generate_samples, write_samples
-from tasks.storage import LocalStore, S3Store, StorageError, key_for_local_name
+from tasks.storage import LocalStore, S3Store, key_for_local_name
 from tests.fault_proxy import FaultProxy, Faults
+from tests.helpers import invoke, run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 runner = CliRunner()
 
 
-def invoke(*args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def run(source, output, weights, endpoint=None, **kw):
-    return catalog_images(source=source, output=output, model="resnet18", weights=str(weights), batch_size=8,
+    return run_flow(source=source, output=output, model="resnet18", weights=str(weights), batch_size=8,
                           shard_size=kw.pop("shard_size", 10), endpoint_url=endpoint, **kw)
 
 
@@ -76,9 +79,8 @@ def test_overlapping_s3_roots_are_refused(new_bucket, moto_endpoint, resnet18_we
         code, text = invoke("run", "--source", source, "--output", output, "--model", "resnet18", "--weights",
                             resnet18_weights, "--endpoint-url", moto_endpoint)
         assert code == 2 and "overlap" in text, text
-    with pytest.raises(StorageError, match="overlap"):  # the flow refuses too, for deployments
-
-        catalog_images(source=f"s3://{bucket}/photos", output=f"s3://{bucket}/photos/c", endpoint_url=moto_endpoint)
+    with pytest.raises(ValidationError, match="overlap"):  # a deployment's config too, before its run starts
+        RunConfig.model_validate({"source": f"s3://{bucket}/photos", "output": f"s3://{bucket}/photos/c"})
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -103,7 +105,7 @@ def test_gc_deletes_only_the_catalogues_own_files(tmp_path, resnet18_weights, ne
                         *(["--endpoint-url", endpoint] if endpoint else []))
     assert code == 0 and "would delete tables/embeddings/dead-run/shard-00000.parquet" in text
     assert not any(k in text for k in foreign), text
-    report = cat.collect_garbage(out, min_age_s=0)
+    report = collect_garbage(out, min_age_s=0)
     assert report.deleted == ["tables/embeddings/dead-run/shard-00000.parquet"]
     assert all(out.get(k) == b"not the catalogue's" for k in foreign)
 
@@ -113,16 +115,16 @@ def test_gc_leaves_a_long_run_alone_while_its_lease_is_renewed(tmp_path, resnet1
     _, out_path, _ = catalogue(tmp_path, resnet18_weights)
     out = LocalStore(out_path)
     part = "tables/embeddings/20260101T000000Z-abcdef/shard-00000.parquet"
-    with cat.RunLease(out, "20260101T000000Z-abcdef", ttl_s=1.5) as lease:
+    with RunLease(out, "20260101T000000Z-abcdef", ttl_s=1.5) as lease:
         out.put(part, b"a part of a run in progress")
         seven_hours_ago = time.time() - 7 * 3600
         os.utime(out_path / part, (seven_hours_ago, seven_hours_ago))
         time.sleep(2.0)  # longer than the ttl: only the renewals keep the lease fresh
-        report = cat.collect_garbage(out, min_age_s=6 * 3600)
+        report = collect_garbage(out, min_age_s=6 * 3600)
         assert report.deleted == [] and report.skipped_running == 1
         assert out.exists(part) and out.exists(lease.key)
     assert not out.exists(lease.key)  # a finished run removes its lease
-    assert cat.collect_garbage(out, min_age_s=0).deleted == [part]
+    assert collect_garbage(out, min_age_s=0).deleted == [part]
 
 
 # 4. Empty versions
@@ -134,11 +136,11 @@ def test_an_emptied_bucket_commits_an_empty_version(tmp_path, resnet18_weights):
         src.delete(s.key)
     summary = run(str(tmp_path / "src"), str(out), resnet18_weights, allow_mass_delete=True)
     assert summary.status == "committed" and summary.version == 2
-    live = cat.open_catalog(str(out))
+    live = open_catalog(str(out))
     assert len(live.images) == 0 and live.index.ntotal == 0 and live.manifest.counts["images"] == 0
     code, text = invoke("search", "--catalog", out, "--key", samples[0].key)
     assert code == 2 and "not in the catalogue" in text
-    assert cat.open_catalog(str(out), version=1).index.ntotal == 6  # history keeps the old content
+    assert open_catalog(str(out), version=1).index.ntotal == 6  # history keeps the old content
 
 
 def test_a_first_run_where_every_object_fails_records_the_failures(tmp_path, resnet18_weights):
@@ -148,7 +150,7 @@ def test_a_first_run_where_every_object_fails_records_the_failures(tmp_path, res
     src.put("garbage.png", b"not a png at all")
     summary = run(str(tmp_path / "src"), str(tmp_path / "out"), resnet18_weights)
     assert (summary.status, summary.version, summary.processed, summary.failed) == ("committed", 1, 0, 31)
-    live = cat.open_catalog(str(tmp_path / "out"))
+    live = open_catalog(str(tmp_path / "out"))
     assert len(live.images) == 0 and live.index.ntotal == 0
     assert len(live.failures) == 31 and set(live.failures["error_type"]) == {"empty", "not_an_image"}
 
@@ -164,7 +166,7 @@ def _source_bucket(new_bucket, moto_endpoint, n: int, seed: int):
 
 
 def _content(output: str, endpoint: str) -> tuple[dict, dict]:
-    live = cat.open_catalog(output, endpoint_url=endpoint)
+    live = open_catalog(output, endpoint_url=endpoint)
     ids, vectors = live.embeddings()
     rows = live.images.set_index("image_id").loc[ids]
     return ({(k, p): v for k, p, v in zip(rows["key"], rows["page"], vectors, strict=True)},
@@ -203,9 +205,9 @@ def test_a_lost_reply_to_the_commit_is_reported_as_committed(new_bucket, moto_en
         summary = run(source, output, resnet18_weights, proxy.url)
     assert lost and proxy.injected["lost_reply"] == 1
     assert (summary.status, summary.version) == ("committed", 1)
-    live = cat.open_catalog(output, endpoint_url=moto_endpoint)
+    live = open_catalog(output, endpoint_url=moto_endpoint)
     assert live.manifest.run_id == summary.run_id
-    runs = cat.read_runs(live.store)
+    runs = read_runs(live.store)
     assert runs.iloc[-1]["status"] == "committed"
 
 
@@ -218,7 +220,7 @@ def test_verify_names_a_damaged_file_run_refuses_and_rollback_restores(tmp_path,
     assert code == 0 and "0 damaged" in text, text
     write_samples(src, more_samples(3, 77, "more"))
     run(str(tmp_path / "src"), str(out), resnet18_weights)
-    v2 = cat.open_catalog(str(out)).manifest
+    v2 = open_catalog(str(out)).manifest
     assert set(v2.files) == set(v2.named_files)
 
     night_part = v2.images[-1]  # the rows version 2 wrote (its others are version 1's)
@@ -234,21 +236,21 @@ def test_verify_names_a_damaged_file_run_refuses_and_rollback_restores(tmp_path,
     code, text = invoke("run", "--source", tmp_path / "src", "--output", out, "--model", "resnet18",
                         "--weights", resnet18_weights)
     assert code == 4 and night_part in text and "rollback" in text, text
-    assert cat.read_pointer(LocalStore(out))[0].version == 2  # nothing committed
+    assert read_pointer(LocalStore(out))[0].version == 2  # nothing committed
 
     code, text = invoke("rollback", "--catalog", out, "--to", 1)
     assert code == 0, text
     summary = run(str(tmp_path / "src"), str(out), resnet18_weights)
     assert summary.status == "committed" and summary.version == 4
-    assert len(cat.open_catalog(str(out)).images) == 8 + 3 + 2
+    assert len(open_catalog(str(out)).images) == 8 + 3 + 2
 
 
 def test_a_damaged_carried_part_is_caught_before_it_is_carried_on(tmp_path, resnet18_weights):
     src, out, _ = catalogue(tmp_path, resnet18_weights, n=8)
-    part = out / cat.open_catalog(str(out)).manifest.embeddings[0]
+    part = out / open_catalog(str(out)).manifest.embeddings[0]
     part.write_bytes(part.read_bytes()[: len(part.read_bytes()) // 2])
     write_samples(src, more_samples(2, 79, "new"))
-    with pytest.raises(cat.CatalogCorrupt, match=r"shard-00000-[0-9a-f]{8}\.parquet.*the manifest recorded"):
+    with pytest.raises(CatalogCorrupt, match=r"shard-00000-[0-9a-f]{8}\.parquet.*the manifest recorded"):
         run(str(tmp_path / "src"), str(out), resnet18_weights)
 
 
@@ -256,7 +258,7 @@ def test_garbage_index_and_current_give_clear_errors_and_rollback_still_works(tm
     src, out, samples = catalogue(tmp_path, resnet18_weights, n=6)
     write_samples(src, more_samples(2, 80, "new"))
     run(str(tmp_path / "src"), str(out), resnet18_weights)
-    live = cat.open_catalog(str(out)).manifest
+    live = open_catalog(str(out)).manifest
     assert live.index_delta is not None  # the night's vectors: a file of version 2's own
     (out / live.index_delta).write_bytes(b"\x00garbage" * 100)
     code, text = invoke("search", "--catalog", out, "--key", samples[0].key)
@@ -267,7 +269,7 @@ def test_garbage_index_and_current_give_clear_errors_and_rollback_still_works(tm
     assert code == 4 and "CURRENT is damaged" in text and "versions up to 2" in text, text
     code, text = invoke("rollback", "--catalog", out, "--to", 1)
     assert code == 0 and "version 3 is live" in text, text
-    restored = cat.open_catalog(str(out))
+    restored = open_catalog(str(out))
     assert restored.manifest.rolled_back_from == 1 and len(restored.images) == 6
     code, text = invoke("status", "--catalog", out, "--verify")
     assert code == 0, text
@@ -291,7 +293,7 @@ def test_weights_holding_nan_or_infinity_are_refused(tmp_path, poison):
 
 
 def test_names_with_backslashes_and_batchsight_prefixes_are_catalogued(tmp_path, resnet18_weights):
-    src = LocalStore(tmp_path / "src", create=True)
+    LocalStore(tmp_path / "src", create=True)
     good = generate_samples(3, seed=81, broken=False)
     names = ["scans\\2024\\a.jpg", ".batchsight-photo.jpg", "plain.jpg"]
     for name, sample in zip(names, good, strict=True):
@@ -300,7 +302,7 @@ def test_names_with_backslashes_and_batchsight_prefixes_are_catalogued(tmp_path,
     summary = run(str(tmp_path / "src"), str(tmp_path / "out"), resnet18_weights)
     assert summary.processed == 3 and summary.skipped == 1
     # a backslash is the escape character of local keys (see key_for_local_name), so it is written twice
-    assert set(cat.open_catalog(str(tmp_path / "out")).images["key"]) == {key_for_local_name(n) for n in names}
+    assert set(open_catalog(str(tmp_path / "out")).images["key"]) == {key_for_local_name(n) for n in names}
     assert key_for_local_name(names[0]) == "scans\\\\2024\\\\a.jpg"
 
 
@@ -321,7 +323,7 @@ def test_a_full_disk_says_so_and_leaves_the_live_version_intact(tmp_path, resnet
                             "--weights", resnet18_weights)
         assert code == 2 and "no space left" in text and "intact" in text and "Traceback" not in text, text
         (disk / "filler").unlink()
-        live = cat.open_catalog(str(disk / "out"))
+        live = open_catalog(str(disk / "out"))
         assert live.manifest.version == 1 and len(live.images) == 4
     finally:
         subprocess.run(["umount", str(disk)], check=False)
@@ -347,11 +349,11 @@ def test_a_listing_that_lost_its_keys_commits_nothing(new_bucket, moto_endpoint,
         photos.delete(s.key)
     code, text = invoke("run", "--source", f"s3://{bucket}/photos", *base)
     assert code == 2 and "would delete 5 of the 10" in text and "50%" in text, text
-    assert cat.open_catalog(output, endpoint_url=moto_endpoint).manifest.version == 1  # nothing committed
+    assert open_catalog(output, endpoint_url=moto_endpoint).manifest.version == 1  # nothing committed
 
     code, text = invoke("run", "--source", f"s3://{bucket}/photos", "--max-delete-share", "0.6", *base)
     assert code == 0, text
-    assert len(cat.open_catalog(output, endpoint_url=moto_endpoint).images) == 5
+    assert len(open_catalog(output, endpoint_url=moto_endpoint).images) == 5
 
     photos.delete(samples[5].key)  # 1 of 5 is 20%: within the default share
     code, text = invoke("run", "--source", f"s3://{bucket}/photos", *base)
@@ -362,4 +364,4 @@ def test_a_listing_that_lost_its_keys_commits_nothing(new_bucket, moto_endpoint,
     assert code == 2 and "returned 0 objects" in text, text
     code, text = invoke("run", "--source", f"s3://{bucket}/photos", "--allow-mass-delete", *base)
     assert code == 0, text
-    assert len(cat.open_catalog(output, endpoint_url=moto_endpoint).images) == 0
+    assert len(open_catalog(output, endpoint_url=moto_endpoint).images) == 0

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from flows.nightly import catalog_images
 from flows.search import similar_images
 from models.errors import WeightsError
 from models.family import ModelFamily, Preprocessing, PublishedWeights
 from models.registry import model_family, register_family
 from models.weights import resolve_weights, save_random_weights
-from tasks.catalog import Catalog
-from tasks.decode import decode_image
+from tasks.catalog.reader import Catalog
 from tasks.sample_data import write_samples
+from tasks.shard.decode import decode_image
 from tasks.storage import LocalStore, cached_store
+from tests.helpers import run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -89,7 +89,7 @@ def test_a_second_family_runs_catalogues_and_searches(family, tmp_path, samples)
     sha = save_random_weights(family.name, 1, weights)
     source, output = tmp_path / "src", tmp_path / "out"
     write_samples(LocalStore(source, create=True), samples)
-    summary = catalog_images(source=str(source), output=str(output), model=family.name, weights=str(weights),
+    summary = run_flow(source=str(source), output=str(output), model=family.name, weights=str(weights),
                              precision="fp32", batch_size=8, shard_size=20)
     assert summary.status == "committed"
     cat = Catalog.open(cached_store(str(output), None))

@@ -12,12 +12,13 @@ import torch
 import torchvision
 from PIL import Image
 
-from models.engine import Embedder, EmbedderSettings, cpu_supports_bf16, stack_images
+from models.engine import Embedder, cpu_supports_bf16, stack_images
 from models.family import preprocess_pixels
 from models.registry import model_family
+from models.settings import EmbedderSettings
 from models.weights import WeightsError, resolve_weights, save_random_weights, sha256_bytes
-from tasks.decode import decode_image
 from tasks.sample_data import encode, make_document, make_product_photo
+from tasks.shard.decode import decode_image
 
 
 def test_unknown_model_is_named_with_suggestions():

@@ -9,20 +9,27 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flows.nightly import catalog_images
 from flows.search import similar_images
-from tasks import catalog as cat
-from tasks.catalog import Catalog, ConcurrentCommitError, collect_garbage, list_versions, read_runs, rollback
+from tasks.catalog.errors import CatalogError, ConcurrentCommitError
+from tasks.catalog.gc import collect_garbage
+from tasks.catalog.history import list_versions
+from tasks.catalog.layout import version_stem
+from tasks.catalog.leases import LEASE_PREFIX, LEASE_TTL_S
+from tasks.catalog.manifest import commit_manifest, read_pointer
+from tasks.catalog.reader import Catalog, open_catalog
+from tasks.catalog.runs_log import read_runs
+from tasks.catalog.versions import build_next_version, rollback
+from tasks.records import ChangePlan
 from tasks.sample_data import generate_samples, reencoded_copy, write_samples
 from tasks.storage import LocalStore, S3Store
 from tests.catalog_checks import assert_exactly_once
+from tests.helpers import run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +42,12 @@ def s3_roots(new_bucket, moto_endpoint):
 
 
 def run(source, output, weights, endpoint=None, **kw):
-    return catalog_images(source=source, output=output, model="resnet18", weights=str(weights), batch_size=8,
+    return run_flow(source=source, output=output, model="resnet18", weights=str(weights), batch_size=8,
                           shard_size=kw.pop("shard_size", 10), endpoint_url=endpoint, **kw)
 
 
 def open_cat(output, endpoint=None):
-    return cat.open_catalog(output, endpoint_url=endpoint)
+    return open_catalog(output, endpoint_url=endpoint)
 
 
 def local_bucket(tmp_path, n: int, seed: int):
@@ -196,10 +203,10 @@ def test_a_killed_run_leaves_the_previous_version_and_a_rerun_is_exactly_once(tm
     # The killed run's lease is still fresh: gc cannot tell it from a slow run, so it waits.
     waiting = collect_garbage(live.store, min_age_s=0)
     assert waiting.deleted == [] and waiting.skipped_running > 0
-    expired = time.time() + cat.LEASE_TTL_S + 1  # once the lease runs out, its files are garbage
+    expired = time.time() + LEASE_TTL_S + 1  # once the lease runs out, its files are garbage
     orphans = collect_garbage(live.store, min_age_s=0, now=expired)
     assert orphans.deleted, "the killed run's parts are garbage"
-    assert any(k.startswith(cat.LEASE_PREFIX) for k in orphans.deleted)
+    assert any(k.startswith(LEASE_PREFIX) for k in orphans.deleted)
     assert all(live.manifest.run_id not in k and before.manifest.run_id not in k for k in orphans.deleted)
     assert_exactly_once(open_cat(str(out)), expected)  # gc removed nothing live
     again = collect_garbage(live.store, min_age_s=0, now=expired)
@@ -231,16 +238,16 @@ def test_two_commits_from_one_version_one_wins(tmp_path, resnet18_weights):
     write_samples(store, generate_samples(6, seed=2, broken=False))
     run(str(src), str(out), resnet18_weights)
     out_store = LocalStore(out)
-    pointer, etag = cat.read_pointer(out_store)
+    pointer, etag = read_pointer(out_store)
     previous = Catalog.open(out_store)
-    plan = cat.ChangePlan(deleted=[previous.images["key"].iloc[0]])
+    plan = ChangePlan(deleted=[previous.images["key"].iloc[0]])
     meta = dict(source=str(src), model="resnet18", weights="w", weights_source="file",
                 weights_sha256=previous.manifest.weights_sha256, embedding_dim=512, reembed_all=False)
-    a, _ = cat.build_next_version(out_store, previous, plan, [], run_id="run-a", **meta)
-    b, _ = cat.build_next_version(out_store, previous, plan, [], run_id="run-b", **meta)
-    cat.commit_manifest(out_store, a, etag)
+    a, _ = build_next_version(out_store, previous, plan, [], run_id="run-a", **meta)
+    b, _ = build_next_version(out_store, previous, plan, [], run_id="run-b", **meta)
+    commit_manifest(out_store, a, etag)
     with pytest.raises(ConcurrentCommitError, match="another run committed.*committed nothing"):
-        cat.commit_manifest(out_store, b, etag)
+        commit_manifest(out_store, b, etag)
     live = Catalog.open(out_store)
     assert live.manifest.run_id == "run-a" and live.manifest.version == 2
     assert_exactly_once(live, set(previous.images["key"]) - set(plan.deleted))
@@ -280,7 +287,7 @@ def test_rollback_restores_an_earlier_version_and_search_follows(tmp_path, resne
     hits = similar_images(out, image=reencoded_copy(gone.data, scale=0.9), k=1)
     assert hits["key"].tolist() == [gone.key]
     assert restored.index == Catalog.open(live.store, version=1).manifest.index
-    with pytest.raises(cat.CatalogError, match="not in the history"):
+    with pytest.raises(CatalogError, match="not in the history"):
         rollback(live.store, 7)
     nxt = run(src, out, resnet18_weights)  # the next night diffs against the restored content
     assert nxt.version == 4 and nxt.counts["deleted"] == 1 and nxt.processed == 0
@@ -296,14 +303,14 @@ def test_gc_keeps_what_versions_reference(tmp_path, resnet18_weights):
     assert collect_garbage(c.store, min_age_s=0).deleted == []  # everything is referenced by v1 or v2
     # reports and categorisers are not version data but must survive gc with their version
     v1, v2 = list_versions(c.store)[::-1]
-    c.store.put(f"tables/duplicates/{cat.version_stem(v2.version, v2.run_id)}/threshold-0.9900.parquet", b"r2")
-    c.store.put(f"tables/duplicates/{cat.version_stem(v1.version, v1.run_id)}/threshold-0.9900.parquet", b"r1")
+    c.store.put(f"tables/duplicates/{version_stem(v2.version, v2.run_id)}/threshold-0.9900.parquet", b"r2")
+    c.store.put(f"tables/duplicates/{version_stem(v1.version, v1.run_id)}/threshold-0.9900.parquet", b"r1")
     c.store.put("categorizers/20261129T000000Z-abcdef.json", b"{}")
     report = collect_garbage(c.store, keep_versions=1, min_age_s=0)
     assert any(k.startswith("manifests/v000001") for k in report.deleted)
     assert not set(report.deleted) & set(v2.named_files)  # v2 still reads v1's main index and first part
     assert [k for k in report.deleted if k.startswith("tables/duplicates/")] == [
-        f"tables/duplicates/{cat.version_stem(v1.version, v1.run_id)}/threshold-0.9900.parquet"]
+        f"tables/duplicates/{version_stem(v1.version, v1.run_id)}/threshold-0.9900.parquet"]
     assert c.store.exists("categorizers/20261129T000000Z-abcdef.json")
     assert_exactly_once(open_cat(out), {s.key for s in samples})
     assert [v.version for v in list_versions(c.store)] == [2]

@@ -10,11 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from models.engine import (COMPILE_MIN_IMAGES, Embedder, EmbedderSettings, cpu_streams, default_batch_size,
-                           should_compile, stack_images)
-from tasks.decode import decode_image
-from tasks.pipeline import DecodeOptions, bottleneck, run_shard
-from tasks.sample_data import broken_files, encode, make_product_photo, write_samples, generate_samples
+from models.engine import (
+    COMPILE_MIN_IMAGES,
+    Embedder,
+    EmbedderSettings,
+    cpu_streams,
+    default_batch_size,
+    should_compile,
+    stack_images,
+)
+from tasks.report import bottleneck
+from tasks.sample_data import broken_files, encode, generate_samples, make_product_photo, write_samples
+from tasks.shard.decode import decode_image
+from tasks.shard.runner import DecodeOptions, run_shard
 from tasks.storage import LocalStore
 
 
@@ -105,8 +113,8 @@ def test_the_bottleneck_counts_shards_side_by_side_once_each():
     the shards' 20 s, not the run's 10 s of wall time (which called it input-bound)."""
     import pandas as pd
 
-    from tasks.catalog import BuildStats, ShardResult
-    from tasks.runs import RunSummary
+    from tasks.records import BuildStats, ShardResult
+    from tasks.report import RunSummary
 
     rows = pd.DataFrame({"key": ["a.jpg"], "top_class": ["tabby"]})
     times = {"fetch_s": 1.0, "decode_s": 3.0, "model_s": 19.0, "wait_s": 1.5, "write_s": 0.1, "load_s": 2.0,
@@ -125,7 +133,7 @@ def test_an_embeddings_part_keeps_its_vectors_out_of_a_dictionary(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from tasks import tables
+    from tasks.catalog import tables
 
     rng = np.random.default_rng(5)
     vectors = np.maximum(rng.standard_normal((256, 2048)), 0).astype(np.float32)

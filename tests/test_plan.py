@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks.catalog import plan_changes
-from tasks.storage import ObjectInfo
+from tasks.records import ObjectInfo
+from tasks.source.planning import plan_changes
 
 
 def catalogued(*rows):

@@ -18,18 +18,17 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from models.categorizer import MIN_HELD_OUT, fit_categorizer, stratified_split
-from tasks.catalog import open_catalog, read_runs
+from tasks.catalog.reader import open_catalog
+from tasks.catalog.runs_log import read_runs
 from tasks.sample_data import generate_samples, write_samples
 from tasks.storage import LocalStore
+from tests.helpers import invoke
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-def invoke(*args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def without_prefect(tmp_path: Path) -> dict[str, str]:

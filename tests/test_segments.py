@@ -17,17 +17,20 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks import index as fi
-from tasks.catalog import VERIFIED_DIR, Catalog, CatalogCorrupt, collect_garbage, rollback, verify_version
+from tasks.catalog.errors import CatalogCorrupt
+from tasks.catalog.gc import collect_garbage
+from tasks.catalog.reader import VERIFIED_DIR, Catalog, verify_version
+from tasks.catalog.tables import image_id_for
+from tasks.catalog.versions import compact, rollback
+from tasks.search import index as faiss_index
+from tasks.search import index_choice, index_recall
 from tasks.synthetic_vectors import ClusteredVectors
-from tasks.tables import image_id_for
-from tasks.versions import compact
 from tests.test_index import SyntheticCatalogue, brute_force
 
 
 @pytest.fixture(autouse=True)
 def one_faiss_thread():
-    with fi.faiss_threads(1):
+    with faiss_index.faiss_threads(1):
         yield
 
 
@@ -43,7 +46,7 @@ def exact_search(cat: Catalog, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return np.take_along_axis(scores, order, axis=1), ids[order]
 
 
-def nights(dim: int, settings: fi.IndexSettings, root, *, n: int = 600, rounds: int = 3, seed: int = 3):
+def nights(dim: int, settings: index_choice.IndexSettings, root, *, n: int = 600, rounds: int = 3, seed: int = 3):
     """A catalogue of `n` images, then `rounds` nights each adding, changing and deleting some."""
     pool = ClusteredVectors(n + 100 * rounds, dim, clusters=12, seed=seed)
     _, vectors = pool.all()
@@ -65,7 +68,7 @@ def nights(dim: int, settings: fi.IndexSettings, root, *, n: int = 600, rounds: 
 
 def test_quiet_nights_append_parts_and_segments_and_search_answers_as_exact_search(tmp_path):
     dim = 16
-    sc, live = nights(dim, fi.IndexSettings(), tmp_path / "cat")
+    sc, live = nights(dim, index_choice.IndexSettings(), tmp_path / "cat")
     cat = sc.catalog()
     m = cat.manifest
     # rows: the first version's part plus one part a night, the rows that left named in the deletes
@@ -85,24 +88,24 @@ def test_quiet_nights_append_parts_and_segments_and_search_answers_as_exact_sear
 
     # searches answer exactly as exact search over the live vectors: same ids, same scores
     queries = vectors[::7]
-    scores, found = fi.search(cat.index, queries, 10)
+    scores, found = faiss_index.search(cat.index, queries, 10)
     truth_scores, truth_ids = exact_search(cat, queries, 10)
     np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
     assert (found == truth_ids).mean() > 0.999  # ties in score may swap places
     # a filter applies to both segments; removed vectors never come back
     allowed = ids[::3]
-    _, found = fi.search(cat.index, queries, 5, allowed_ids=allowed)
+    _, found = faiss_index.search(cat.index, queries, 5, allowed_ids=allowed)
     assert set(found[found >= 0].ravel()) <= set(allowed.tolist())
     # allowing every live id (changed ones included, whose old vectors the main index still
     # holds) keeps the removed ones out: the answer is the unfiltered one, no id twice
-    every_scores, every_found = fi.search(cat.index, queries, 10, allowed_ids=ids)
+    every_scores, every_found = faiss_index.search(cat.index, queries, 10, allowed_ids=ids)
     np.testing.assert_allclose(every_scores, truth_scores, atol=1e-5)
     assert all(len(set(row.tolist())) == len(row) for row in every_found)
     gone_ids = set(Catalog.open(sc.store, version=1).images["image_id"]) - set(ids.tolist())
-    everything = fi.search(cat.index, vectors, 20)[1]
+    everything = faiss_index.search(cat.index, vectors, 20)[1]
     assert not gone_ids & set(everything.ravel().tolist())
     # range search (near-duplicates) finds the same pairs as brute force
-    lims, range_scores, range_ids = fi.range_search(cat.index, queries, 0.9)
+    lims, range_scores, range_ids = faiss_index.range_search(cat.index, queries, 0.9)
     exact = queries @ vectors.T
     for q in range(len(queries)):
         assert set(range_ids[lims[q]:lims[q + 1]].tolist()) == set(ids[exact[q] > 0.9].tolist())
@@ -110,11 +113,11 @@ def test_quiet_nights_append_parts_and_segments_and_search_answers_as_exact_sear
 
 def test_compaction_keeps_every_answer_and_folds_everything_into_one(tmp_path):
     dim = 16
-    sc, live = nights(dim, fi.IndexSettings(), tmp_path / "cat")
+    sc, live = nights(dim, index_choice.IndexSettings(), tmp_path / "cat")
     before = sc.catalog()
     ids, vectors = live_vectors(before)
     queries = vectors[::5]
-    answer = fi.search(before.index, queries, 10)
+    answer = faiss_index.search(before.index, queries, 10)
 
     status = CliRunner().invoke(app, ["status", "--catalog", str(tmp_path / "cat"), "--json"])
     index = json.loads(status.output)["index"]
@@ -129,8 +132,8 @@ def test_compaction_keeps_every_answer_and_folds_everything_into_one(tmp_path):
     assert len(m.images) == 1 and m.images_deletes is None and m.index_delta is None and m.index_removed is None
     assert (m.counts["index_delta"], m.counts["index_removed"], m.counts["index_main"]) == (0, 0, len(live))
     pd.testing.assert_frame_equal(after.images, before.images)
-    np.testing.assert_allclose(fi.search(after.index, queries, 10)[0], answer[0], atol=1e-5)
-    assert (fi.search(after.index, queries, 10)[1] == answer[1]).mean() > 0.999
+    np.testing.assert_allclose(faiss_index.search(after.index, queries, 10)[0], answer[0], atol=1e-5)
+    assert (faiss_index.search(after.index, queries, 10)[1] == answer[1]).mean() > 0.999
 
     # the parts only the older versions name stay while those versions are kept
     report = collect_garbage(sc.store, min_age_s=0)
@@ -142,7 +145,7 @@ def test_compaction_keeps_every_answer_and_folds_everything_into_one(tmp_path):
 
 def test_a_night_past_the_threshold_compacts_on_its_own_and_rollback_restores_segments(tmp_path):
     dim = 16
-    sc, _ = nights(dim, fi.IndexSettings(compact_min_changes=200, compact_share=0.0), tmp_path / "cat", rounds=2)
+    sc, _ = nights(dim, index_choice.IndexSettings(compact_min_changes=200, compact_share=0.0), tmp_path / "cat", rounds=2)
     v2, v3 = (Catalog.open(sc.store, version=v).manifest for v in (2, 3))
     assert v2.index_delta is not None and len(v2.images) == 2  # 160 changes: appended
     assert v3.index_delta is None and len(v3.images) == 1 and v3.index != v2.index  # 160 + 160 > 200: compacted
@@ -160,8 +163,8 @@ def test_recall_truth_kept_with_the_version_equals_an_exact_pass(tmp_path, caplo
     over (ids that left dropped, new vectors merged in), which must equal exact
     neighbours computed afresh over the live vectors."""
     dim = 24
-    settings = fi.IndexSettings(flat_max_vectors=500, memory_budget_bytes=1 << 30)
-    with caplog.at_level("INFO", logger="tasks.index"):
+    settings = index_choice.IndexSettings(flat_max_vectors=500, memory_budget_bytes=1 << 30)
+    with caplog.at_level("INFO", logger="tasks.search.index_recall"):
         sc, _ = nights(dim, settings, tmp_path / "cat", n=3000, rounds=3)
     curves = [r.args[-1] for r in caplog.records if r.getMessage().startswith("recall@")]
     cat = sc.catalog()
@@ -175,15 +178,15 @@ def test_recall_truth_kept_with_the_version_equals_an_exact_pass(tmp_path, caplo
         depth = truth.depth[row]
         assert depth >= 11
         np.testing.assert_array_equal(truth.ids[row, :depth], fresh[row, :depth])
-    assert (truth.depth < fi.TRUTH_DEPTH).any()  # some lists lost entries to the nights' removals
+    assert (truth.depth < index_recall.TRUTH_DEPTH).any()  # some lists lost entries to the nights' removals
     # a night starts from the nprobe its base was tuned to: one pass while recall holds
     tuned = [Catalog.open(sc.store, version=v).manifest.index_nprobe for v in range(1, m.version + 1)]
     assert tuned == sorted(tuned) and tuned[0] > 1, tuned
     assert len(curves) == len(tuned) and curves[0][0][0] == 1  # the first version tunes from 1
     assert [curve[0][0] for curve in curves[1:]] == tuned[:-1], (curves, tuned)  # each night from its base's
-    report = fi.measure_recall_against(cat.index, truth, target=0.95, start_nprobe=m.index_nprobe)
+    report = index_recall.measure_recall_against(cat.index, truth, target=0.95, start_nprobe=m.index_nprobe)
     assert report.curve[0][0] == m.index_nprobe and len(report.curve) == 1 and report.recall_at_10 >= 0.95
-    assert fi.measure_recall_against(cat.index, truth, target=0.95).curve[0][0] == 1  # a compaction's: from 1
+    assert index_recall.measure_recall_against(cat.index, truth, target=0.95).curve[0][0] == 1  # a compaction's: from 1
 
 
 def test_the_main_index_is_hashed_once_and_verify_still_reads_every_byte(tmp_path):
@@ -191,7 +194,7 @@ def test_the_main_index_is_hashed_once_and_verify_still_reads_every_byte(tmp_pat
     once checked, an unchanged file (same inode, size and mtime) is trusted, so a
     night does not stream gigabytes again. A rewritten file is checked anew, and
     `status --verify` hashes everything, every time."""
-    settings = fi.IndexSettings(flat_max_vectors=500, memory_budget_bytes=1 << 30)
+    settings = index_choice.IndexSettings(flat_max_vectors=500, memory_budget_bytes=1 << 30)
     sc, _ = nights(16, settings, tmp_path / "cat", n=2000, rounds=1)
     cat = sc.catalog()
     assert cat.manifest.index_type == "ivf-flat"
@@ -236,7 +239,7 @@ def test_readers_see_one_table_of_live_rows(tmp_path, monkeypatch):
     """`open_catalog(...).images` and the README's recipes (plain pandas over the
     manifest's parts less its deletes; DuckDB's read_parquet over the same list),
     run as written, give the same live rows."""
-    sc, live = nights(16, fi.IndexSettings(), tmp_path / "catalog", rounds=2)
+    sc, live = nights(16, index_choice.IndexSettings(), tmp_path / "catalog", rounds=2)
     cat = sc.catalog()
     assert len(cat.manifest.images) == 3 and cat.manifest.images_deletes
     recipes = readme_recipes()

@@ -10,12 +10,15 @@ import io
 import pytest
 from PIL import Image
 
-from flows.nightly import catalog_images
-from tasks import layout
-from tasks.catalog import Catalog, CatalogCorrupt, collect_garbage
+from tasks.catalog import layout
+from tasks.catalog.errors import CatalogCorrupt
+from tasks.catalog.gc import collect_garbage
+from tasks.catalog.reader import Catalog
 from tasks.sample_data import write_samples
+from tasks.search.thumbnails import thumbnail_of
+from tasks.shard.thumbnails import THUMBNAIL_SIDE
 from tasks.storage import LocalStore, cached_store
-from tasks.thumbnails import THUMBNAIL_SIDE, thumbnail_of
+from tests.helpers import run_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -28,7 +31,7 @@ def _no_source():
 def catalogued(tmp_path, samples, resnet18_weights):
     source, output = tmp_path / "src", tmp_path / "out"
     write_samples(LocalStore(source, create=True), samples)
-    catalog_images(source=str(source), output=str(output), model="resnet18", weights=str(resnet18_weights),
+    run_flow(source=str(source), output=str(output), model="resnet18", weights=str(resnet18_weights),
                    batch_size=16, shard_size=20)
     return source, output, Catalog.open(cached_store(str(output), None))
 
@@ -77,7 +80,7 @@ def test_gc_keeps_the_parts_a_retained_version_names_and_collects_the_rest(catal
     images = cat.images
     for key in set(images.loc[images["thumbnail_part"] == min(first_parts), "key"]):  # a whole shard leaves
         store.delete(key)
-    catalog_images(source=str(source), output=str(output), model="resnet18", weights=str(resnet18_weights),
+    run_flow(source=str(source), output=str(output), model="resnet18", weights=str(resnet18_weights),
                    batch_size=16, shard_size=20, allow_mass_delete=True)
     live = Catalog.open(LocalStore(output))
     still_named = set(live.manifest.thumbnails)
@@ -92,7 +95,7 @@ def test_gc_keeps_the_parts_a_retained_version_names_and_collects_the_rest(catal
 def test_a_run_without_thumbnails_writes_none_and_the_page_makes_them_on_demand(tmp_path, samples, resnet18_weights):
     source, output = tmp_path / "src", tmp_path / "out"
     write_samples(LocalStore(source, create=True), samples[:12])
-    catalog_images(source=str(source), output=str(output), model="resnet18", weights=str(resnet18_weights),
+    run_flow(source=str(source), output=str(output), model="resnet18", weights=str(resnet18_weights),
                    batch_size=16, thumbnails=False)
     cat = Catalog.open(cached_store(str(output), None))
     assert cat.images["thumbnail_part"].isna().all() and cat.manifest.thumbnails == []

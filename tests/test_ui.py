@@ -22,11 +22,12 @@ from flows.cli import app as cli_app
 from flows.search import find_duplicates, search_queries, similar_images
 from flows.ui import CONTENT_SECURITY_POLICY, check_bind, create_app
 from models.categorizer import UNCERTAIN
-from tasks.catalog import open_catalog, read_runs
-from tasks.categories import active_categorizer, save_categorizer
-from tasks.labels import Label, LabelLog, review_labels, save_labels
+from tasks.catalog.reader import open_catalog
+from tasks.catalog.runs_log import read_runs
+from tasks.categories.labels import Label, LabelLog, review_labels, save_labels
+from tasks.categories.store import active_categorizer, save_categorizer
+from tasks.search.thumbnails import THUMBNAIL_PREFIX
 from tasks.storage import LocalStore
-from tasks.thumbnails import THUMBNAIL_PREFIX
 from tests.ui_catalog import build_ui_catalog
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import uvicorn
 
 from flows.ui import create_app
-from tasks.labels import LabelLog
+from tasks.categories.labels import LabelLog
 from tasks.storage import LocalStore
 from tests.ui_catalog import build_ui_catalog
 
@@ -28,16 +27,14 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from tests.helpers import free_port
+
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +43,7 @@ def server(tmp_path_factory, resnet18_weights):
     cat = build_ui_catalog(tmp_path_factory, resnet18_weights)
     out = tmp_path_factory.mktemp("browser") / "out"
     shutil.copytree(cat.output, out)
-    port = _free_port()
+    port = free_port()
     app = create_app(str(out), allowed_hosts=["127.0.0.1"])
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -17,15 +17,21 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.nightly import catalog_images
-from tasks import catalog as cat
-from tasks import layout, versions
-from tasks.categories import active_categorizer, fit_from_catalog
-from tasks.labels import Label, save_labels
+from flows import nightly
+from tasks.catalog import layout, versions
+from tasks.catalog.errors import ConcurrentCommitError
+from tasks.catalog.gc import collect_garbage
+from tasks.catalog.history import list_versions
+from tasks.catalog.leases import LEASE_TTL_S
+from tasks.catalog.reader import Catalog, verify_version
+from tasks.catalog.versions import rollback
+from tasks.categories.apply import fit_from_catalog
+from tasks.categories.labels import Label, save_labels
+from tasks.categories.store import active_categorizer
 from tasks.sample_data import generate_samples, write_samples
+from tasks.search.thumbnails import cached_thumbnail
 from tasks.storage import LocalStore
-from tasks.thumbnails import cached_thumbnail
+from tests.helpers import invoke, run_flow
 from tests.test_nightly import assert_exactly_once, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -43,8 +49,8 @@ class Roots:
     def store(self) -> LocalStore:
         return LocalStore(self.out)
 
-    def live(self) -> cat.Catalog:
-        return cat.Catalog.open(self.store)
+    def live(self) -> Catalog:
+        return Catalog.open(self.store)
 
     def command(self, writer: str) -> list[str]:
         """The `batchsight` arguments that make the next version with `writer`."""
@@ -67,10 +73,10 @@ def base(tmp_path_factory, resnet18_weights) -> Roots:
     samples = generate_samples(14, seed=61, broken=False)
     write_samples(src, samples[:12])
     roots = Roots(root / "src", root / "out", resnet18_weights)
-    catalog_images(source=str(roots.src), output=str(roots.out), model="resnet18", weights=str(resnet18_weights))
+    run_flow(source=str(roots.src), output=str(roots.out), model="resnet18", weights=str(resnet18_weights))
     src.delete(samples[0].key)
     write_samples(src, samples[12:13])
-    catalog_images(source=str(roots.src), output=str(roots.out), model="resnet18", weights=str(resnet18_weights))
+    run_flow(source=str(roots.src), output=str(roots.out), model="resnet18", weights=str(resnet18_weights))
     keys = sorted(roots.live().images["key"])
     labels = pd.DataFrame({"key": keys, "label": ["left" if i % 2 else "right" for i in range(len(keys))]})
     fit_from_catalog(str(roots.out), labels)
@@ -88,25 +94,22 @@ def roots(base, tmp_path) -> Roots:
     return copy
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output
 
 
-def snapshot(c: cat.Catalog) -> tuple[str, pd.DataFrame, list[str]]:
+def snapshot(c: Catalog) -> tuple[str, pd.DataFrame, list[str]]:
     return c.manifest_key, c.images.copy(), sorted(c.manifest.named_files)
 
 
-def assert_whole(c: cat.Catalog) -> None:
+def assert_whole(c: Catalog) -> None:
     """Every file the version names is there and unaltered, and its rows, vectors and index agree."""
-    report = cat.verify_version(c.store, c.manifest)
+    report = verify_version(c.store, c.manifest)
     assert report.problems == [], report.problems
     assert_exactly_once(c, set(c.images["key"]))
 
 
-def expected_after(writer: str, roots: Roots, before: cat.Catalog) -> set[str]:
+def expected_after(writer: str, roots: Roots, before: Catalog) -> set[str]:
     if writer == "rollback":
-        return set(cat.Catalog.open(roots.store, version=1).images["key"])
+        return set(Catalog.open(roots.store, version=1).images["key"])
     if writer == "run":
         return set(before.images["key"]) | {generate_samples(14, seed=61, broken=False)[13].key}
     return set(before.images["key"])
@@ -143,8 +146,8 @@ def test_a_writer_killed_mid_version_leaves_the_live_version_whole(roots, writer
     assert set(done.images["key"]) == expected_after(writer, roots, before)
     assert_whole(done)
 
-    expired = time.time() + cat.LEASE_TTL_S + 1  # once its lease runs out, the killed writer's files go
-    report = cat.collect_garbage(roots.store, min_age_s=0, now=expired)
+    expired = time.time() + LEASE_TTL_S + 1  # once its lease runs out, the killed writer's files go
+    report = collect_garbage(roots.store, min_age_s=0, now=expired)
     assert report.deleted and all(killed in key for key in report.deleted), report.deleted
     assert_whole(roots.live())
 
@@ -159,11 +162,11 @@ def commit_from_elsewhere(roots: Roots, writer: str) -> None:
     """Another process's writer, on its own store object: a rollback or an apply."""
     store = LocalStore(roots.out)
     if writer == "rollback":
-        cat.rollback(store, 1)
+        rollback(store, 1)
     else:
-        from tasks.categories import apply_to_catalog
+        from tasks.categories.apply import apply_to_catalog
 
-        apply_to_catalog(cat.Catalog.open(store), *active_categorizer(store))
+        apply_to_catalog(Catalog.open(store), *active_categorizer(store))
 
 
 @pytest.mark.parametrize("loser", WRITERS)
@@ -202,17 +205,17 @@ def test_a_writer_that_loses_the_race_commits_nothing_and_exits_3(roots, loser, 
     final = roots.live()
     assert final.manifest.version == before.manifest.version + 2 and final.manifest.parent == live.manifest_key
     assert_whole(final)
-    report = cat.collect_garbage(roots.store, min_age_s=0)  # the loser's files are garbage, nothing live is
+    report = collect_garbage(roots.store, min_age_s=0)  # the loser's files are garbage, nothing live is
     assert all(k not in final.manifest.named_files and k not in live.manifest.named_files for k in report.deleted)
     assert_whole(roots.live())
 
 
 def test_an_apply_begun_on_a_version_no_longer_live_is_refused(roots):
-    from tasks.categories import apply_to_catalog
+    from tasks.categories.apply import apply_to_catalog
 
     stale = roots.live()
-    cat.rollback(roots.store, 1)
-    with pytest.raises(cat.ConcurrentCommitError, match="moved on from version 2.*nothing was committed"):
+    rollback(roots.store, 1)
+    with pytest.raises(ConcurrentCommitError, match="moved on from version 2.*nothing was committed"):
         apply_to_catalog(stale, *active_categorizer(roots.store))
     assert roots.live().manifest.rolled_back_from == 1
 
@@ -225,7 +228,7 @@ def test_each_writer_makes_its_version_through_the_one_builder_and_commit(roots,
     build, commit = versions.build_version, versions.commit_manifest
     monkeypatch.setattr(versions, "build_version", lambda *a, **kw: calls.append("build") or build(*a, **kw))
     monkeypatch.setattr(versions, "commit_manifest", lambda *a, **kw: calls.append("commit") or commit(*a, **kw))
-    monkeypatch.setattr(cat, "commit_manifest", lambda *a, **kw: calls.append("commit") or commit(*a, **kw))
+    monkeypatch.setattr(nightly, "commit_manifest", lambda *a, **kw: calls.append("commit") or commit(*a, **kw))
     for writer in WRITERS:
         calls.clear()
         code, text = invoke(*roots.command(writer))
@@ -245,7 +248,7 @@ def test_apply_shares_vectors_and_index_and_rollback_writes_no_table(roots):
     tables_before = {o.key for o in roots.store.list("tables/")} | {o.key for o in roots.store.list(layout.INDEX)}
     code, text = invoke(*roots.command("rollback"))
     assert code == 0, text
-    restored, v1 = roots.live().manifest, cat.Catalog.open(roots.store, version=1).manifest
+    restored, v1 = roots.live().manifest, Catalog.open(roots.store, version=1).manifest
     assert restored.named_files == v1.named_files and restored.files == v1.files
     assert (restored.version, restored.rolled_back_from, restored.categorizer) == (4, 1, v1.categorizer)
     assert {o.key for o in roots.store.list("tables/")} | {o.key for o in roots.store.list(layout.INDEX)} == \
@@ -273,7 +276,7 @@ def test_every_key_the_catalogue_writes_is_named_by_the_layout(roots):
     assert not [k for k in keys if layout.gc_policy(k) is None], "keys outside the layout"
     policies = {layout.gc_policy(k) for k in keys}
     assert policies == {layout.Gc.VERSION_FILE, layout.Gc.VERSION_REPORT, layout.Gc.NEVER}, policies
-    for m in cat.list_versions(roots.store):  # a version only names files gc knows to keep with it
+    for m in list_versions(roots.store):  # a version only names files gc knows to keep with it
         assert {layout.gc_policy(k) for k in m.named_files} == {layout.Gc.VERSION_FILE}
-    assert cat.collect_garbage(roots.store, min_age_s=0).deleted == []  # everything is live or kept
+    assert collect_garbage(roots.store, min_age_s=0).deleted == []  # everything is live or kept
     assert_whole(roots.live())

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from flows.categorize import apply_categories, fit_categories
-from flows.nightly import catalog_images
 from models.categorizer import UNCERTAIN
-from tasks.catalog import open_catalog
-from tasks.categories import save_categorizer
+from tasks.catalog.reader import open_catalog
+from tasks.categories.store import save_categorizer
 from tasks.sample_data import encode, make_document, make_product_photo
 from tasks.storage import LocalStore
+from tests.helpers import run_flow
 
 KINDS = ("invoice", "receipt", "form")
 _built: dict[str, UiCatalog] = {}
@@ -55,7 +55,7 @@ def _build(root: Path, weights: Path) -> UiCatalog:
             store.put(f"docs/{kind}/{kind}-{i:02d}.jpg", encode(make_document(rng, kind), "JPEG"))
     store.put("broken/truncated.jpg", encode(make_product_photo(rng, (300, 200)), "JPEG")[:400])
     out = str(root / "out")
-    catalog_images(source=str(root / "src"), output=out, model="resnet18", weights=str(weights))
+    run_flow(source=str(root / "src"), output=out, model="resnet18", weights=str(weights))
     labels = root / "labels.csv"
     labels.write_text("key,label\n" + "".join(f"docs/{k}/{k}-{i:02d}.jpg,{k}\n" for k in KINDS for i in range(5)))
     categorizer, _, _ = fit_categories(out, labels_csv=str(labels))

@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow as pa
 
 from models.errors import UserError
-from tasks import index as faiss_index
-from tasks import tables
+from tasks.catalog import tables
+from tasks.search import index as faiss_index
 
 log = logging.getLogger(__name__)
 

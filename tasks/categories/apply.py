@@ -1,20 +1,13 @@
-"""Categories in the catalogue: labelled examples in, a versioned categoriser
-out; applying it to every row from stored embeddings; clusters to start labelling.
-
-Categorisers live under `categorizers/` in the output root; `categorizers/ACTIVE`
-names the one nightly runs apply (a plain overwrite: the last fit or `use` wins).
-Applying one makes a new version through the one builder (`tasks/versions.py`).
+"""Categories applied: a categoriser fitted on stored embeddings, every row
+re-categorised as a new version (through the one builder), rows of a shard
+categorised as they are written, and k-means clusters to start labelling.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import time
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -22,45 +15,15 @@ import pandas as pd
 
 from models.categorizer import Categorizer, fit_categorizer
 from models.errors import UserError
-from tasks import index as faiss_index
-from tasks import layout
-from tasks.catalog import Catalog, ConcurrentCommitError, Pointer, Provenance, new_run_id, read_pointer
-from tasks.storage import ObjectNotFound, ObjectStore, cached_store
-from tasks.versions import CATEGORY_COLUMNS, VersionChange, make_version
-
-ACTIVE_KEY = layout.ACTIVE_CATEGORIZER_KEY
-
-
-class LabelsError(UserError):
-    """Labelled examples that cannot be used; the message says what to fix."""
-
-
-def read_labels_csv(path: str | Path) -> pd.DataFrame:
-    """`key,label` rows (a header line is required), blanks dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise LabelsError(f"labels file {path} does not exist")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"key", "label"} <= set(reader.fieldnames):
-            raise LabelsError(f"{path} must have a header with columns key,label (found {reader.fieldnames})")
-        rows = [(r["key"].strip(), r["label"].strip()) for r in reader if r["key"] and r["label"]]
-    if not rows:
-        raise LabelsError(f"{path} has no labelled rows")
-    return pd.DataFrame(rows, columns=["key", "label"]).drop_duplicates("key", keep="last")
-
-
-def labels_from_prefix(store: ObjectStore, prefix: str) -> pd.DataFrame:
-    """One folder per category under `prefix`: `prefix/invoice/a.jpg` is labelled invoice."""
-    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    rows = []
-    for obj in store.list(prefix):
-        label, _, name = obj.key[len(prefix):].partition("/")
-        if name:
-            rows.append((obj.key, label))
-    if not rows:
-        raise LabelsError(f"no labelled images under {store.describe(prefix)}; expected one folder per category")
-    return pd.DataFrame(rows, columns=["key", "label"])
+from tasks.catalog import layout
+from tasks.catalog.errors import ConcurrentCommitError
+from tasks.catalog.manifest import Pointer, Provenance, read_pointer
+from tasks.catalog.reader import Catalog, open_catalog
+from tasks.catalog.versions import CATEGORY_COLUMNS, VersionChange, make_version
+from tasks.categories.labels import LabelsError
+from tasks.categories.store import save_categorizer
+from tasks.search import index_recall
+from tasks.storage import ObjectStore, cached_store
 
 
 def labelled_embeddings(cat: Catalog, labels: pd.DataFrame, *, source: ObjectStore,
@@ -79,7 +42,7 @@ def labelled_embeddings(cat: Catalog, labels: pd.DataFrame, *, source: ObjectSto
             keys.extend([key] * len(by_key[key]))
         else:
             missing.append((key, label))
-    vecs = list(faiss_index.gather_vectors(cat.embedding_blocks(), np.asarray(wanted, np.int64),
+    vecs = list(index_recall.gather_vectors(cat.embedding_blocks(), np.asarray(wanted, np.int64),
                                            cat.manifest.embedding_dim)) if wanted else []
     if missing:
         fresh = embed_missing(source, [k for k, _ in missing])
@@ -91,60 +54,6 @@ def labelled_embeddings(cat: Catalog, labels: pd.DataFrame, *, source: ObjectSto
     if not vecs:
         raise LabelsError("none of the labelled keys could be embedded")
     return np.stack(vecs), names, keys, len(missing)
-
-
-def save_categorizer(store: ObjectStore, categorizer: Categorizer) -> str:
-    """Write a new categoriser version and make it the active one."""
-    created = datetime.now(UTC)
-    categorizer.created_at = created.isoformat(timespec="seconds")
-    key = layout.categorizer_key(created, new_run_id(created).rsplit("-", 1)[1])
-    store.put(key, categorizer.to_json(), if_none_match=True)
-    # Nothing here depends on which categoriser was active before, so the pointer is
-    # simply overwritten: of two fits finishing together, the later one is active.
-    store.put(ACTIVE_KEY, json.dumps({"categorizer": key}).encode())
-    return key
-
-
-def list_categorizers(store: ObjectStore) -> list[tuple[str, Categorizer, bool]]:
-    """(key, categoriser, is active) for every saved categoriser, oldest first."""
-    active = active_categorizer(store)
-    keys = sorted(o.key for o in store.list(layout.CATEGORIZERS) if layout.is_categorizer_key(o.key))
-    return [(key, load_categorizer(store, key), bool(active) and active[1] == key) for key in keys]
-
-
-def use_categorizer(store: ObjectStore, which: str) -> str:
-    """Make a saved categoriser active: `which` is its key, its file name or its
-    1-based number in `list_categorizers`. Returns its key."""
-    keys = [key for key, _, _ in list_categorizers(store)]
-    if which.isdigit() and 1 <= int(which) <= len(keys):
-        key = keys[int(which) - 1]
-    else:
-        matches = [k for k in keys if which in (k, layout.categorizer_name(k), layout.categorizer_name(k) + ".json")]
-        if len(matches) != 1:
-            raise LabelsError(f"no categoriser {which!r} in {store.url}; `batchsight categories list` shows "
-                              f"{len(keys)} (pass a number or a name)")
-        key = matches[0]
-    store.put(ACTIVE_KEY, json.dumps({"categorizer": key}).encode())
-    return key
-
-
-def active_categorizer(store: ObjectStore) -> tuple[Categorizer, str] | None:
-    try:
-        key = json.loads(store.get(ACTIVE_KEY))["categorizer"]
-    except ObjectNotFound:
-        return None
-    return load_categorizer(store, key), key
-
-
-_loaded: dict[tuple[str, str], Categorizer] = {}
-
-
-def load_categorizer(store: ObjectStore, key: str) -> Categorizer:
-    """Categorisers are immutable, so each is read once per process."""
-    cache_key = (store.url, key)
-    if cache_key not in _loaded:
-        _loaded[cache_key] = Categorizer.from_json(store.get(key))
-    return _loaded[cache_key]
 
 
 def categorize_rows(rows: pd.DataFrame, vectors: np.ndarray, categorizer: Categorizer | None) -> pd.DataFrame:
@@ -221,7 +130,6 @@ def fit_from_catalog(catalog: str, labels: pd.DataFrame, *, endpoint_url: str | 
                      source: str | None = None, embed_missing=None, **fit_kwargs) -> tuple[Categorizer, str, int]:
     """Fit on the catalogue's embeddings of the labelled keys, save, activate.
     Returns (categoriser, its key, how many labelled images had to be embedded now)."""
-    from tasks.catalog import open_catalog
 
     cat = open_catalog(catalog, endpoint_url=endpoint_url)
     source_store = cached_store(source or cat.manifest.source, endpoint_url)

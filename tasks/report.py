@@ -1,17 +1,16 @@
 """What one run did: the summary the CLI prints, the deployment's artifact
-shows, and the runs log keeps (one row per run, committed or not)."""
+shows, and the runs log keeps (one row per run, committed or not).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
-from tasks.planning import RunPlan
-
-if TYPE_CHECKING:
-    from tasks.catalog import BuildStats, ShardResult
+from tasks.catalog.versions import BuildStats
+from tasks.records import ShardResult, StageTimes
+from tasks.source.planning import RunPlan
 
 
 @dataclass
@@ -52,8 +51,6 @@ class RunSummary:
         """Record what the shards did: objects, pages, failures by reason, classes,
         stage times summed over shards (and the build's), throughput over the
         shards' wall time, where they ran, and what held them back."""
-        from tasks.pipeline import StageTimes, bottleneck  # torch: only where shards ran
-
         times = StageTimes()
         for r in results:
             times.add(StageTimes(**{k: r.times[f"{k}_s"] for k in ("fetch", "decode", "model", "wait")}))
@@ -108,3 +105,31 @@ class RunSummary:
                                              "compile_s")},
             "message": self.message,
         }
+
+
+INPUT_BOUND_WAIT = 0.2  # batching idle this share of the time: the inputs are the wall
+
+SHARD_BOUND_MODEL = 0.5  # the model busy less than this share, batching not idle: the shard's process is the wall
+
+
+def bottleneck(stage_s: dict[str, float], shard_s: float) -> str:
+    """One line that tells an operator what held a run back, from its stage times
+    and its shards' own seconds (`shard_s`: each shard's wall time, summed, so
+    shards running side by side on several workers count once each)."""
+    if shard_s <= 0:
+        return ""
+    waited = min(1.0, stage_s.get("wait_s", 0.0) / shard_s)
+    if waited >= INPUT_BOUND_WAIT:
+        slower = "fetch" if stage_s.get("fetch_s", 0.0) > stage_s.get("decode_s", 0.0) else "decode"
+        return (f"input: batches waited for images {waited:.0%} of the time, mostly in {slower}; raise --io-workers"
+                + (", or move the catalogue job closer to the bucket" if slower == "fetch" else
+                   ", add cores, or use --gpu-decode on a GPU"))
+    busy = stage_s.get("model_s", 0.0) / shard_s
+    if busy < SHARD_BOUND_MODEL:
+        # Neither waiting for images nor in the model: the shard's one process
+        # (batching, device decode calls, rows and parts) is what a GPU waits on.
+        return (f"shard process: the model was busy {busy:.0%} of the time and batches waited for images "
+                f"{waited:.0%}; the rest went to batching and writing in the shard's one process: run several "
+                "shard processes (--workers N, also on one GPU)")
+    return (f"model: it ran all the time (batches waited for images {waited:.0%} of the time); a GPU, "
+            "--compile on or a smaller model is what goes faster")

@@ -1,26 +1,65 @@
-"""Labels people give on the review page: an append-only log in the catalogue.
+"""Labels: the labelled examples a categoriser is fitted on, from a CSV or one
+folder per category, and the labels people give on the review page, an
+append-only log in the catalogue.
 
-Every save is a new immutable Parquet file `labels/<UTC time>-<random id>.parquet`
+Every review save is a new immutable Parquet file `labels/<UTC time>-<random id>.parquet`
 (written with if-none-match, so no save can overwrite another): two people
 labelling at once both land, and nothing is ever rewritten or collected by gc.
 The latest label of an image wins (by time, then file name); the whole history
-stays readable. `categories fit` reads them (`review_labels`)."""
+stays readable. `categories fit` reads them (`review_labels`).
+"""
 
 from __future__ import annotations
 
+import csv
 import secrets
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
 from models.errors import UserError
-from tasks import layout, tables
+from tasks.catalog import layout, tables
 from tasks.storage import ObjectStore
 
+
+class LabelsError(UserError):
+    """Labelled examples that cannot be used; the message says what to fix."""
+
+
+def read_labels_csv(path: str | Path) -> pd.DataFrame:
+    """`key,label` rows (a header line is required), blanks dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"labels file {path} does not exist")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"key", "label"} <= set(reader.fieldnames):
+            raise LabelsError(f"{path} must have a header with columns key,label (found {reader.fieldnames})")
+        rows = [(r["key"].strip(), r["label"].strip()) for r in reader if r["key"] and r["label"]]
+    if not rows:
+        raise LabelsError(f"{path} has no labelled rows")
+    return pd.DataFrame(rows, columns=["key", "label"]).drop_duplicates("key", keep="last")
+
+
+def labels_from_prefix(store: ObjectStore, prefix: str) -> pd.DataFrame:
+    """One folder per category under `prefix`: `prefix/invoice/a.jpg` is labelled invoice."""
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    rows = []
+    for obj in store.list(prefix):
+        label, _, name = obj.key[len(prefix):].partition("/")
+        if name:
+            rows.append((obj.key, label))
+    if not rows:
+        raise LabelsError(f"no labelled images under {store.describe(prefix)}; expected one folder per category")
+    return pd.DataFrame(rows, columns=["key", "label"])
+
+
 LABELS_PREFIX = layout.LABELS
+
 MAX_LABEL_LENGTH = 100
 
 LABELS_SCHEMA = pa.schema([

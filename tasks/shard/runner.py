@@ -9,6 +9,7 @@ core, at most 8; on a GPU one). Decoding runs about `(streams + 1) * batch + 8`
 objects ahead of batching and the streams hold at most `streams + 1` batches,
 so memory does not grow with the shard size. `process_shard` runs one
 `ShardSpec` end to end and writes its embeddings part.
+
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import closing, contextmanager
-from contextvars import ContextVar
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache, partial
@@ -36,99 +36,23 @@ import pyarrow as pa
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from models.engine import EmbedResult, Embedder, EmbedderSettings, embedders_built, get_embedder, stack_images
+from models.engine import Embedder, EmbedResult, embedders_built, get_embedder, stack_images
 from models.family import ModelFamily
-from tasks import layout, tables
-from tasks.catalog import ShardResult, crash_point, put_recorded
-from tasks.categories import categorize_rows, load_categorizer
-from tasks.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeError, decode_pages
-from tasks.storage import LocalStore, ObjectInfo, ObjectStore, StoreSpec, open_store, url_reader
-from tasks.thumbnails import THUMBNAIL_SIDE, encode_thumbnail
+from models.settings import EmbedderSettings
+from tasks.catalog import layout, tables
+from tasks.catalog.manifest import crash_point, put_recorded
+from tasks.categories.apply import categorize_rows
+from tasks.categories.store import load_categorizer
+from tasks.records import ImageFailure, ObjectInfo, ShardResult, StageTimes
+from tasks.shard.decode import DEFAULT_PDF_DPI, DecodeOptions
+from tasks.shard.pixels import decode_to_pixels
+from tasks.storage import LocalStore, ObjectStore, StoreSpec, open_store, url_reader
 
 log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
 R = TypeVar("R")
-
-
-class ProgressReporter(Protocol):
-    def start(self, total: int) -> None: ...
-    def advance(self, n: int) -> None: ...
-
-
-# Set by the CLI around a run; Prefect copies the context into its task threads,
-# so shards report to the terminal's progress bar without a global.
-_progress: ContextVar[ProgressReporter | None] = ContextVar("batchsight_progress", default=None)
-
-
-def current_progress() -> ProgressReporter | None:
-    return _progress.get()
-
-
-@contextmanager
-def reporting_progress(reporter: ProgressReporter | None) -> Iterator[None]:
-    token = _progress.set(reporter)
-    try:
-        yield
-    finally:
-        _progress.reset(token)
-
-
-@dataclass
-class StageTimes:
-    """Seconds spent per stage, summed over the threads and processes that do it:
-    decode threads or processes (fetch, decode), model streams (model); `wait` is
-    the batching thread's time waiting for decoded images."""
-
-    fetch: float = 0.0
-    decode: float = 0.0
-    model: float = 0.0
-    wait: float = 0.0  # model thread idle, waiting for decoded images
-
-    def add(self, other: StageTimes) -> None:
-        self.fetch += other.fetch
-        self.decode += other.decode
-        self.model += other.model
-        self.wait += other.wait
-
-    def as_dict(self) -> dict[str, float]:
-        return {"fetch_s": self.fetch, "decode_s": self.decode, "model_s": self.model, "wait_s": self.wait}
-
-
-INPUT_BOUND_WAIT = 0.2  # batching idle this share of the time: the inputs are the wall
-SHARD_BOUND_MODEL = 0.5  # the model busy less than this share, batching not idle: the shard's process is the wall
-
-
-def bottleneck(stage_s: dict[str, float], shard_s: float) -> str:
-    """One line that tells an operator what held a run back, from its stage times
-    and its shards' own seconds (`shard_s`: each shard's wall time, summed, so
-    shards running side by side on several workers count once each)."""
-    if shard_s <= 0:
-        return ""
-    waited = min(1.0, stage_s.get("wait_s", 0.0) / shard_s)
-    if waited >= INPUT_BOUND_WAIT:
-        slower = "fetch" if stage_s.get("fetch_s", 0.0) > stage_s.get("decode_s", 0.0) else "decode"
-        return (f"input: batches waited for images {waited:.0%} of the time, mostly in {slower}; raise --io-workers"
-                + (", or move the catalogue job closer to the bucket" if slower == "fetch" else
-                   ", add cores, or use --gpu-decode on a GPU"))
-    busy = stage_s.get("model_s", 0.0) / shard_s
-    if busy < SHARD_BOUND_MODEL:
-        # Neither waiting for images nor in the model: the shard's one process
-        # (batching, device decode calls, rows and parts) is what a GPU waits on.
-        return (f"shard process: the model was busy {busy:.0%} of the time and batches waited for images "
-                f"{waited:.0%}; the rest went to batching and writing in the shard's one process: run several "
-                "shard processes (--workers N, also on one GPU)")
-    return (f"model: it ran all the time (batches waited for images {waited:.0%} of the time); a GPU, "
-            "--compile on or a smaller model is what goes faster")
-
-
-@dataclass(frozen=True)
-class ImageFailure:
-    key: str
-    etag: str
-    size: int
-    stage: str  # fetch | decode | model
-    error_type: str
-    message: str
 
 
 @dataclass
@@ -174,27 +98,6 @@ class ShardOutput:
     failures: list[ImageFailure] = field(default_factory=list)
     times: StageTimes = field(default_factory=StageTimes)
     batch_size: int = 0  # the model batch size the shard ended with (halved on GPU out-of-memory)
-
-
-DECODE_IN = ("auto", "processes", "threads")
-# JPEGs up to this size decode on the GPU with --gpu-decode; larger ones decode on
-# a CPU core in draft mode (a 12 MP photo at 1/8 DCT scale: ~16 ms of one core,
-# against nvJPEG's full-size decode and a 13x downscale on the device).
-DEVICE_JPEG_MAX_PIXELS = 16_000_000
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    on_device: bool = False  # JPEGs decoded on the model's device (nvJPEG), routed by size
-    pdf_dpi: int = DEFAULT_PDF_DPI
-    max_pages: int = DEFAULT_MAX_PAGES
-    decode_in: str = "auto"  # where CPU decoding runs: worker processes, threads, or auto (`decodes_in_processes`)
-    device_max_pixels: int = DEVICE_JPEG_MAX_PIXELS  # larger JPEGs decode on a CPU core in draft mode
-    thumbnail_side: int = THUMBNAIL_SIDE  # thumbnails made while decoding, this many pixels a side (0: none)
-
-    def __post_init__(self) -> None:
-        if self.decode_in not in DECODE_IN:
-            raise ValueError(f"unknown decode_in {self.decode_in!r}: use one of {', '.join(DECODE_IN)}")
 
 
 PROCESS_DECODE_MIN_CORES = 4
@@ -262,50 +165,8 @@ def _failure(info: ObjectInfo, stage: str, error_type: str, message: str) -> Ima
     return ImageFailure(info.key, info.etag, info.size, stage, error_type, message)
 
 
-DecodedPixels = list[tuple[int, int, int, np.ndarray, bytes | None]] | tuple[str, str]
-
-
-def decode_to_pixels(data: bytes, family: ModelFamily, pdf_dpi: int, max_pages: int,
-                     thumbnail_side: int = 0) -> DecodedPixels:
-    """Bytes -> model-sized uint8 HWC pixels of every page (`family.preprocess`) and,
-    with a `thumbnail_side`, its WebP thumbnail made from the same decoded page, as
-    (page, width, height, pixels, thumbnail or None), or the refusal as (reason,
-    message). Plain Pillow and numpy: this is what decode worker processes run,
-    and what crosses back is plain data."""
-
-    def prepare(image):
-        return family.preprocess(image), encode_thumbnail(image, thumbnail_side) if thumbnail_side else None
-
-    try:
-        decoded = decode_pages(data, prepare=prepare, min_side=family.preprocessing.resize_size,
-                               dpi=pdf_dpi, max_pages=max_pages)
-    except DecodeError as exc:
-        return exc.reason, exc.message
-    return [(d.page, d.width, d.height, *d.image) for d in decoded]
-
-
-def embed_blobs(embedder: Embedder, blobs: Sequence[bytes], *, max_pages: int = DEFAULT_MAX_PAGES,
-                batch_size: int = 32) -> list[np.ndarray | tuple[str, str]]:
-    """A few objects in hand (search queries, labelled examples) through the
-    shards' own path: `decode_to_pixels` (decode, resize, crop), `stack_images`,
-    `Embedder.embed`, in batches of pages. Per object: its pages' embeddings
-    [pages, dim], or its refusal (reason, message)."""
-    decoded = [decode_to_pixels(data, embedder.family, DEFAULT_PDF_DPI, max_pages) for data in blobs]
-    pages = [pixels for d in decoded if isinstance(d, list) for _, _, _, pixels, _ in d]
-    vectors = [embedder.embed(stack_images([torch.from_numpy(p).permute(2, 0, 1) for p in pages[i:i + batch_size]],
-                                           embedder.device)).embeddings for i in range(0, len(pages), batch_size)]
-    flat = np.concatenate(vectors) if vectors else np.empty((0, embedder.dim), np.float32)
-    out, at = [], 0
-    for d in decoded:  # the vectors are in page order: each object takes its pages' run of them
-        if isinstance(d, tuple):
-            out.append(d)
-        else:
-            out.append(flat[at:at + len(d)])
-            at += len(d)
-    return out
-
-
 _decode_pools_lock = threading.Lock()
+
 _decode_pools: dict[int, ProcessPoolExecutor] = {}
 
 

@@ -6,6 +6,7 @@ manifest, and `commit_manifest` (tasks/catalog.py) makes it live.
 Whatever a change leaves out is carried over file for file: an apply writes a
 new `images` table and reuses the base's failures, vectors and index; a
 rollback writes nothing but its manifest, whose base is the version restored.
+
 """
 
 from __future__ import annotations
@@ -27,16 +28,36 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks import index as faiss_index
-from tasks import layout, tables
-from tasks.catalog import (FORMAT_VERSION, ROW_IDENTITY, BuildStats, Catalog, CatalogError, FileRecord, LiveEmbeddings, Manifest, Pointer,
-                           Provenance, RunLease, commit_manifest, crash_point, new_run_id, put_recorded,
-                           read_embedding_batches, read_manifest, read_pointer)
-from tasks.storage import ObjectStore
+from tasks.catalog import layout, tables
+from tasks.catalog.errors import CatalogCorrupt, CatalogError
+from tasks.catalog.history import find_version
+from tasks.catalog.leases import RunLease
+from tasks.catalog.manifest import (
+    FORMAT_VERSION,
+    POINTER_KEY,
+    ROW_IDENTITY,
+    Manifest,
+    Pointer,
+    Provenance,
+    commit_manifest,
+    crash_point,
+    new_run_id,
+    newest_listed_version,
+    parse_pointer,
+    put_recorded,
+    read_manifest,
+    read_pointer,
+)
+from tasks.catalog.reader import Catalog, LiveEmbeddings, check_sizes, read_embedding_batches
+from tasks.records import BuildStats, ChangePlan, FileRecord, ShardResult
+from tasks.search import index as faiss_index
+from tasks.search import index_choice, index_recall
+from tasks.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
 RERANK_IDS_FILE, RERANK_VECTORS_FILE = "ids.npy", "vectors-f16.npy"
+
 CATEGORY_COLUMNS = ("category", "category_confidence")
 
 
@@ -51,7 +72,7 @@ class VersionChange:
     new_rows: Sequence[pd.DataFrame] = ()  # rows that come in; their vectors are in `new_parts`
     new_parts: Mapping[str, FileRecord | None] = field(default_factory=dict)  # embeddings parts written for them
     new_files: Mapping[str, FileRecord | None] = field(default_factory=dict)  # other parts they name (thumbnails)
-    index: faiss_index.IndexSettings | None = None  # update (or retrain) the index; None: the base's index
+    index: index_choice.IndexSettings | None = None  # update (or retrain) the index; None: the base's index
     redecided: frozenset[str] | None = None  # keys whose failures are decided anew; None: the base's failures
     new_failures: Sequence[dict] = ()  # failures of this change (attempts are counted here)
     categories: pd.DataFrame | None = None  # image_id, category, category_confidence of every row
@@ -197,8 +218,8 @@ def _failure_fields(store: ObjectStore, appending_to: Catalog | None, redecided:
 
 _NO_ROWS = pa.table({"image_id": pa.array([], pa.int64()), "run_id": pa.array([], pa.string())})
 
-
 PART_FIELDS = (("embeddings", "embedding_part"), ("thumbnails", "thumbnail_part"))  # manifest field, row column
+
 PART_COLUMNS = tuple(column for _, column in PART_FIELDS)
 
 
@@ -234,11 +255,11 @@ def _compaction_reason(carried: Catalog | None, change: VersionChange, n: int, n
     m, settings = carried.manifest, change.index
     if (parts := max(len(m.images), len(m.failures)) + 1) > MAX_TABLE_PARTS:
         return f"a table would have {parts} parts (the limit is {MAX_TABLE_PARTS})"
-    choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors,
+    choice = index_choice.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors,
                                       rerank=settings.rerank)
-    if (why := faiss_index.retrain_reason(m.index_state, choice, n)) is not None:
+    if (why := index_choice.retrain_reason(m.index_state, choice, n)) is not None:
         return why
-    if faiss_index.index_kind(m.index_type) != "flat" and not m.index_truth:
+    if index_choice.index_kind(m.index_type) != "flat" and not m.index_truth:
         return f"version {m.version} keeps no recall truth (written before index segments)"
     changes = m.counts.get("index_delta", 0) + m.counts.get("index_removed", 0) + n_gone \
         + sum(len(r) for r in change.new_rows)
@@ -320,7 +341,7 @@ def make_version(store: ObjectStore, base: Catalog, change: VersionChange, *, pa
     return manifest
 
 
-def compact(store: ObjectStore, settings: faiss_index.IndexSettings | None = None) -> Manifest:
+def compact(store: ObjectStore, settings: index_choice.IndexSettings | None = None) -> Manifest:
     """Fold the live version's parts, deletes and index segments into one part of
     each table and one main index (retrained where the catalogue outgrew it), as a
     new version under a lease of its own: what `batchsight compact` and a night
@@ -329,7 +350,7 @@ def compact(store: ObjectStore, settings: faiss_index.IndexSettings | None = Non
     if pointer is None:
         raise CatalogError(f"no catalogue at {store.url}; nothing to compact")
     base = Catalog(store, read_manifest(store, pointer.manifest), pointer.manifest)
-    change = VersionChange(index=settings or faiss_index.IndexSettings(), redecided=frozenset(), compact=True)
+    change = VersionChange(index=settings or index_choice.IndexSettings(), redecided=frozenset(), compact=True)
     return make_version(store, base, change, parent=pointer, pointer_etag=etag, writer="compact")
 
 
@@ -354,9 +375,9 @@ class IndexBuild:
     """A main index built whole (a compacted version)."""
 
     index: faiss.Index
-    state: faiss_index.IndexState
-    recall: faiss_index.RecallReport
-    truth: faiss_index.RecallTruth | None = None  # the held-out queries' exact neighbours (IVF kinds)
+    state: index_choice.IndexState
+    recall: index_recall.RecallReport
+    truth: index_recall.RecallTruth | None = None  # the held-out queries' exact neighbours (IVF kinds)
     rerank_dir: Path | None = None  # the re-rank files, to be written with the index (then removed)
 
 
@@ -365,8 +386,8 @@ class AppendedIndex:
     """The base's main index unchanged, with this version's delta segment and removed ids."""
 
     index: faiss_index.Segments
-    recall: faiss_index.RecallReport
-    truth: faiss_index.RecallTruth | None
+    recall: index_recall.RecallReport
+    truth: index_recall.RecallTruth | None
 
 
 def _write_index(store: ObjectStore, built: IndexBuild, version: int, run_id: str,
@@ -408,7 +429,7 @@ def _write_segments(store: ObjectStore, appended: AppendedIndex, version: int, r
     return fields | _recall_fields(appended.recall)
 
 
-def _put_truth(store: ObjectStore, truth: faiss_index.RecallTruth | None, version: int, run_id: str,
+def _put_truth(store: ObjectStore, truth: index_recall.RecallTruth | None, version: int, run_id: str,
                written: dict[str, FileRecord]) -> str | None:
     if truth is None:
         return None
@@ -417,7 +438,7 @@ def _put_truth(store: ObjectStore, truth: faiss_index.RecallTruth | None, versio
     return key
 
 
-def _recall_fields(recall: faiss_index.RecallReport) -> dict:
+def _recall_fields(recall: index_recall.RecallReport) -> dict:
     return {"index_nprobe": recall.nprobe, "index_recall_at_10": recall.recall_at_10,
             "index_recall_target": recall.target, "index_recall_queries": recall.queries,
             "index_rerank_factor": recall.rerank_factor}
@@ -435,7 +456,7 @@ def _put_file(store: ObjectStore, key: str, path: Path) -> FileRecord:
 
 
 def _appended_index(store: ObjectStore, carried: Catalog, gone: pa.Table, new_parts: Mapping[str, FileRecord | None],
-                    n: int, *, settings: faiss_index.IndexSettings) -> AppendedIndex:
+                    n: int, *, settings: index_choice.IndexSettings) -> AppendedIndex:
     """The base's main index as it is, the ids that left it recorded apart, and the
     new vectors in the delta segment (with the ids that left it removed); then recall
     measured against the kept truth, updated by what left and what came, and nprobe tuned."""
@@ -452,10 +473,10 @@ def _appended_index(store: ObjectStore, carried: Catalog, gone: pa.Table, new_pa
     assert len(segments.removed) == len(base.removed) + int((~in_delta).sum()), "an id left the main index twice"
     assert segments.ntotal == n, f"the index holds {segments.ntotal} vectors for {n} rows"
     truth = None
-    recall = faiss_index.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
+    recall = index_recall.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
     if faiss_index.is_ivf(segments):
         truth = carried.recall_truth().updated(gone_ids, new_blocks)
-        recall = faiss_index.measure_recall_against(segments, truth, target=settings.recall_target,
+        recall = index_recall.measure_recall_against(segments, truth, target=settings.recall_target,
                                                     rerank=carried.rerank, start_nprobe=carried.manifest.index_nprobe,
                                                     start_rerank_factor=carried.manifest.index_rerank_factor)
         _warn_below_target(recall, n, base.d, settings)
@@ -474,32 +495,32 @@ class _PartVectors:
                 yield ids, vectors
 
 
-def _warn_below_target(recall: faiss_index.RecallReport, n: int, dim: int, settings: faiss_index.IndexSettings) -> None:
+def _warn_below_target(recall: index_recall.RecallReport, n: int, dim: int, settings: index_choice.IndexSettings) -> None:
     if recall.recall_at_10 >= settings.recall_target:
         return
-    stronger = faiss_index.stronger_choice(n, dim, faiss_index.choose_index(
+    stronger = index_choice.stronger_choice(n, dim, index_choice.choose_index(
         n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank),
         flat_max_vectors=settings.flat_max_vectors, rerank=settings.rerank)
     log.warning("index recall@10 %.3f misses the target %.2f within %s bytes; %s", recall.recall_at_10,
-                settings.recall_target, f"{settings.budget():,}", faiss_index.next_option_hint(stronger))
+                settings.recall_target, f"{settings.budget():,}", index_choice.next_option_hint(stronger))
 
 
 def _full_index(store: ObjectStore, previous: Catalog | None, images: pa.Table, gone: pa.Table,
-                new_parts: Mapping[str, FileRecord | None], *, dim: int, settings: faiss_index.IndexSettings,
+                new_parts: Mapping[str, FileRecord | None], *, dim: int, settings: index_choice.IndexSettings,
                 seed: int) -> IndexBuild:
     """A new main index holding every live vector: the previous one with its delta
     folded in and every removal applied while it still suits the catalogue, else
     one trained on a sample of the live vectors. Then the held-out queries' exact
     neighbours are found (one pass over the vectors), recall measured and nprobe tuned."""
     n = len(images)
-    choice = faiss_index.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors,
+    choice = index_choice.choose_index(n, dim, settings.budget(), flat_max_vectors=settings.flat_max_vectors,
                                       rerank=settings.rerank)
-    reason = faiss_index.retrain_reason(previous.manifest.index_state if previous else None, choice, n)
+    reason = index_choice.retrain_reason(previous.manifest.index_state if previous else None, choice, n)
     part_files = {part: record for part, record in new_parts.items() if record}
     blocks = LiveEmbeddings(store, images, (previous.manifest.files if previous else {}) | part_files)
     rng = np.random.default_rng(seed)
-    query_ids, train_ids = faiss_index.split_sample(images["image_id"].to_numpy().astype(np.int64, copy=False),
-                                                    min(faiss_index.RECALL_QUERIES, n), choice, rng)
+    query_ids, train_ids = index_recall.split_sample(images["image_id"].to_numpy().astype(np.int64, copy=False),
+                                                    min(index_recall.RECALL_QUERIES, n), choice, rng)
     if reason is None:
         index = previous.load_index()
         delta = faiss_index.Segments(index, previous.load_delta(), previous.removed_ids())
@@ -515,18 +536,18 @@ def _full_index(store: ObjectStore, previous: Catalog | None, images: pa.Table, 
         for ids, vectors in _PartVectors(store, {part: blocks.files.get(part) for part in new_parts}):
             faiss_index.add_vectors(index, ids, vectors)
         state = replace(previous.manifest.index_state, rerank=choice.rerank)
-        queries = faiss_index.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
+        queries = index_recall.gather_vectors(blocks, query_ids, dim) if state.kind != "flat" else None
     else:
         log.info("building a new %s index for %s vectors: %s", choice.factory, n, reason)
         queries = sample = None
         if choice.kind != "flat":  # one pass for the held-out queries and the training sample
-            sample = faiss_index.gather_vectors(blocks, np.concatenate([query_ids, train_ids]), dim)
+            sample = index_recall.gather_vectors(blocks, np.concatenate([query_ids, train_ids]), dim)
             queries = sample[:len(query_ids)].copy()
         index = faiss_index.trained_index(choice, dim, None if sample is None else sample[len(query_ids):])
         del sample  # 2 GB at 1M x 2048-d: not held while every vector is added
         for ids, vectors in blocks:
             faiss_index.add_vectors(index, ids, vectors)
-        state = faiss_index.IndexState(kind=choice.kind, factory=choice.factory,
+        state = index_choice.IndexState(kind=choice.kind, factory=choice.factory,
                                        trained_n=n if choice.kind != "flat" else 0, nlist=choice.nlist,
                                        rerank=choice.rerank)
     rerank = rerank_dir = None
@@ -541,9 +562,63 @@ def _full_index(store: ObjectStore, previous: Catalog | None, images: pa.Table, 
             raise
     truth = None
     if queries is None:
-        recall = faiss_index.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
+        recall = index_recall.RecallReport(recall_at_10=1.0, nprobe=0, queries=0, target=settings.recall_target)
     else:
-        truth = faiss_index.RecallTruth.exact(queries, query_ids, blocks)
-        recall = faiss_index.measure_recall_against(index, truth, target=settings.recall_target, rerank=rerank)
+        truth = index_recall.RecallTruth.exact(queries, query_ids, blocks)
+        recall = index_recall.measure_recall_against(index, truth, target=settings.recall_target, rerank=rerank)
         _warn_below_target(recall, n, dim, settings)
     return IndexBuild(index=index, state=state, recall=recall, truth=truth, rerank_dir=rerank_dir)
+
+
+def build_next_version(store: ObjectStore, previous: Catalog | None, plan: ChangePlan,
+                       shard_results: Sequence[ShardResult], *, run_id: str, source: str, model: str,
+                       weights: str, weights_source: str, weights_sha256: str, embedding_dim: int,
+                       reembed_all: bool, index_settings: index_choice.IndexSettings | None = None,
+                       categorizer: str | None = None) -> tuple[Manifest, BuildStats]:
+    """One run's changes to the previous version, written by the one builder of
+    versions (`tasks.build_version`); not yet committed."""
+    deferred, deleted = {o.key for o in plan.deferred}, set(plan.deleted)
+    change = VersionChange(
+        provenance=Provenance(source=source, model=model, weights=weights, weights_source=weights_source,
+                              weights_sha256=weights_sha256, embedding_dim=embedding_dim, categorizer=categorizer),
+        from_scratch=reembed_all,
+        removed_keys=frozenset({o.key for o in plan.changed} | deferred | deleted),
+        new_rows=[r.rows for r in shard_results],
+        new_parts={r.embedding_part: r.part_file for r in shard_results if r.embedding_part is not None},
+        new_files={r.thumbnail_part: r.thumbnail_file for r in shard_results if r.thumbnail_part is not None},
+        index=index_settings or index_choice.IndexSettings(),
+        redecided=frozenset({o.key for o in plan.to_process} | deferred | deleted),
+        new_failures=[f for r in shard_results for f in r.failures])
+    parent = Pointer(previous.manifest.version, previous.manifest_key) if previous else None
+    return build_version(store, previous, change, parent=parent, run_id=run_id)
+
+
+def rollback(store: ObjectStore, to_version: int) -> Manifest:
+    """Make an earlier version live again, as a new version (history stays linear
+    and auditable; the next nightly run diffs against the restored content).
+
+    Works when the live version is damaged, `CURRENT` included: the target is then
+    found among the manifests, and its files are checked before it goes live."""
+    try:
+        data, etag = store.get_with_etag(POINTER_KEY)
+    except ObjectNotFound:
+        raise CatalogError(f"no catalogue at {store.url}; nothing to roll back") from None
+    try:
+        pointer: Pointer | None = parse_pointer(store, data)
+    except CatalogCorrupt as exc:
+        log.warning("%s", exc)
+        pointer = None
+    if pointer is not None and to_version == pointer.version:
+        raise CatalogError(f"version {to_version} is already live at {store.url}")
+    target_key = find_version(store, to_version, start=pointer.manifest if pointer else None)
+    target = read_manifest(store, target_key)
+    problems = check_sizes(store, target)
+    if problems:
+        raise CatalogCorrupt(f"version {to_version} is damaged too ({'; '.join(problems[:3])}); "
+                             "roll back to an earlier one")
+    # The restored version is the target's files unchanged, after the live one
+    # (or, with CURRENT damaged, after the newest manifest listed).
+    parent = pointer or Pointer(newest_listed_version(store), target_key)
+    return make_version(store, Catalog(store, target, target_key),
+                                 VersionChange(rolled_back_from=to_version), parent=parent,
+                                 pointer_etag=etag, writer="rollback")

@@ -5,6 +5,7 @@ reason that lands in the `failures` table, never an exception that stops a run.
 Memory is bounded before pixels are allocated: the pixel count is read from the
 header of every image, TIFF frame and PDF page, and a document's pages are
 decoded and prepared (reduced to model input) one at a time.
+
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Generic, TypeVar
 import pypdfium2 as pdfium
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tasks.options import RUN_DEFAULTS
+from tasks.shard.thumbnails import THUMBNAIL_SIDE
 
 # An image or TIFF frame above ~180 MP (a 4000x3000 photo is 12 MP) is refused
 # from its header. Pillow's own check is set to the same limit as a backstop for
@@ -30,18 +31,46 @@ from tasks.options import RUN_DEFAULTS
 # into an error here: warning filters are process-wide and not thread-safe.
 MAX_IMAGE_PIXELS = 180_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
 # A PDF page is rendered at `dpi` or, for a page that would exceed this, at the
 # scale that keeps it within: 4096x4096 still covers any model's input (232-600
 # px) many times over, and an A4 page at 150 dpi is 2.2 MP.
 MAX_RENDER_PIXELS = 4096 * 4096
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pdf"})
-DEFAULT_PDF_DPI = RUN_DEFAULTS.pdf_dpi
-DEFAULT_MAX_PAGES = RUN_DEFAULTS.max_pages
+
+DEFAULT_PDF_DPI = 150
+
+DEFAULT_MAX_PAGES = 50
+
+DECODE_IN = ("auto", "processes", "threads")
+
+# JPEGs up to this size decode on the GPU with --gpu-decode; larger ones decode on
+# a CPU core in draft mode (a 12 MP photo at 1/8 DCT scale: ~16 ms of one core,
+# against nvJPEG's full-size decode and a 13x downscale on the device).
+DEVICE_JPEG_MAX_PIXELS = 16_000_000
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    on_device: bool = False  # JPEGs decoded on the model's device (nvJPEG), routed by size
+    pdf_dpi: int = DEFAULT_PDF_DPI
+    max_pages: int = DEFAULT_MAX_PAGES
+    decode_in: str = "auto"  # where CPU decoding runs: worker processes, threads, or auto (`decodes_in_processes`)
+    device_max_pixels: int = DEVICE_JPEG_MAX_PIXELS  # larger JPEGs decode on a CPU core in draft mode
+    thumbnail_side: int = THUMBNAIL_SIDE  # thumbnails made while decoding, this many pixels a side (0: none)
+
+    def __post_init__(self) -> None:
+        if self.decode_in not in DECODE_IN:
+            raise ValueError(f"unknown decode_in {self.decode_in!r}: use one of {', '.join(DECODE_IN)}")
+
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
 _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
 # PDFium may not be called from two threads at once, not even on different
 # documents (pypdfium2 does not lock; ctypes releases the GIL during each call).
 # A fork (decode worker processes) waits for the page being rendered, so no child

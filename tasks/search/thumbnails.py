@@ -10,44 +10,31 @@ thumbnail from its part (parts are immutable: a process keeps the last few it
 read). Rows without one (catalogues made before, JPEGs decoded on a GPU) get
 theirs made from the source object on first request and cached in the catalogue
 under `thumbnails/cache/` (`layout.thumbnail_key`), keyed by image id and the
-object's ETag so a changed object never shows a stale picture."""
+object's ETag so a changed object never shows a stale picture.
+"""
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
 import pandas as pd
-from PIL import Image
 
-from tasks import layout
-from tasks.decode import DecodeError, decode_pages
+from tasks.catalog import layout
+from tasks.shard.decode import DecodeError, decode_pages
+from tasks.shard.thumbnails import THUMBNAIL_SIDE, encode_thumbnail
 from tasks.storage import ObjectNotFound, ObjectStore
 
 THUMBNAIL_PREFIX = layout.THUMBNAILS
-THUMBNAIL_SIDE = 160  # the longer side, in pixels: a grid cell on the page
-THUMBNAIL_QUALITY = 70
-# libwebp's fastest method: 0.7 ms to encode a 160x120 thumbnail against 1.8 ms
-# for method 4, for files ~50% larger (still under 1 KB for a plain product photo).
-THUMBNAIL_METHOD = 0
+
 THUMBNAIL_MEDIA_TYPE = "image/webp"
+
 PARTS_KEPT = 32  # thumbnails parts a process keeps read (a shard's is ~1,000 x a few KB)
 
+_parts_lock = threading.Lock()
 
-def encode_thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> bytes:
-    """WebP bytes of `image` fitted in `side` x `side` (`image` itself is left as it is).
-    The resize first box-reduces by the whole factor (`reducing_gap=1`), then
-    filters the last step: 0.7 ms for a 500x375 photo against 1.5 ms for one
-    bilinear pass over the whole image."""
-    scale = side / max(image.size)
-    small = image if scale >= 1 else image.resize(
-        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR,
-        reducing_gap=1.0)
-    buf = io.BytesIO()
-    small.save(buf, "WEBP", quality=THUMBNAIL_QUALITY, method=THUMBNAIL_METHOD)
-    return buf.getvalue()
+_parts: OrderedDict[tuple[int, str], dict[int, bytes]] = OrderedDict()
 
 
 def make_thumbnail(data: bytes, *, page: int = 1, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -57,10 +44,6 @@ def make_thumbnail(data: bytes, *, page: int = 1, side: int = THUMBNAIL_SIDE) ->
     if len(pages) < page:
         raise DecodeError("corrupt", f"the object has {len(pages)} pages, not {page}")
     return encode_thumbnail(pages[page - 1].image, side)
-
-
-_parts_lock = threading.Lock()
-_parts: OrderedDict[tuple[int, str], dict[int, bytes]] = OrderedDict()
 
 
 def _part_thumbnails(cat, part: str) -> dict[int, bytes]:

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.engine import EmbedderSettings, get_embedder
+from models.engine import get_embedder
 from models.errors import UserError
-from tasks import index as faiss_index
-from tasks import tables
-from tasks.catalog import Catalog
-from tasks.decode import has_image_extension
-from tasks.pipeline import embed_blobs
+from models.settings import EmbedderSettings
+from tasks.catalog import tables
+from tasks.catalog.reader import Catalog
+from tasks.query_embedding import embed_blobs
+from tasks.search import index as faiss_index
+from tasks.shard.decode import has_image_extension
 from tasks.storage import url_reader
 
 RESULT_COLUMNS = ["rank", "key", "page", "score", "top_class", "category", "image_id"]

@@ -1,0 +1,1 @@
+"""The catalogue: versions (manifest, commit, history), the reader, the one builder of versions, leases, gc and the runs log; `layout` names every key."""

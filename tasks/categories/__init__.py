@@ -1,0 +1,1 @@
+"""Categories: labels, categorisers saved in the catalogue, and applying them."""

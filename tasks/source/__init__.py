@@ -1,0 +1,1 @@
+"""A run's first stage: what the source lists and what must change (the plan)."""
