@@ -78,7 +78,7 @@ def search_queries(catalog: str | Catalog, queries: str | Path, *, k: int = 10, 
 
 @dataclass
 class DuplicatesReport:
-    groups: pd.DataFrame  # group_id, image_id, key, group_size, best_score
+    groups: pd.DataFrame  # the `duplicates` table (`dups.DUPLICATES_SCHEMA`): a row per image, representative first
     key: str | None  # where it was written in the catalogue (None: not written)
     version: int
     threshold: float
@@ -87,16 +87,22 @@ class DuplicatesReport:
     def n_groups(self) -> int:
         return int(self.groups["group_id"].nunique())
 
+    def by_group(self) -> list[dict]:
+        """One record a group: its representative (image_id, key, page) and members with their score to it."""
+        return dups.group_records(self.groups)
+
 
 def find_duplicates(catalog: str | Catalog, *, threshold: float = 0.95, endpoint_url: str | None = None,
                     write: bool = True) -> DuplicatesReport:
-    """Groups of near-identical images in the live version (cosine above
-    `threshold`), written as `tables/duplicates/<version>/threshold-T.parquet` (`layout.duplicates_key`)."""
+    """Groups of near-identical images in the live version: every member's cosine to
+    its group's representative is above `threshold` (groups never chain through
+    bridging pairs). Written as `tables/duplicates/<version>/threshold-T.parquet`
+    (`layout.duplicates_key`)."""
     cat = _catalog(catalog, endpoint_url)
     m = cat.manifest
     pairs = dups.similar_pairs(cat.index, cat.embedding_blocks(), threshold, n_images=len(cat.images),
                                nprobe=m.index_nprobe or None, rerank=cat.rerank)
-    groups = dups.duplicates_frame(dups.group_pairs(pairs), cat.images)
+    groups = dups.duplicates_frame(dups.centre_groups(pairs), cat.images)
     key = None
     if write:
         key = layout.duplicates_key(m.version, m.run_id, threshold)

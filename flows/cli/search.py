@@ -77,22 +77,31 @@ def duplicates(
     endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every group member as JSON.")] = False,
 ) -> None:
-    """Find groups of near-identical images in the live version; write them as a `duplicates` table."""
+    """Find groups of near-identical images in the live version; write them as a `duplicates` table.
+    Each group is its representative and the images above the threshold to it."""
     try:
         report = find_duplicates(catalog, threshold=threshold, endpoint_url=endpoint_url)
     except UserError as exc:
         raise fail(exc) from None
+    groups = report.by_group()
     if as_json:
         console.print_json(json.dumps({"version": report.version, "threshold": threshold, "table": report.key,
                                        "groups": report.n_groups, "images": len(report.groups),
-                                       "members": report.groups.to_dict(orient="records")}))
+                                       "by_group": groups, "members": report.groups.to_dict(orient="records")}))
         return
     t = Table(title=f"{report.n_groups} groups of near-identical images ({len(report.groups)} images) in "
-                    f"version {report.version}, cosine > {threshold:g}", title_justify="left")
-    for col in ("group", "size", "members (key, or key#page for a document's pages past the first)"):
-        t.add_column(col)
-    for group_id, members in report.groups.groupby("group_id", sort=False):
-        keys = [k if p == 1 else f"{k}#page={p}" for k, p in zip(members["key"], members["page"], strict=True)]
-        t.add_row(str(group_id), str(len(keys)), ", ".join(keys[:4]) + (f", ... (+{len(keys) - 4})" if len(keys) > 4 else ""))
+                    f"version {report.version}, each member's cosine to its representative > {threshold:g}",
+              title_justify="left")
+    for col in ("group", "size", "representative", "members (cosine to the representative)"):
+        t.add_column(col, no_wrap=col == "representative")
+    for group in groups:
+        members = [f"{_page_key(m)} {m['score']:.4f}" for m in group["members"]]
+        t.add_row(str(group["group_id"]), str(group["size"]), _page_key(group["representative"]),
+                  ", ".join(members[:4]) + (f", ... (+{len(members) - 4})" if len(members) > 4 else ""))
     console.print(t)
     console.print(f"written to {report.key}", highlight=False, soft_wrap=True)
+
+
+def _page_key(image: dict) -> str:
+    """key, or key#page=N for a document's pages past the first."""
+    return image["key"] if image["page"] in (1, None) else f"{image['key']}#page={image['page']}"
