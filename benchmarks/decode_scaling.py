@@ -31,7 +31,8 @@ from throughput import cpu_model, image_pool, write_set  # noqa: E402
 
 from models.registry import model_family  # noqa: E402
 from tasks.shard.pixels import decode_to_pixels  # noqa: E402
-from tasks.shard.runner import CHUNK, DecodeOptions, _ChunkJob, decode_chunk  # noqa: E402
+from tasks.shard.decode import DecodeOptions  # noqa: E402
+from tasks.shard.read import CHUNK, _ChunkJob, decode_chunk  # noqa: E402
 from tasks.storage import LocalStore, StoreSpec  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def in_processes(workers: int, folder: str, keys: list[str], prep, options: Deco
         list(pool.map(decode_chunk, [_ChunkJob(StoreSpec(folder), tuple(keys[:CHUNK]), prep, options)] * workers))  # start
         t0 = time.perf_counter()
         jobs = [_ChunkJob(StoreSpec(folder), tuple(keys[i:i + CHUNK]), prep, options) for i in range(0, len(keys), CHUNK)]
-        n = sum(1 for chunk in pool.map(decode_chunk, jobs) for r in chunk if r[0] == "pages")
+        n = sum(len(set(read.page_object)) for read in pool.map(decode_chunk, jobs))
         return n / (time.perf_counter() - t0)
 
 

@@ -42,9 +42,10 @@ def one_shard(folder: str, part: int, parts: int, decode_in: str, model: str, ou
     import numpy as np
     import torch
 
-    import tasks.pipeline as pipeline
+    import tasks.shard.runner as runner
     from models.engine import EmbedResult, get_embedder
     from models.settings import EmbedderSettings
+    from tasks.shard.decode import DecodeOptions
     from tasks.storage import StoreSpec
 
     settings = EmbedderSettings(model, weights="random:0", device="cpu")
@@ -71,23 +72,24 @@ def one_shard(folder: str, part: int, parts: int, decode_in: str, model: str, ou
         def decode(self, jpegs):
             return [crop for _ in jpegs]
 
-    pipeline.get_embedder = lambda *a, **k: NullModel()
-    pipeline.device_jpeg_decoder = lambda device: NullJpegDecoder()
+    runner.get_embedder = lambda *a, **k: NullModel()
+    runner.device_jpeg_decoder = lambda device: NullJpegDecoder()
     real.family.__class__.preprocess_on_device = lambda self, images: images
     source = StoreSpec(folder)
     items = tuple(source.open().list())[part::parts]
-    spec = pipeline.ShardSpec(index=part, items=items, source=source, output=StoreSpec(out), run_id="ceiling",
-                              embedder=settings, batch_size=256,
-                              decode=pipeline.DecodeOptions(on_device=True, decode_in=decode_in))
+    spec = runner.ShardSpec(index=part, items=items, source=source, output=StoreSpec(out), run_id="ceiling",
+                            embedder=settings, batch_size=256,
+                            decode=DecodeOptions(on_device=True, decode_in=decode_in))
     # A process's first shard also starts its decode processes and first-time code
     # paths (about 1 s here); a night runs many shards a process, so time a later one.
-    pipeline.process_shard(replace(spec, items=items[:WARM_UP], index=parts + part))
+    runner.process_shard(replace(spec, items=items[:WARM_UP], index=parts + part))
+
     def cpu_s() -> float:  # this process's own CPU (its decode processes are not counted)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
     cpu0, started = cpu_s(), time.time()
-    result = pipeline.process_shard(spec)
+    result = runner.process_shard(spec)
     ended = time.time()
     return {"rows": len(result.rows), "started": started, "ended": ended, "cpu_s": cpu_s() - cpu0,
             "stage_s": {k: v for k, v in result.times.items() if k.endswith("_s")}}

@@ -36,7 +36,7 @@ from models.engine import Embedder, cpu_supports_bf16, default_batch_size, stack
 from models.settings import EmbedderSettings  # noqa: E402
 from tasks.sample_data import encode, make_document, make_product_photo  # noqa: E402
 from tasks.shard.decode import decode_image  # noqa: E402
-from tasks.shard.runner import bounded_map  # noqa: E402
+from tasks.shard.read import bounded_map  # noqa: E402
 from tasks.storage import LocalStore, S3Store  # noqa: E402
 
 MIX = {"jpeg-500x375": 0.70, "jpeg-4000x3000": 0.10, "png-document": 0.10, "png-640x480": 0.10}

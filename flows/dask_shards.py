@@ -37,7 +37,7 @@ from prefect_dask import DaskTaskRunner
 from tasks.config import RunnerError, ShardConfig
 from tasks.records import ShardsDone
 from tasks.shard.progress import ProgressReporter
-from tasks.shard.runner import WORKER_CORES_ENV
+from tasks.shard.read import WORKER_CORES_ENV
 
 PROGRESS_EVERY_S = 0.5  # a worker sends a shard's count at most this often
 

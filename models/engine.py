@@ -233,6 +233,7 @@ class Embedder:
             self.streams, self.stream_threads = 1, CPU_CORES
         self._pool: ThreadPoolExecutor | None = None
         self._fitting_batch: int | None = None
+        self._bytes_per_image: float | None = None
         log.info("loaded %s (%s weights, sha256 %s) on %s as %s", self.family.name, self.weights.source,
                  self.weights.sha256[:12], self.device, str(self.dtype).removeprefix("torch."))
 
@@ -289,10 +290,22 @@ class Embedder:
             return default_batch_size("cpu")
         with self._lock:
             if self._fitting_batch is None:
+                if self._bytes_per_image is None:
+                    self._bytes_per_image = self._activation_bytes_per_image()
                 self._fitting_batch = batch_size_that_fits(torch.cuda.mem_get_info(self.device)[0],
-                                                           self._activation_bytes_per_image())
+                                                           self._bytes_per_image)
                 log.info("batch size %s fits %s", self._fitting_batch, torch.cuda.get_device_name(self.device))
             return self._fitting_batch
+
+    def device_memory(self, batch_size: int) -> tuple[int, int]:
+        """(bytes free on the model's GPU, bytes a batch of `batch_size` takes in
+        activations), for budgets that share the card with the model; (0, 0) on a CPU."""
+        if self.device.type != "cuda":
+            return 0, 0
+        with self._lock:
+            if self._bytes_per_image is None:
+                self._bytes_per_image = self._activation_bytes_per_image()
+        return torch.cuda.mem_get_info(self.device)[0], int(batch_size * self._bytes_per_image)
 
     @torch.inference_mode()
     def _activation_bytes_per_image(self, probe: int = 8) -> float:

@@ -136,8 +136,10 @@ def preprocess_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
 
 def preprocess_on_device(images: list[torch.Tensor], prep: Preprocessing) -> list[torch.Tensor]:
     """The same resize and centre crop for uint8 CHW tensors already on a device
-    (JPEGs decoded there): images of one size are resized as one batch, so a batch
-    of camera photos costs a few kernel launches, not a few per image."""
+    (JPEGs decoded there), uint8 again: images of one size are resized as one
+    batch, so a chunk of camera photos costs a few kernel launches, not a few per
+    image. The caller bounds the chunk in bytes (`tasks.shard.device.plan_device_chunks`):
+    the resize works on a float32 copy of its input."""
     out: list[torch.Tensor | None] = [None] * len(images)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):

@@ -259,7 +259,7 @@ def test_several_workers_share_a_card_and_the_cores(monkeypatch):
     import torch
 
     from flows import dask_shards
-    from tasks.shard.runner import WORKER_CORES_ENV, decode_process_count
+    from tasks.shard.read import WORKER_CORES_ENV, decode_process_count
 
     def worker_setup() -> tuple[str | None, str | None, bool]:
         return (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get(WORKER_CORES_ENV),

@@ -20,8 +20,12 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from models.engine import Embedder, EmbedResult, batch_size_that_fits, stack_images
 from models.settings import EmbedderSettings
 from tasks.sample_data import encode, make_document, make_product_photo
-from tasks.shard.runner import DecodeOptions, decodes_in_processes, jpeg_size, non_finite_rows, run_shard
+from tasks.shard.decode import DecodeOptions
+from tasks.shard.device import device_jpeg_decoder, jpeg_size
+from tasks.shard.embed import non_finite_rows
+from tasks.shard.read import decodes_in_processes
 from tasks.storage import LocalStore
+from tests.helpers import embed_objects
 
 
 @pytest.fixture(scope="module")
@@ -130,18 +134,14 @@ def test_a_batch_mixing_device_and_cpu_decoded_pages_reaches_the_model_on_its_de
             return forward(batch, **kw)
 
     options = DecodeOptions(on_device=True, device_max_pixels=1_000_000, decode_in=decode_in)
-    dev = run_shard(items, store, Recording(), batch_size=8, decode=options, jpeg_decoder=decoder)
-    cpu = run_shard(items, store, embedder, batch_size=8)
+    dev = embed_objects(store, Recording(), batch_size=8, decode=options, jpeg_decoder=decoder, items=items)
+    cpu = embed_objects(store, embedder, batch_size=8, items=items)
 
-    assert dev.failures == [] and len(dev.batches) == 1 and len(dev.batches[0].records) == 8
+    assert dev.failures == [] and len(dev.batches) == 1 and len(dev.batches[0].pages) == 8
     assert sorted(decoder.decoded) == [(375, 500), (375, 500), (500, 375)] and decoder.refused == 1
     assert seen_devices == [(torch.Tensor, torch.device("cpu"))]
 
-    def by_key(out):
-        return {info.key: (vec, (w, h)) for b in out.batches
-                for (info, w, h, _), vec in zip(b.records, b.embeddings, strict=True)}
-
-    a, b = by_key(cpu), by_key(dev)
+    a, b = cpu.by_key(), dev.by_key()
     assert a.keys() == b.keys()
     for key in a:
         assert float(a[key][0] @ b[key][0]) >= 0.98, key
@@ -149,9 +149,10 @@ def test_a_batch_mixing_device_and_cpu_decoded_pages_reaches_the_model_on_its_de
 
     # Batches of two: the first holds only the PDF page and a PNG, no JPEG (such a
     # batch was once dropped whole on the device path).
-    small = run_shard(items, store, embedder, batch_size=2, decode=options, jpeg_decoder=SimulatedGpuJpegDecoder())
-    assert small.failures == [] and by_key(small).keys() == a.keys()
-    assert [info.key for info, *_ in small.batches[0].records] == ["docs/receipt.pdf", "docs/scan.png"]
+    small = embed_objects(store, embedder, batch_size=2, decode=options, jpeg_decoder=SimulatedGpuJpegDecoder(),
+                          items=items)
+    assert small.failures == [] and small.by_key().keys() == a.keys()
+    assert [info.key for info in small.batches[0].pages.infos] == ["docs/receipt.pdf", "docs/scan.png"]
 
 
 @pytest.mark.parametrize("size", [(500, 375), (4000, 3000), (1, 65500)])
@@ -196,9 +197,9 @@ def test_out_of_memory_halves_the_batch_and_retries_the_same_pages(tmp_path, emb
             return embedder.embed(batch, **kw)
 
     items = list(store.list())
-    out = run_shard(items, store, SmallCard(), batch_size=8)
+    out = embed_objects(store, SmallCard(), batch_size=8, items=items)
     assert out.failures == [] and out.batch_size == 2
-    assert [info.key for b in out.batches for info, *_ in b.records] == [i.key for i in items]
+    assert [key for key, *_ in out.records()] == [i.key for i in items]
     assert sizes == [7, 4, 2, 2, 3, 2, 1]  # 8 -> 4 -> 2, each failed batch retried in pieces
 
 
@@ -214,7 +215,7 @@ def test_a_non_finite_embedding_fails_its_image_and_is_never_stored(tmp_path, re
     rng = np.random.default_rng(47)
     store.put("a.jpg", encode(make_product_photo(rng, (320, 240)), "JPEG"))
     store.put("b.png", encode(make_product_photo(rng, (320, 240)), "PNG"))
-    out = run_shard(list(store.list()), store, embedder, batch_size=4)
+    out = embed_objects(store, embedder, batch_size=4)
     assert out.batches == []
     assert [(f.key, f.stage, f.error_type) for f in out.failures] == [
         ("a.jpg", "model", "non_finite_embedding"), ("b.png", "model", "non_finite_embedding")]
@@ -235,11 +236,11 @@ def test_decoding_in_worker_processes_gives_what_threads_give(tmp_path, embedder
     store = LocalStore(tmp_path / "src", create=True)
     write_samples(store, generate_samples(12, seed=53) + broken_files(np.random.default_rng(2)))
     items = list(store.list())
-    threads = run_shard(items, store, embedder, batch_size=4, decode=DecodeOptions(decode_in="threads"))
-    processes = run_shard(items, store, embedder, batch_size=4, decode=DecodeOptions(decode_in="processes"))
-    assert [b.records for b in threads.batches] == [b.records for b in processes.batches]
-    np.testing.assert_array_equal(np.concatenate([b.embeddings for b in threads.batches]),
-                                  np.concatenate([b.embeddings for b in processes.batches]))
+    threads = embed_objects(store, embedder, batch_size=4, decode=DecodeOptions(decode_in="threads"), items=items)
+    processes = embed_objects(store, embedder, batch_size=4, decode=DecodeOptions(decode_in="processes"),
+                              items=items)
+    assert threads.records() == processes.records()
+    np.testing.assert_array_equal(threads.vectors(), processes.vectors())
     assert sorted(threads.failures, key=str) == sorted(processes.failures, key=str) and threads.failures
 
 
@@ -252,9 +253,7 @@ def test_where_cpu_decoding_runs(option, device, cores, expected):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torchvision cannot decode on cuda")
 def test_without_a_gpu_jpeg_decoder_one_line_says_so_and_jpegs_decode_on_the_cpu(caplog):
-    from tasks.shard.runner import device_jpeg_decoder
-
-    with caplog.at_level("WARNING", logger="tasks.shard.runner"):
+    with caplog.at_level("WARNING", logger="tasks.shard.device"):
         assert device_jpeg_decoder(torch.device("cuda")) is None
     [record] = [r for r in caplog.records if "--gpu-decode" in r.getMessage()]
     assert "decoding them on the CPU instead" in record.getMessage() and "\n" not in record.getMessage()

@@ -21,9 +21,9 @@ from models.engine import (
 )
 from tasks.report import bottleneck
 from tasks.sample_data import broken_files, encode, generate_samples, make_product_photo, write_samples
-from tasks.shard.decode import decode_image
-from tasks.shard.runner import DecodeOptions, run_shard
+from tasks.shard.decode import DecodeOptions, decode_image
 from tasks.storage import LocalStore
+from tests.helpers import embed_objects
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +61,9 @@ def test_decoding_jpegs_on_the_model_device_matches_the_cpu_path(tmp_path, embed
     store = LocalStore(tmp_path / "src", create=True)
     samples = generate_samples(10, seed=23, png_fraction=0.3, broken=False) + broken_files(np.random.default_rng(1))
     write_samples(store, samples)
-    items = list(store.list())
-    cpu = run_shard(items, store, embedder, batch_size=4)
-    dev = run_shard(items, store, embedder, batch_size=4, decode=DecodeOptions(on_device=True))
-
-    def by_key(out):
-        keys = [info.key for b in out.batches for info, _, _, _ in b.records]
-        sizes = [(w, h) for b in out.batches for _, w, h, _ in b.records]
-        return dict(zip(keys, zip(np.concatenate([b.embeddings for b in out.batches]), sizes, strict=True),
-                        strict=True))
-
-    a, b = by_key(cpu), by_key(dev)
+    cpu = embed_objects(store, embedder, batch_size=4)
+    dev = embed_objects(store, embedder, batch_size=4, decode=DecodeOptions(on_device=True))
+    a, b = cpu.by_key(), dev.by_key()
     assert a.keys() == b.keys() and len(a) == 10
     for key in a:
         assert float(a[key][0] @ b[key][0]) >= 0.98, key
@@ -176,12 +168,12 @@ def test_batches_from_several_model_streams_arrive_in_input_order_with_their_own
     store = LocalStore(tmp_path / "src", create=True)
     write_samples(store, generate_samples(23, seed=31, broken=False))
     items = list(store.list())
-    out = run_shard(items, store, embedder, batch_size=2, on_batch=keep)
-    assert out.batches == [] and len(seen) == 12
+    out = embed_objects(store, embedder, batch_size=2, items=items, write=keep)
+    assert len(seen) == 12 and len(out.batches) == 12
     # the model ran on the stream threads; batches were handed back on the caller's
     assert len(model_threads) == 12 and all(name.startswith("batchsight-model") for name in model_threads)
     assert set(batch_threads) == {threading.current_thread()}
-    keys = [info.key for b in seen for info, *_ in b.records]
+    keys = [key for key, *_ in out.records()]
     assert keys == [i.key for i in items]
     side = embedder.family.preprocessing.resize_size
     direct = forward(stack_images([embedder.preprocess(decode_image(store.get(k), min_side=side).image)
@@ -205,8 +197,8 @@ def test_progress_counts_each_object_once_however_many_pages_and_batches(tmp_pat
     store.put("photos/b.jpg", encode(make_product_photo(rng, (320, 240)), "JPEG"))
     store.put("photos/broken.jpg", b"not an image")
     steps = []
-    out = run_shard(list(store.list()), store, embedder, batch_size=2, on_progress=steps.append)
-    assert sum(len(b.records) for b in out.batches) == 7  # five pages and two photos, across four batches
+    out = embed_objects(store, embedder, batch_size=2, on_progress=steps.append)
+    assert sum(len(b.pages) for b in out.batches) == 7  # five pages and two photos, across four batches
     assert sum(steps) == 4  # objects, as the progress bar's total counts them
 
 
@@ -231,7 +223,7 @@ def test_a_model_error_on_a_batch_is_retried_image_by_image(tmp_path, embedder):
                 raise RuntimeError("simulated kernel failure")
             return self.inner.embed(batch, **kw)
 
-    out = run_shard(list(store.list()), store, PoisonOnBlack(embedder), batch_size=8)
-    embedded = [info.key for b in out.batches for info, *_ in b.records]
+    out = embed_objects(store, PoisonOnBlack(embedder), batch_size=8)
+    embedded = [key for key, *_ in out.records()]
     assert len(embedded) == 5 and "poison.png" not in embedded
     assert [(f.key, f.stage, f.message) for f in out.failures] == [("poison.png", "model", "simulated kernel failure")]

@@ -1,0 +1,144 @@
+"""A shard's model inputs, column by column: what the read stage hands the
+embed stage, and how it is cut into model batches.
+
+An input is one page of one object: decoded on a CPU into model-sized pixels, or
+a JPEG left raw for the model's device to decode. Inputs travel in `Inputs`
+(pages decoded, JPEGs raw, and the failures met on the way), arrays and lists
+per column, so the shard's own process spends its time per batch, not per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.records import ImageFailure, ObjectInfo
+
+
+@dataclass
+class Pages:
+    """Inputs of one kind, in order: each one's object, page number, original size,
+    whether it is its object's last page, and its thumbnail (WebP, where made);
+    then the pixels (uint8 [k, S, S, 3] segments, summing to the inputs, for pages
+    decoded on a CPU) or the bytes (raw JPEGs for the device), never both."""
+
+    infos: list[ObjectInfo] = field(default_factory=list)
+    page: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    size: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int32))  # (width, height)
+    last: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    thumbnails: list[bytes | None] = field(default_factory=list)
+    pixels: list[np.ndarray] = field(default_factory=list)
+    jpegs: list[bytes] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    @classmethod
+    def of(cls, infos: list[ObjectInfo], page: Sequence[int], size: Sequence[tuple[int, int]], last: Sequence[bool],
+           thumbnails: list[bytes | None], *, pixels: np.ndarray | None = None,
+           jpegs: list[bytes] | None = None) -> Pages:
+        return cls(infos, np.asarray(page, np.int32), np.asarray(size, np.int32).reshape(-1, 2),
+                   np.asarray(last, bool), thumbnails, [pixels] if pixels is not None and len(pixels) else [],
+                   jpegs or [])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Pages]) -> Pages:
+        parts = [p for p in parts if len(p)]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls()
+        return cls([i for p in parts for i in p.infos], np.concatenate([p.page for p in parts]),
+                   np.concatenate([p.size for p in parts]), np.concatenate([p.last for p in parts]),
+                   [t for p in parts for t in p.thumbnails], [s for p in parts for s in p.pixels],
+                   [j for p in parts for j in p.jpegs])
+
+    def split(self, n: int) -> tuple[Pages, Pages]:
+        """The first `n` inputs and the rest (pixel segments are cut as views, not copied)."""
+        if n >= len(self):
+            return self, Pages()
+        head, tail, at = [], [], 0
+        for segment in self.pixels:
+            if at + len(segment) <= n:
+                head.append(segment)
+            elif at >= n:
+                tail.append(segment)
+            else:
+                head.append(segment[:n - at])
+                tail.append(segment[n - at:])
+            at += len(segment)
+        return (Pages(self.infos[:n], self.page[:n], self.size[:n], self.last[:n], self.thumbnails[:n], head,
+                      self.jpegs[:n]),
+                Pages(self.infos[n:], self.page[n:], self.size[n:], self.last[n:], self.thumbnails[n:], tail,
+                      self.jpegs[n:]))
+
+    def take(self, keep: np.ndarray) -> Pages:
+        """The inputs where `keep` (bool) is true, metadata only (no pixels or bytes)."""
+        index = np.flatnonzero(keep)
+        return Pages([self.infos[i] for i in index], self.page[index], self.size[index], self.last[index],
+                     [self.thumbnails[i] for i in index])
+
+    def pixel_array(self) -> np.ndarray:
+        """The pixels as one array (a copy when there are several segments)."""
+        return self.pixels[0] if len(self.pixels) == 1 else np.concatenate(self.pixels)
+
+
+@dataclass
+class Inputs:
+    """Model inputs of some objects: pages decoded on a CPU, JPEGs for the device,
+    and the objects that failed on the way (fetch or decode)."""
+
+    decoded: Pages = field(default_factory=Pages)
+    raw: Pages = field(default_factory=Pages)
+    failures: list[ImageFailure] = field(default_factory=list)
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.decoded) + len(self.raw)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Inputs]) -> Inputs:
+        return cls(Pages.concat([p.decoded for p in parts]), Pages.concat([p.raw for p in parts]),
+                   [f for p in parts for f in p.failures], sum(p.fetch_s for p in parts),
+                   sum(p.decode_s for p in parts))
+
+    def split(self, n: int) -> tuple[Inputs, Inputs]:
+        """The first `n` inputs (decoded pages first) with the failures, and the rest."""
+        decoded, decoded_rest = self.decoded.split(n)
+        raw, raw_rest = self.raw.split(n - len(decoded))
+        return (Inputs(decoded, raw, self.failures, self.fetch_s, self.decode_s),
+                Inputs(decoded_rest, raw_rest))
+
+    def pieces(self, size: int) -> list[Inputs]:
+        """These inputs in pieces of at most `size` (the failures go with the first)."""
+        out, rest = [], self
+        while len(rest) > size:
+            head, rest = rest.split(size)
+            out.append(head)
+        return [*out, rest]
+
+    def objects_done(self) -> int:
+        """Objects these inputs finish: each one's last page, and each failure."""
+        return int(self.decoded.last.sum() + self.raw.last.sum()) + len(self.failures)
+
+
+def batches(chunks: Iterable[Inputs], size: int | None = None, *, size_of=None) -> Iterator[Inputs]:
+    """Chunks of inputs regrouped into model batches of `size` inputs (the last one
+    shorter); `size_of()`, when given, is asked before each batch (the size may
+    shrink while the shard runs). Failures travel with the next batch out."""
+    held: list[Inputs] = []
+    count = 0
+    for chunk in chunks:
+        held.append(chunk)
+        count += len(chunk)
+        want = size_of() if size_of else size
+        while count >= want:
+            batch, rest = Inputs.concat(held).split(want)
+            yield batch
+            held, count = [rest], len(rest)
+            want = size_of() if size_of else size
+    if held and (count or any(h.failures for h in held)):
+        yield Inputs.concat(held)
