@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -21,7 +22,15 @@ from models.engine import Embedder, EmbedResult, batch_size_that_fits, stack_ima
 from models.settings import EmbedderSettings
 from tasks.sample_data import encode, make_document, make_product_photo
 from tasks.shard.decode import DecodeOptions
-from tasks.shard.device import device_jpeg_decoder, jpeg_size
+from tasks.shard.device import (
+    DECODE_MAX_BYTES,
+    DeviceBudget,
+    device_decode_bytes,
+    device_jpeg_decoder,
+    jpeg_size,
+    plan_device_chunks,
+    planned_peak_bytes,
+)
 from tasks.shard.embed import non_finite_rows
 from tasks.shard.read import decodes_in_processes
 from tasks.storage import LocalStore
@@ -272,3 +281,109 @@ def test_a_daemonic_process_such_as_a_dask_worker_decodes_in_threads():
     child.start()
     child.join(30)
     assert queue.get(timeout=5) is False
+
+
+TWELVE_MP = (4000, 3000)
+
+
+@pytest.mark.parametrize("card_free,batch_bytes", [
+    (139 * 2**30, 512 * 100 * 2**20),  # an H200 after ResNet-50 and a batch of 512
+    (22 * 2**30, 128 * 100 * 2**20),  # a 24 GB card
+    (3 * 2**30, 16 * 100 * 2**20),  # a small card: the budget is what is left
+])
+def test_a_batch_of_512_camera_photos_is_planned_within_the_device_budget(card_free, batch_bytes):
+    """The crash on the H200: 512 12-MP JPEGs stacked and made float32 at once
+    (68.7 GiB). The plan decodes them in chunks whose decoded pixels and resize
+    working memory fit the budget, which fits in what the card has free."""
+    budget = DeviceBudget.from_free(card_free, batch_bytes)
+    assert 0 < budget.bytes <= min(DECODE_MAX_BYTES, card_free - batch_bytes)
+    sizes = [TWELVE_MP] * 512
+    chunks, too_large = plan_device_chunks(sizes, budget.bytes)
+    assert too_large == [] and sorted(i for c in chunks for i in c) == list(range(512))
+    assert max(planned_peak_bytes(sizes, c) for c in chunks) <= budget.bytes
+    assert all(len(c) >= 1 for c in chunks)
+
+
+@pytest.mark.parametrize("sizes,budget,chunks,too_large", [
+    ([(100, 100)] * 4, 4 * device_decode_bytes(100, 100), [[0, 1, 2, 3]], []),
+    ([(100, 100)] * 4, 2 * device_decode_bytes(100, 100), [[0, 1], [2, 3]], []),
+    ([(100, 100), (1000, 1000), (100, 100)], device_decode_bytes(1000, 1000), [[0], [1], [2]], []),
+    ([(100, 100), (2000, 2000), (100, 100)], device_decode_bytes(1000, 1000), [[0, 2]], [1]),  # alone too large
+    ([], 1 << 30, [], []),
+])
+def test_device_chunks_by_bytes(sizes, budget, chunks, too_large):
+    assert plan_device_chunks(sizes, budget) == (chunks, too_large)
+
+
+class SmallCardDecoder(SimulatedGpuJpegDecoder):
+    """A (simulated) card with room for `capacity` bytes of decoding: a chunk whose
+    planned working memory is larger raises torch's own OutOfMemoryError, as
+    nvJPEG and the resize would on a real card."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.chunks: list[int] = []
+
+    def decode(self, jpegs):
+        need = sum(device_decode_bytes(*Image.open(io.BytesIO(j)).size) for j in jpegs)
+        self.chunks.append(len(jpegs))
+        if need > self.capacity:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().decode(jpegs)
+
+
+def test_out_of_memory_in_device_decoding_backs_off_and_gives_what_a_clean_run_gives(tmp_path, embedder):
+    """The budget was misjudged (4x what the simulated card holds): decoding runs out
+    of memory, the budget and the batch are halved and the same JPEGs retried, and
+    every vector equals the one a card with room to spare gives."""
+    store = LocalStore(tmp_path / "src", create=True)
+    rng = np.random.default_rng(61)
+    for i in range(12):
+        store.put(f"photos/{i:02d}.jpg", encode(make_product_photo(rng, (640, 480)), "JPEG"))
+    items = list(store.list())
+    one = device_decode_bytes(640, 480)
+    options = DecodeOptions(on_device=True, decode_in="threads")
+    clean = embed_objects(store, embedder, batch_size=8, decode=options, jpeg_decoder=SimulatedGpuJpegDecoder(),
+                          items=items)
+    small = SmallCardDecoder(capacity=3 * one)
+    budget = DeviceBudget(12 * one)
+    tight = embed_objects(store, embedder, batch_size=8, decode=options, jpeg_decoder=small, budget=budget,
+                          items=items)
+    assert tight.failures == [] and clean.failures == []
+    assert budget.bytes <= 3 * one and tight.batch_size < 8  # halved, and kept for the shard
+    assert max(small.chunks) > 3 and small.chunks[-1] <= 3  # it ran out, then fitted
+    a, b = clean.by_key(), tight.by_key()
+    assert a.keys() == b.keys() == {i.key for i in items}
+    for key in a:
+        np.testing.assert_allclose(a[key][0], b[key][0], atol=1e-5)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_that_runs_out_of_memory_commits_what_a_clean_run_commits(tmp_path, resnet18_weights, monkeypatch):
+    """A whole run on a (simulated) card that holds batches of 3: the model runs out
+    of memory on every larger batch, the shard backs off, and the catalogue's rows
+    and vectors equal a clean run's."""
+    from tasks.catalog.reader import open_catalog
+    from tasks.sample_data import generate_samples, write_samples
+    from tests.helpers import run_small
+
+    write_samples(LocalStore(tmp_path / "src", create=True), generate_samples(20, seed=67))
+    clean = run_small(tmp_path / "src", tmp_path / "clean", resnet18_weights, shard_size=50)
+    real_embed = Embedder.embed
+
+    def small_card(self, batch, **kw):
+        if batch.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_embed(self, batch, **kw)
+
+    monkeypatch.setattr(Embedder, "embed", small_card)
+    tight = run_small(tmp_path / "src", tmp_path / "tight", resnet18_weights, shard_size=50)
+    assert tight.status == clean.status == "committed" and tight.batch_size <= 3 < clean.batch_size
+    a, b = open_catalog(str(tmp_path / "clean")), open_catalog(str(tmp_path / "tight"))
+    cols = ["key", "page", "image_id", "top_class"]
+    pd.testing.assert_frame_equal(a.images[cols], b.images[cols])
+    pd.testing.assert_frame_equal(a.failures[["key", "stage", "error_type"]], b.failures[["key", "stage", "error_type"]])
+    (ids_a, vec_a), (ids_b, vec_b) = a.embeddings(), b.embeddings()
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_allclose(vec_a, vec_b, atol=1e-5)
