@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -83,11 +85,51 @@ def _flow_api_url() -> str | None:
         return str(client.api_url)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+END_GRACE_S = 10.0  # a worker process this long past its cluster's close is killed
+
+
+def end_processes(pids: Sequence[int], grace_s: float = END_GRACE_S) -> list[int]:
+    """Make sure each of `pids` has ended: wait up to `grace_s` for all, then SIGKILL
+    the rest (their decode processes die with them: PR_SET_PDEATHSIG). Returns
+    those killed. A local cluster's close terminates its workers; this is for the
+    worker that does not exit, which would hold its GPU memory past the run."""
+    deadline = time.monotonic() + grace_s
+    while (alive := [p for p in pids if process_alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if alive:
+        logging.getLogger(__name__).warning("killed %s worker processes still running %.0f s after their cluster "
+                                            "closed: %s", len(alive), grace_s, alive)
+    return alive
+
+
+@dataclass
+class LocalWorkers:
+    """The worker processes of a run's temporary cluster, to be ended with it."""
+
+    pids: set[int] = field(default_factory=set)
+
+    def note(self, client) -> None:
+        with contextlib.suppress(Exception):  # a scheduler that went away has no workers to list
+            self.pids |= set(client.run(os.getpid).values())
+
+
 @contextlib.contextmanager
-def _dask_runner(runner: ShardConfig) -> Iterator[Any]:
+def _dask_runner(runner: ShardConfig) -> Iterator[tuple[Any, LocalWorkers | None]]:
     if runner.cluster:
         with DaskTaskRunner(address=runner.cluster) as task_runner:
-            yield task_runner
+            yield task_runner, None
         return
     gpus = local_gpus()
     if gpus and runner.workers % gpus:
@@ -100,13 +142,20 @@ def _dask_runner(runner: ShardConfig) -> Iterator[Any]:
     # measured on 2 cores it doubled the model's time (a quarter of the CPU in the
     # kernel); batchsight's workers keep glibc's default.
     # (None unsets a variable there: distributed.nanny._get_env_variables.)
-    with dask.config.set({"distributed.worker.daemon": not gpus,
-                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
-            _quiet_cluster_logs(), \
-            DaskTaskRunner(cluster_class=LocalCluster, cluster_kwargs=kwargs) as task_runner:
-        if gpus:
-            task_runner.client.register_plugin(PinGpu(gpus))
-        yield task_runner
+    workers = LocalWorkers()
+    try:
+        with dask.config.set({"distributed.worker.daemon": not gpus,
+                              "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+                _quiet_cluster_logs(), \
+                DaskTaskRunner(cluster_class=LocalCluster, cluster_kwargs=kwargs) as task_runner:
+            if gpus:
+                task_runner.client.register_plugin(PinGpu(gpus))
+            try:
+                yield task_runner, workers
+            finally:
+                workers.note(task_runner.client)  # workers restarted since the start too
+    finally:
+        end_processes(sorted(workers.pids))
 
 
 @contextlib.contextmanager
@@ -153,10 +202,11 @@ def run_on_dask(task, specs: Sequence[Any], runner: ShardConfig, *, progress: Pr
                 topic: str | None = None) -> ShardsDone:
     """`task(spec)` for every spec on the Dask cluster `runner` names (or starts)."""
     t0 = time.perf_counter()
-    with _dask_runner(runner) as task_runner:
+    with _dask_runner(runner) as (task_runner, local_workers):
         client = task_runner.client  # starts the local cluster, or connects
-        if runner.workers:
+        if local_workers is not None:
             client.wait_for_workers(runner.workers)
+            local_workers.note(client)
         start_s, ready_at = time.perf_counter() - t0, time.time()
         if progress is not None and topic:
             client.subscribe_topic(topic, _ForwardProgress(progress))

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.errors import UserError
 from models.settings import COMPILE_MODES, DEVICES, PRECISIONS, EmbedderSettings
 from tasks.search.index_choice import DEFAULT_RECALL_TARGET, IndexSettings, parse_memory_size
-from tasks.shard.decode import DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeOptions
+from tasks.shard.decode import DECODE_IN, DEFAULT_MAX_PAGES, DEFAULT_PDF_DPI, DecodeOptions
 from tasks.shard.thumbnails import THUMBNAIL_SIDE
 from tasks.storage import ENDPOINT_ENV, check_roots_apart, resolved_endpoint
 
@@ -78,6 +78,8 @@ class DecodeConfig(_Group):
     gpu_decode: bool = option(False, "Decode JPEGs on the GPU (nvJPEG).", flag="--gpu-decode")
     io_workers: int | None = option(None, "Fetch/decode threads per shard (default: twice the cores, at least 4).",
                                     ge=1, le=256)
+    decode_in: Literal[DECODE_IN] = option(  # type: ignore[valid-type]
+        "auto", "Where CPU decoding runs: auto = worker processes on a GPU machine or from 4 cores, else threads.")
     pdf_dpi: int = option(DEFAULT_PDF_DPI, "Resolution PDF pages are rendered at.", ge=36, le=600)
     max_pages: int = option(DEFAULT_MAX_PAGES, "Pages read from one PDF or TIFF at most.", ge=1, le=10_000)
     thumbnails: bool = option(True, "Make 160 px thumbnails while decoding, for the web page (~1.1 ms of CPU an "
@@ -213,7 +215,7 @@ class RunConfig(BaseModel):
 
     def decode_options(self) -> DecodeOptions:
         d = self.decode
-        return DecodeOptions(on_device=d.gpu_decode, pdf_dpi=d.pdf_dpi, max_pages=d.max_pages,
+        return DecodeOptions(on_device=d.gpu_decode, pdf_dpi=d.pdf_dpi, max_pages=d.max_pages, decode_in=d.decode_in,
                              thumbnail_side=THUMBNAIL_SIDE if d.thumbnails else 0)
 
     def index_settings(self) -> IndexSettings:

@@ -266,7 +266,7 @@ def test_several_workers_share_a_card_and_the_cores(monkeypatch):
                 multiprocessing.current_process().daemon)
 
     monkeypatch.setattr(dask_shards, "local_gpus", lambda: 1)
-    with dask_shards._dask_runner(ShardConfig(workers=2)) as task_runner:  # was refused: more workers than GPUs
+    with dask_shards._dask_runner(ShardConfig(workers=2)) as (task_runner, _):  # was refused: more workers than GPUs
         client = task_runner.client
         client.wait_for_workers(2)
         seen = list(client.run(worker_setup).values())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
@@ -102,14 +103,37 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_print_
     """Catalogue buckets of images into Parquet tables and a FAISS index; search them."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is: a run stops as on Ctrl-C, its
+    contexts (a local Dask cluster, decode processes, its lease) closing behind it."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _stopped_by.append(signum)
+    raise Terminated()
+
+
+_stopped_by: list[int] = []  # SIGTERM, once it has been received
+
+
 def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # The temporary server would try to send telemetry (an ERROR line offline), and
     # its 20 s start timeout is too short on a loaded machine: the run would be lost.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Python's default SIGTERM ends the process on the spot: no context closes, and a
+    # local cluster's workers could outlive the run holding a GPU.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
+    except (KeyboardInterrupt, SystemExit) as exc:  # Typer turns an interrupt into exit code 130
+        if isinstance(exc, SystemExit) and exc.code != 130:
+            raise
+        stopped = "terminated" if _stopped_by else "interrupted"
+        err.print(f"[bold red]{stopped}:[/] the catalogue stays at its last committed version (a run commits in "
+                  "one step); the next run continues from it", highlight=False)
+        sys.exit(128 + (signal.SIGTERM if _stopped_by else signal.SIGINT))
     except Exception:  # a UserError never gets here: each command turns it into its message and exit code
         traceback.print_exc()
         err.print(f"[bold red]error:[/] {BUG_REPORT}", highlight=False)
