@@ -222,6 +222,11 @@ def test_a_chain_of_vectors_is_never_one_group_and_each_member_is_close_to_its_r
         assert exact > threshold and row.score == pytest.approx(exact, abs=1e-5)
 
 
+@pytest.mark.parametrize("tuned, probed", [(0, None), (1, 1), (2, 2), (4, 2), (64, 2)])
+def test_a_duplicates_search_probes_at_most_two_lists(tuned, probed):
+    assert dups.duplicates_nprobe(tuned) == probed
+
+
 def test_a_threshold_that_matches_everything_is_refused():
     ids, vectors, _ = planted_duplicates()
     index = faiss_index.build_index(index_choice.flat_choice(len(ids), 32), 32, None, [(ids, vectors)])
@@ -298,3 +303,5 @@ def test_reencoded_resized_and_cropped_copies_land_in_one_group(tmp_path, resnet
 def test_duplicates_on_a_missing_catalogue_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["duplicates", "--catalog", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "no catalogue at" in result.output
+    with pytest.raises(ValueError, match="nprobe is a number of lists to search, at least 1, not 0"):
+        find_duplicates(str(tmp_path / "nothing"), nprobe=0)

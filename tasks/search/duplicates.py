@@ -53,6 +53,14 @@ GROUP_COLUMNS = ["image_id", "group_id", "group_size", "representative_id", "sco
 # images), next to an index of 1M x 2048 in 2 GiB.
 MAX_PAIRS_PER_IMAGE = 16
 
+# IVF lists a duplicates search probes per image, at most. A near-duplicate lies in
+# the image's own list or the next nearest one; the nprobe a version was tuned to is
+# for its 10th nearest neighbour, far further out, and each probe costs a scan of a
+# list for each of the N images: at 100k x 2048 (IVF1024, tuned nprobe 8) probing 2
+# found every pair above 0.95 that 8 found, 1 lost 0.15%, and 2 was 2-3x faster
+# (benchmarks/duplicates_scale.py measures it at 1M).
+DUPLICATES_NPROBE = 2
+
 
 @dataclass(frozen=True)
 class SimilarPairs:
@@ -84,6 +92,11 @@ class SimilarPairs:
 
     def __len__(self) -> int:
         return len(self.a)
+
+
+def duplicates_nprobe(index_nprobe: int) -> int | None:
+    """The nprobe a duplicates search uses on an index tuned to `index_nprobe` (0: flat, nothing to probe)."""
+    return min(index_nprobe, DUPLICATES_NPROBE) if index_nprobe > 0 else None
 
 
 def similar_pairs(index: faiss.Index | faiss_index.Segments, blocks: faiss_index.Blocks, threshold: float, *,
