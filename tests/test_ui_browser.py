@@ -1,25 +1,34 @@
 """The page in a real browser: headless Chromium (Debian's chromium and
 chromium-driver, which `make test` installs) driven by Selenium against a real
-uvicorn server on 127.0.0.1. Loads every page, searches by clicking a thumbnail,
-uploads an image, labels two uncertain images (one by click, one by key press)
-and checks the labels are stored. Screenshots of each page go to
-`ui-screenshots/` (gitignored; BATCHSIGHT_SCREENSHOTS names another folder)."""
+uvicorn server on 127.0.0.1, run with `batchsight ui`'s own options. Loads every
+page, searches by clicking a thumbnail, uploads an image, labels two uncertain
+images (one by click, one by key press) and checks the labels are stored; a page
+on another origin tries to drive the server and is refused. Screenshots of each
+page go to `ui-screenshots/` (gitignored; BATCHSIGHT_SCREENSHOTS names another
+folder)."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import http.server
+import io
 import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import uvicorn
+from PIL import Image
 
 from flows.ui import create_app
+from flows.ui.serving import uvicorn_options
 from tasks.categories.labels import LabelLog
 from tasks.storage import LocalStore
-from tests.ui_catalog import build_ui_catalog
+from tests.ui_catalog import UiCatalog, build_ui_catalog
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -35,24 +44,54 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
+class Recorder:
+    """ASGI: notes the method, path and status of every response the app gives."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.seen: list[tuple[str, str, int]] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def noting_send(message):
+            if message["type"] == "http.response.start":
+                self.seen.append((scope["method"], scope["path"], message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, noting_send)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, resnet18_weights):
-    """A copy of the shared catalogue served by uvicorn in a thread."""
-    cat = build_ui_catalog(tmp_path_factory, resnet18_weights)
-    out = tmp_path_factory.mktemp("browser") / "out"
-    shutil.copytree(cat.output, out)
-    port = free_port()
-    app = create_app(str(out), allowed_hosts=["127.0.0.1"])
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+@dataclass
+class Served:
+    url: str
+    out: Path
+    cat: UiCatalog
+    responses: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+def start_uvicorn(app, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+    srv = uvicorn.Server(uvicorn.Config(app, **uvicorn_options("127.0.0.1", port)))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not srv.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", out, cat
+    return srv, thread
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, resnet18_weights):
+    """A copy of the shared catalogue served by uvicorn in a thread, as `batchsight ui` serves it."""
+    cat = build_ui_catalog(tmp_path_factory, resnet18_weights)
+    out = tmp_path_factory.mktemp("browser") / "out"
+    shutil.copytree(cat.output, out)
+    port = free_port()
+    recorder = Recorder(create_app(str(out), allowed_hosts=["127.0.0.1"]))
+    srv, thread = start_uvicorn(recorder, port)
+    yield Served(f"http://127.0.0.1:{port}", out, cat, recorder.seen)
     srv.should_exit = True
     thread.join(10)
 
@@ -99,7 +138,7 @@ def no_console_errors(driver) -> None:
 
 
 def test_search_by_clicking_a_thumbnail_and_by_upload(server, browser, shots):
-    url, _, cat = server
+    url, cat = server.url, server.cat
     wait = open_page(browser, f"{url}/search")
     images = browser.find_elements(By.CSS_SELECTOR, "#grid .card img")
     assert len(images) == 31
@@ -127,7 +166,7 @@ def test_search_by_clicking_a_thumbnail_and_by_upload(server, browser, shots):
 
 
 def test_duplicates_runs_and_docs_pages(server, browser, shots):
-    url, _, cat = server
+    url, cat = server.url, server.cat
     wait = open_page(browser, f"{url}/duplicates")
     threshold = browser.find_element(By.ID, "threshold")
     threshold.clear()
@@ -140,6 +179,8 @@ def test_duplicates_runs_and_docs_pages(server, browser, shots):
     browser.save_screenshot(str(shots / "duplicates.png"))
 
     open_page(browser, f"{url}/runs")
+    assert browser.find_element(By.ID, "served").text.startswith("Serving version 2")
+    assert not browser.find_element(By.ID, "load-failure").is_displayed()
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chart rect.speed")) >= 1
     assert len(browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) >= 1
     assert "broken/truncated.jpg" in browser.find_element(By.ID, "failures").text
@@ -152,7 +193,7 @@ def test_duplicates_runs_and_docs_pages(server, browser, shots):
 
 
 def test_label_two_uncertain_images_by_click_and_key(server, browser, shots):
-    url, out, _ = server
+    url, out = server.url, server.out
     wait = open_page(browser, f"{url}/review")
     cards = browser.find_elements(By.CSS_SELECTOR, "#review .card")
     assert len(cards) >= 2
@@ -176,3 +217,44 @@ def test_label_two_uncertain_images_by_click_and_key(server, browser, shots):
     remaining = {c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#review .card")}
     assert first_id not in remaining and second_id not in remaining
     no_console_errors(browser)
+
+
+ATTACK = """<!doctype html><html><body><script>
+const target = "%(target)s", png = Uint8Array.from(atob("%(png)s"), (c) => c.charCodeAt(0));
+async function attempt(path, options) {
+  try { await fetch(target + path, Object.assign({ method: "POST" }, options)); } catch (e) { /* blocked */ }
+}
+(async () => {
+  await attempt("/api/search/image", { mode: "no-cors", body: new Blob([png]) });
+  await attempt("/api/search/image", { mode: "no-cors", body: png, headers: { "content-type": "text/plain" } });
+  await attempt("/api/search/image", { mode: "cors", body: new Blob([png], { type: "image/png" }) });
+  await attempt("/api/labels", { mode: "no-cors", headers: { "content-type": "text/plain" },
+    body: JSON.stringify({ labels: [{ image_id: "%(image_id)s", label: "form" }] }) });
+  document.body.setAttribute("data-done", "1");
+})();
+</script></body></html>"""
+
+
+def test_a_page_on_another_site_cannot_drive_the_server(server, browser, tmp_path):
+    """Issue 29, item 1: a page elsewhere drove `/api/search/image` through its
+    visitor's browser with `fetch(..., {mode: "no-cors"})`. Here a page served
+    from another origin tries uploads (no-cors and CORS) and a label write; the
+    server refuses each (403) before any route runs."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, "PNG")
+    (tmp_path / "attack.html").write_text(ATTACK % {"target": server.url, "image_id": "1",
+                                                    "png": base64.b64encode(buf.getvalue()).decode()})
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    before = len(server.responses)
+    try:
+        browser.get(f"http://127.0.0.1:{attacker.server_address[1]}/attack.html")
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done"))
+        time.sleep(0.5)
+    finally:
+        attacker.shutdown()
+    reached = server.responses[before:]
+    assert ("POST", "/api/search/image", 403) in reached and ("POST", "/api/labels", 403) in reached, reached
+    assert ("OPTIONS", "/api/search/image", 403) in reached, reached  # the CORS upload's preflight
+    assert all(status == 403 for _, _, status in reached), reached

@@ -1,7 +1,9 @@
-"""One small real catalogue for the web page tests (API and browser), built once
-per test session: product photos (one with a re-encoded copy, a duplicate pair),
-documents of three kinds, a broken file; a categoriser fitted on labelled
-documents whose threshold is raised so about half the rows are `uncertain`."""
+"""Small real catalogues for the web page tests (API and browser), each built once
+per test session. The page's catalogue: product photos (one with a re-encoded
+copy, a duplicate pair), documents of three kinds, a broken file; a categoriser
+fitted on labelled documents whose threshold is raised so about half the rows
+are `uncertain`. The hostile one: keys an attacker would pick (spreadsheet
+formulas, HTML), a duplicate pair among them, made without thumbnails."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from tasks.catalog.reader import open_catalog
 from tasks.categories.store import save_categorizer
 from tasks.sample_data import encode, make_document, make_product_photo
 from tasks.storage import LocalStore
-from tests.helpers import run_flow
+from tests.helpers import run_flow, run_small
 
 KINDS = ("invoice", "receipt", "form")
 _built: dict[str, UiCatalog] = {}
@@ -35,11 +37,40 @@ class UiCatalog:
     copy_of: str
 
 
+@dataclass
+class HostileCatalog:
+    source: Path
+    output: str
+    formula_keys: tuple[str, str]  # a duplicate pair: the same photo, re-encoded
+    plain_key: str
+
+
 def build_ui_catalog(tmp_path_factory, weights: Path) -> UiCatalog:
     with _lock:
         if "cat" not in _built:
             _built["cat"] = _build(tmp_path_factory.mktemp("ui"), weights)
         return _built["cat"]
+
+
+def build_hostile_catalog(tmp_path_factory, weights: Path) -> HostileCatalog:
+    with _lock:
+        if "hostile" not in _built:
+            _built["hostile"] = _build_hostile(tmp_path_factory.mktemp("ui-hostile"), weights)
+        return _built["hostile"]
+
+
+def _build_hostile(root: Path, weights: Path) -> HostileCatalog:
+    store = LocalStore(root / "src", create=True)
+    rng = np.random.default_rng(29)
+    photo = make_product_photo(rng, (320, 240))
+    formula_keys = ("=1+2.png", "@SUM(A1).jpg")
+    store.put(formula_keys[0], encode(photo, "PNG"))
+    store.put(formula_keys[1], encode(photo, "JPEG", quality=95))
+    store.put("<img src=x onerror=alert(1)>.jpg", encode(make_product_photo(rng, (320, 240)), "JPEG"))
+    store.put("item-001-blue.jpg", encode(make_product_photo(rng, (320, 240)), "JPEG"))
+    out = str(root / "out")
+    run_small(str(root / "src"), out, weights, thumbnails=False)
+    return HostileCatalog(source=root / "src", output=out, formula_keys=formula_keys, plain_key="item-001-blue.jpg")
 
 
 def _build(root: Path, weights: Path) -> UiCatalog:

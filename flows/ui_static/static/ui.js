@@ -96,6 +96,22 @@ async function initSearch() {
 
 // ---- Duplicates
 
+// what a card shows already; every other column of the duplicates table is listed under it
+const CARD_FIELDS = new Set(["image_id", "group_id", "key", "page", "top_class", "category", "score"]);
+
+function shownValue(value) {
+  return typeof value === "number" && !Number.isInteger(value) ? value.toFixed(4) : String(value);
+}
+
+function memberCard(member, columns) {
+  const node = card(member, null);
+  for (const column of columns) {
+    if (CARD_FIELDS.has(column) || member[column] === null || member[column] === undefined) continue;
+    node.append(el("div", { class: "muted field", "data-column": column }, `${column} ${shownValue(member[column])}`));
+  }
+  return node;
+}
+
 async function loadDuplicates() {
   const threshold = $("#threshold").value || "0.95";
   $("#csv").setAttribute("href", `/api/duplicates.csv?threshold=${encodeURIComponent(threshold)}`);
@@ -109,7 +125,7 @@ async function loadDuplicates() {
     }
     $("#dup-title").textContent = `${body.groups} groups above cosine ${body.threshold} (version ${body.version})`;
     $("#groups").replaceChildren(...[...groups.values()].map((members) =>
-      el("div", { class: "row group" }, ...members.map((m) => card(m, null)))));
+      el("div", { class: "row group" }, ...members.map((m) => memberCard(m, body.columns)))));
     status("");
   } catch (e) { status(e.message); }
 }
@@ -210,8 +226,20 @@ function drawChart(runs) {
   chart.replaceChildren(...nodes);
 }
 
+function showServed(state) {
+  const line = $("#served");
+  line.textContent = `Serving version ${state.version}; CURRENT last read ${state.checked_at || "never"}`;
+  const failed = $("#load-failure");
+  failed.hidden = !state.failed;
+  if (state.failed) {
+    failed.textContent = `Version ${state.failed.version} could not be loaded (${state.failed.reason}), since ` +
+      `${state.failed.since}, ${state.failed.attempts} tries; still serving version ${state.version}.`;
+  }
+}
+
 async function initRuns() {
   const body = await api("/api/runs");
+  showServed(body.status);
   drawChart(body.runs);
   $("#runs tbody").replaceChildren(...body.runs.slice().reverse().map((r) => el("tr", {},
     el("td", {}, (r.started_at || "").replace("T", " ").slice(0, 19)), el("td", {}, r.status), el("td", {}, r.version ?? ""),
