@@ -42,6 +42,7 @@ def one_shard(folder: str, part: int, parts: int, decode_in: str, model: str, ou
     import numpy as np
     import torch
 
+    import tasks.shard.embed as embed_stage
     import tasks.shard.runner as runner
     from models.engine import EmbedResult, get_embedder
     from models.settings import EmbedderSettings
@@ -51,7 +52,6 @@ def one_shard(folder: str, part: int, parts: int, decode_in: str, model: str, ou
     settings = EmbedderSettings(model, weights="random:0", device="cpu")
     real = get_embedder(settings)
     side = real.family.preprocessing.crop_size
-    crop = torch.zeros(side, side, 3, dtype=torch.uint8).permute(2, 0, 1)  # HWC memory, as decoded pixels are
     rng = np.random.default_rng(part)
 
     class NullModel:  # stand-in: the real embedder's attributes, no network
@@ -68,13 +68,20 @@ def one_shard(folder: str, part: int, parts: int, decode_in: str, model: str, ou
         def fitting_batch_size(self):
             return 256
 
-    class NullJpegDecoder:  # stand-in for nvJPEG and the device resize
+    class NullJpegDecoder:  # stand-in for nvJPEG
         def decode(self, jpegs):
-            return [crop for _ in jpegs]
+            raise AssertionError("decode_on_device is a stand-in here")
+
+    model_sized = torch.zeros(1024, 3, side, side, dtype=torch.uint8)
+
+    def decode_on_device(jpegs, sizes, decoder, preprocess, budget):
+        """Stand-in for nvJPEG and the device resize: what they hand on, a batch of
+        model-sized images on the device, at no cost to this process."""
+        return model_sized[:len(jpegs)], np.ones(len(jpegs), bool)
 
     runner.get_embedder = lambda *a, **k: NullModel()
     runner.device_jpeg_decoder = lambda device: NullJpegDecoder()
-    real.family.__class__.preprocess_on_device = lambda self, images: images
+    embed_stage.decode_on_device = decode_on_device
     source = StoreSpec(folder)
     items = tuple(source.open().list())[part::parts]
     spec = runner.ShardSpec(index=part, items=items, source=source, output=StoreSpec(out), run_id="ceiling",

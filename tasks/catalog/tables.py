@@ -96,8 +96,8 @@ def image_id_for(key: str, page: int = 1) -> int:
 
 
 def parquet_write_options(schema: pa.Schema) -> dict:
-    """How every table is written: zstd, and dictionary encoding only for columns
-    that are not floats. A dictionary over vector floats never pays: Arrow builds
+    """How every table is written: zstd (but for vectors, `UNCOMPRESSED`), and
+    dictionary encoding only for columns that are not floats. A dictionary over vector floats never pays: Arrow builds
     a hash table of every value, overflows the dictionary page and falls back to
     plain encoding. Measured on 256-row batches of 2048-d vectors: 344 us a row
     with it against 82 without, and the part 32% smaller (0.83 against 0.57 of
@@ -109,7 +109,14 @@ def parquet_write_options(schema: pa.Schema) -> dict:
         return name, kind
 
     leaves = [leaf(f.name, f.type) for f in schema]
-    return {"compression": "zstd", "use_dictionary": [path for path, kind in leaves if not pa.types.is_floating(kind)]}
+    return {"compression": {path: "none" if path in UNCOMPRESSED else "zstd" for path, _ in leaves},
+            "use_dictionary": [path for path, kind in leaves if not pa.types.is_floating(kind)]}
+
+
+# Vectors are written as they are: zstd over model features saves little (0.93 of
+# the raw bytes on dense ResNet-50 features, 0.57 on half-zero ones) and cost 44 of
+# the 50 us a 2048-d row took to write, on the shard's one thread (16 us without).
+UNCOMPRESSED = ("embedding.list.element",)
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:

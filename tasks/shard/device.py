@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -179,20 +180,26 @@ def device_jpeg_decoder(device: torch.device) -> NvJpegDecoder | None:
 
 def decode_on_device(jpegs: Sequence[bytes], sizes: Sequence[tuple[int, int]], decoder: DeviceJpegDecoder,
                      preprocess: Callable[[list[torch.Tensor]], list[torch.Tensor]], budget: DeviceBudget
-                     ) -> list[torch.Tensor | None]:
-    """Model-sized uint8 CHW images of `jpegs` on the device, None for each JPEG the
-    device refused or that is too large for the budget (the caller decodes those on
-    a CPU). Chunk by chunk per `plan_device_chunks`: a chunk is decoded, resized
-    and cropped (`preprocess`: the model family's `preprocess_on_device`, same-size
-    images as one batch), and its decoded pixels let go before the next. An out-of-memory error is the
-    caller's to back off from (`EmbedStage`)."""
-    out: list[torch.Tensor | None] = [None] * len(jpegs)
+                     ) -> tuple[torch.Tensor | None, np.ndarray]:
+    """The model-sized uint8 images of `jpegs` on the device as one [k, 3, S, S]
+    batch (None when there are none), and which of `jpegs` it holds, in order:
+    the rest were refused by the device or too large for the budget, for the
+    caller to decode on a CPU. Chunk by chunk per `plan_device_chunks`: a chunk is
+    decoded, resized and cropped (`preprocess`: the model family's
+    `preprocess_on_device`, same-size images as one batch) and stacked, and its
+    decoded pixels let go before the next. An out-of-memory error is the caller's
+    to back off from (`EmbedStage`)."""
+    done = np.zeros(len(jpegs), bool)
+    batches: list[torch.Tensor] = []
     chunks, _ = plan_device_chunks(sizes, budget.bytes)
     for chunk in chunks:
         decoded = decoder.decode([jpegs[i] for i in chunk])
-        done = [(i, image) for i, image in zip(chunk, decoded, strict=True) if image is not None]
+        images = [image for image in decoded if image is not None]
+        done[[i for i, image in zip(chunk, decoded, strict=True) if image is not None]] = True
         del decoded
-        for (i, _), image in zip(done, preprocess([image for _, image in done]) if done else [], strict=True):
-            out[i] = image
-        del done
-    return out
+        if images:
+            batches.append(torch.stack(preprocess(images)))
+        del images
+    if not batches:
+        return None, done
+    return (batches[0] if len(batches) == 1 else torch.cat(batches)), done

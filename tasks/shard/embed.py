@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,25 +75,33 @@ class Embedded:
                    sum(p.fetch_s for p in parts), sum(p.decode_s for p in parts), sum(p.model_s for p in parts))
 
 
-def assemble_batch(pixels: np.ndarray | None, on_device: list[torch.Tensor], target: torch.device, *,
+def assemble_batch(pixels: Sequence[np.ndarray], on_device: torch.Tensor | None, target: torch.device, *,
                    pin: bool = False) -> torch.Tensor:
-    """Pages decoded on a CPU (uint8 [n, S, S, 3]) and images already on a device
-    (uint8 [k, 3, S, S] groups) as one uint8 NCHW batch in channels-last memory on `target`:
-    the one path by which inputs reach the model. Each group moves to `target`
-    once, whole (CPU pixels through pinned memory without blocking where `pin`);
-    tensors on two devices never meet in one op."""
+    """Pages decoded on a CPU (uint8 [k, S, S, 3] segments) and images already on a
+    device (uint8 [m, 3, S, S]) as one uint8 NCHW batch on `target`: the one path
+    by which inputs reach the model. The CPU segments are copied once, into one
+    (pinned, where `pin`) buffer, and moved to `target` whole and without
+    blocking; tensors on two devices never meet in one op. Device images alone
+    are the batch as they are."""
     parts = []
-    if pixels is not None and len(pixels):
-        host = torch.from_numpy(pixels)
-        if pin and target.type == "cuda":
-            host = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
-        parts.append(host)
-    if on_device:
-        parts.append((on_device[0] if len(on_device) == 1 else torch.cat(on_device)).permute(0, 2, 3, 1))
+    if len(pixels):
+        n = sum(len(p) for p in pixels)
+        host = torch.empty((n, *pixels[0].shape[1:]), dtype=torch.uint8,
+                           pin_memory=pin and target.type == "cuda") if len(pixels) > 1 or pin else None
+        if host is None:
+            host = torch.from_numpy(pixels[0])
+        else:
+            at = 0
+            for segment in pixels:
+                host[at:at + len(segment)] = torch.from_numpy(segment)
+                at += len(segment)
+        parts.append(host.permute(0, 3, 1, 2))
+    if on_device is not None:
+        parts.append(on_device)
     if not parts:
         raise ValueError("assemble_batch needs at least one image")
     moved = [p if same_device(p.device, target) else p.to(target, non_blocking=True) for p in parts]
-    return (moved[0] if len(moved) == 1 else torch.cat(moved)).permute(0, 3, 1, 2)
+    return moved[0] if len(moved) == 1 else torch.cat(moved)
 
 
 class EmbedStage:
@@ -132,17 +140,13 @@ class EmbedStage:
         return out
 
     def _embed(self, inputs: Inputs) -> Embedded:
-        decoded, failures, decode_s = self._decode_raw(inputs)
-        pages = Pages.concat([inputs.decoded, decoded])
+        on_device, refused, device_pages, failures, decode_s = self._decode_raw(inputs)
+        on_cpu = Pages.concat([inputs.decoded, refused])
+        pages = Pages.concat([on_cpu, device_pages])  # the batch's rows: CPU pixels first, then the device's
         if not len(pages):
             return Embedded(Pages(), *self._no_vectors(), failures=failures, decode_s=decode_s)
-        on_device = [p for p in decoded.pixels if isinstance(p, torch.Tensor)]
-        on_cpu = [p for p in pages.pixels if not isinstance(p, torch.Tensor)]
-        batch = assemble_batch(np.concatenate(on_cpu) if len(on_cpu) > 1 else (on_cpu[0] if on_cpu else None),
-                               on_device, self.embedder.device, pin=self.pin)
-        order = self._order(pages, on_cpu)
+        batch = assemble_batch(on_cpu.pixels, on_device, self.embedder.device, pin=self.pin)
         result = self.embedder.embed(batch, pad_to=self.size)
-        result = EmbedResult(result.embeddings[order], result.class_ids[order], result.class_probs[order])
         bad = non_finite_rows(result)
         if bad.any():
             failures += [failure(info, "model", "non_finite_embedding", NON_FINITE_MESSAGE)
@@ -152,46 +156,33 @@ class EmbedStage:
             result = EmbedResult(result.embeddings[good], result.class_ids[good], result.class_probs[good])
         return Embedded(pages, result.embeddings, result.class_ids, result.class_probs, failures, decode_s=decode_s)
 
-    @staticmethod
-    def _order(pages: Pages, on_cpu: list[np.ndarray]) -> np.ndarray:
-        """The batch holds CPU pixels first, then device images: the row of each page in it."""
-        is_cpu = np.concatenate([np.full(len(s), not isinstance(s, torch.Tensor)) for s in pages.pixels]) \
-            if pages.pixels else np.zeros(0, bool)
-        n_cpu = int(is_cpu.sum())
-        rows = np.empty(len(is_cpu), np.int64)
-        rows[is_cpu] = np.arange(n_cpu)
-        rows[~is_cpu] = n_cpu + np.arange(len(is_cpu) - n_cpu)
-        return rows
-
     def _no_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = self.embedder.settings.top_k
         return (np.empty((0, self.embedder.dim), np.float32), np.empty((0, k), np.int32),
                 np.empty((0, k), np.float32))
 
-    def _decode_raw(self, inputs: Inputs) -> tuple[Pages, list[ImageFailure], float]:
-        """The batch's raw JPEGs as pages: decoded on the device (one pixel segment a
-        JPEG, a tensor there), or where the device refused one, on this CPU."""
+    def _decode_raw(self, inputs: Inputs) -> tuple[torch.Tensor | None, Pages, Pages, list[ImageFailure], float]:
+        """The batch's raw JPEGs: those the device decoded, as one tensor there, with
+        their pages (metadata); the pages of those it refused, decoded on this CPU
+        (with their pixels); and the failures of those no decoder could read."""
         raw = inputs.raw
         if not len(raw):
-            return Pages(), [], 0.0
+            return None, Pages(), Pages(), [], 0.0
         t0 = time.perf_counter()
-        images = decode_on_device(raw.jpegs, [tuple(s) for s in raw.size], self.jpeg_decoder,
-                                  self.embedder.family.preprocess_on_device, self.budget) \
-            if self.jpeg_decoder is not None else [None] * len(raw)
-        keep, segments, failures = np.ones(len(raw), bool), [], []
-        for i, image in enumerate(images):
-            if image is not None:
-                segments.append(image.unsqueeze(0))
-                continue
+        on_device, done = (decode_on_device(raw.jpegs, raw.size.tolist(), self.jpeg_decoder,
+                                            self.embedder.family.preprocess_on_device, self.budget)
+                           if self.jpeg_decoder is not None else (None, np.zeros(len(raw), bool)))
+        keep, segments, failures = np.zeros(len(raw), bool), [], []
+        for i in np.flatnonzero(~done):
             pixels = decode_to_pixels(raw.jpegs[i], self.embedder.family, DEFAULT_PDF_DPI, 1)
             if isinstance(pixels, tuple):
                 failures.append(failure(raw.infos[i], "decode", *pixels))
-                keep[i] = False
             else:
+                keep[i] = True
                 segments.append(pixels[0][3][None])
-        pages = raw.take(keep)
-        pages.pixels = segments
-        return pages, failures, time.perf_counter() - t0
+        refused = raw.take(keep)
+        refused.pixels = segments
+        return on_device, refused, raw.take(done), failures, time.perf_counter() - t0
 
     def _back_off(self, inputs: Inputs, error: torch.cuda.OutOfMemoryError) -> Embedded:
         """Out of device memory: the same inputs again in halves, at half the batch
