@@ -56,8 +56,11 @@ def _shown(arg: str) -> str:
     return os.path.relpath(arg, ROOT) if Path(arg).is_absolute() and Path(arg).is_relative_to(ROOT) else arg
 
 
-def build_catalogue(root: Path, n: int, dim: int, part_rows: int = 10_000) -> Catalog:
-    """A committed catalogue of `n` synthetic images (one version, real code path)."""
+def build_catalogue(root: Path, n: int, dim: int, part_rows: int = 10_000, *, model: str = "synthetic",
+                    weights: str = "none") -> Catalog:
+    """A committed catalogue of `n` synthetic images (one version, real code path).
+    `model` and `weights` are what the manifest names: a real model (resnet18 with
+    `random:0`, 512-d) lets the page embed query images against it."""
     store = LocalStore(root, create=True)
     if read_pointer(store)[0] is not None:
         cat = Catalog.open(store)
@@ -78,8 +81,8 @@ def build_catalogue(root: Path, n: int, dim: int, part_rows: int = 10_000) -> Ca
                              "category": [CATEGORIES[i % len(CATEGORIES)] for i in ids]})
         results.append(ShardResult(shard, rows, part, [], {}))
     manifest, _ = build_next_version(
-        store, None, ChangePlan(), results, run_id=run_id, source=str(root / "no-source"), model="synthetic",
-        weights="none", weights_source="random", weights_sha256="0" * 64, embedding_dim=dim, reembed_all=False)
+        store, None, ChangePlan(), results, run_id=run_id, source=str(root / "no-source"), model=model,
+        weights=weights, weights_source="random", weights_sha256="0" * 64, embedding_dim=dim, reembed_all=False)
     commit_manifest(store, manifest, None)
     return Catalog.open(store)
 

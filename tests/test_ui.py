@@ -377,7 +377,8 @@ def test_tokens_of_any_characters_work_in_every_place(ui_cat, token):
     assert client.get("/api/version", headers={"authorization": b"Bearer " + token.encode()}).status_code == 200
     assert client.get("/api/version", headers={"x-batchsight-token": token.encode()}).status_code == 200
     page = client.get(f"/search?token={quote(token)}")
-    assert page.status_code == 200 and page.headers["set-cookie"].count(";") == 3  # name=value; Path; HttpOnly; SameSite
+    assert page.status_code == 200
+    assert page.headers["set-cookie"].count(";") == 3  # name=value; Path; HttpOnly; SameSite: one cookie, whole
     assert client.get("/api/version").status_code == 200  # from the cookie alone
     assert TestClient(create_app(ui_cat.output, token=token)).get("/api/version").status_code == 401
 

@@ -44,7 +44,7 @@ def create_app(catalog: str | ObjectStore, *, token: str | None = None, token_ev
                        token_everywhere=bool(token) if token_everywhere is None else token_everywhere,
                        allowed_hosts=allowed_hosts, body_limits={search.UPLOAD_PATH: max_upload_bytes},
                        max_json_bytes=max_json_bytes)
-    install_error_responses(app)
+    install_error_responses(app, app.state.page.server_roots)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR / "static")), name="static")
     for router in (pages.router, search.router, images.router, review.router, runs.router):
         app.include_router(router)

@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 
 from flows.ui.live import LiveCatalog
 from flows.ui.uploads import InFlightBudget
-from tasks.storage import ObjectStore, cached_store
+from tasks.storage import ObjectStore, cached_store, is_s3_url
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "ui_static"
 PAGES = ("search", "duplicates", "review", "runs")
@@ -32,6 +32,17 @@ class PageContext:
     def source_store(self) -> ObjectStore:
         """The live version's source (opened only when a thumbnail must be made from an original)."""
         return cached_store(self.live.view().cat.manifest.source, self.endpoint_url)
+
+    def server_roots(self) -> list[str]:
+        """Where the catalogue and the served version's source are, as a message may name them."""
+        roots = [self.store.url]
+        view = self.live.served()
+        if view is not None:
+            source = view.cat.manifest.source
+            roots.append(source)
+            if not is_s3_url(source):
+                roots.append(str(Path(source).expanduser().resolve()))
+        return roots
 
 
 def page_context(request: Request) -> PageContext:

@@ -156,6 +156,10 @@ class LiveCatalog:
             view = self._view
         return view
 
+    def served(self) -> CatalogView | None:
+        """The version in service, without loading one (None before the first `view()`)."""
+        return self._view
+
     def status(self) -> dict:
         """What is served, when `CURRENT` was last read, and the newer version that
         failed to load (`failed`: its version, manifest, reason, since when), if one did."""

@@ -62,9 +62,16 @@ def ascii_json(body: Any, status: int = 200, headers: dict[str, str] | None = No
                     media_type="application/json")
 
 
-def install_error_responses(app: FastAPI) -> None:
+def install_error_responses(app: FastAPI, server_roots: Callable[[], list[str]]) -> None:
+    """Errors as ASCII JSON, and a message that names a file under one of
+    `server_roots()` (the catalogue's, its source's) names it by its key there:
+    where the server keeps its files is not the client's business."""
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return ascii_json({"detail": exc.detail}, exc.status_code, exc.headers)
+        detail = exc.detail
+        if isinstance(detail, str):
+            for root in server_roots():
+                detail = detail.replace(root.rstrip("/") + "/", "")
+        return ascii_json({"detail": detail}, exc.status_code, exc.headers)
 
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         return ascii_json({"detail": exc.errors()}, 422)

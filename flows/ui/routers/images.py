@@ -49,7 +49,8 @@ def api_thumbnail(image_id: int, page: Page) -> Response:
     except DecodeError as exc:
         raise HTTPException(404, f"no thumbnail for image {image_id}: its original cannot be decoded "
                                  f"({exc.reason})") from None
-    return Response(data, media_type=THUMBNAIL_MEDIA_TYPE, headers={"cache-control": "private, max-age=86400, immutable"})
+    return Response(data, media_type=THUMBNAIL_MEDIA_TYPE,
+                    headers={"cache-control": "private, max-age=86400, immutable"})
 
 
 def duplicate_groups(view: CatalogView, threshold: float) -> pd.DataFrame:

@@ -70,10 +70,11 @@ async def api_search_keys(query: KeysQuery, page: Page) -> Response:
     return json_response({"version": view.version, "results": found})
 
 
-@router.post(UPLOAD_PATH.removeprefix(router.prefix), summary="Images similar to an uploaded image (the request body is the file)",
+@router.post(UPLOAD_PATH.removeprefix(router.prefix),
+             summary="Images similar to an uploaded image (the request body is the file)",
              description="The body is the image file, sent as its type (image/jpeg, image/png, application/pdf, "
-                         "...) or application/octet-stream. An image that alone is larger than the server's decode budget "
-                         "is refused (413); while other uploads hold the budget, 429 with Retry-After.",
+                         "...) or application/octet-stream. An image that alone is larger than the server's decode "
+                         "budget is refused (413); while other uploads hold the budget, 429 with Retry-After.",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "image/*": {"schema": {"type": "string", "format": "binary"}},
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
