@@ -21,6 +21,7 @@ worker after the first one died does not count its images twice.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -28,11 +29,10 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import dask
-from distributed import LocalCluster, get_worker
+from distributed import Client, LocalCluster, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 
@@ -40,6 +40,7 @@ from tasks.config import RunnerError, ShardConfig
 from tasks.records import ShardsDone
 from tasks.shard.progress import ProgressReporter
 from tasks.shard.read import WORKER_CORES_ENV
+from tasks.shard.runner import warm_shard_process
 
 PROGRESS_EVERY_S = 0.5  # a worker sends a shard's count at most this often
 
@@ -114,48 +115,127 @@ def end_processes(pids: Sequence[int], grace_s: float = END_GRACE_S) -> list[int
     return alive
 
 
-@dataclass
-class LocalWorkers:
-    """The worker processes of a run's temporary cluster, to be ended with it."""
-
-    pids: set[int] = field(default_factory=set)
-
-    def note(self, client) -> None:
-        with contextlib.suppress(Exception):  # a scheduler that went away has no workers to list
-            self.pids |= set(client.run(os.getpid).values())
-
-
 @contextlib.contextmanager
-def _dask_runner(runner: ShardConfig) -> Iterator[tuple[Any, LocalWorkers | None]]:
-    if runner.cluster:
-        with DaskTaskRunner(address=runner.cluster) as task_runner:
-            yield task_runner, None
-        return
-    gpus = local_gpus()
-    if gpus and runner.workers % gpus:
-        raise RunnerError(f"this machine has {gpus} GPUs and --workers {runner.workers} would give some cards more "
-                          f"workers than others: use a multiple of {gpus}")
-    kwargs = _local_cluster_kwargs(runner.workers, gpus, _flow_api_url())
-    # GPU workers decode in processes of their own, which a daemonic process may
-    # not start. Dask's MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap
-    # threshold, so every batch-sized tensor is mmapped, faulted in and unmapped:
-    # measured on 2 cores it doubled the model's time (a quarter of the CPU in the
-    # kernel); batchsight's workers keep glibc's default.
-    # (None unsets a variable there: distributed.nanny._get_env_variables.)
-    workers = LocalWorkers()
-    try:
-        with dask.config.set({"distributed.worker.daemon": not gpus,
-                              "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
-                _quiet_cluster_logs(), \
-                DaskTaskRunner(cluster_class=LocalCluster, cluster_kwargs=kwargs) as task_runner:
-            if gpus:
-                task_runner.client.register_plugin(PinGpu(gpus))
+def _cluster_settings(gpus: int) -> Iterator[None]:
+    """Dask settings while a local cluster starts its workers. GPU workers decode in
+    processes of their own, which a daemonic process may not start. Dask's
+    MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap threshold, so every
+    batch-sized tensor is mmapped, faulted in and unmapped: measured on 2 cores it
+    doubled the model's time (a quarter of the CPU in the kernel); batchsight's
+    workers keep glibc's default. (None unsets a variable there:
+    distributed.nanny._get_env_variables.)"""
+    with dask.config.set({"distributed.worker.daemon": not gpus,
+                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), _quiet_cluster_logs():
+        yield
+
+
+class DaskShards:
+    """Shards on Dask: a temporary local cluster of `shards.workers` processes, or
+    the running cluster at `shards.cluster`. A local cluster starts in the
+    background as soon as the runner is entered (the flow enters it first of all),
+    and `warm` has every worker load the model, start its decode processes and run
+    a batch, so both happen while the flow checks the model and plans; `run` waits
+    for them only then. On exit the cluster closes and every worker process it
+    started has ended (`end_processes`)."""
+
+    def __init__(self, shards: ShardConfig) -> None:
+        self.shards = shards
+        self.cluster: LocalCluster | None = None
+        self.client: Client | None = None
+        self.pids: set[int] = set()
+        self._ready = concurrent.futures.Future()
+        self._warmed: concurrent.futures.Future | None = None
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> DaskShards:
+        self._api_url = _flow_api_url()
+        gpus = 0 if self.shards.cluster else local_gpus()
+        if gpus and self.shards.workers % gpus:
+            raise RunnerError(f"this machine has {gpus} GPUs and --workers {self.shards.workers} would give some "
+                              f"cards more workers than others: use a multiple of {gpus}")
+        threading.Thread(target=self._start, args=(gpus,), name="batchsight-cluster-start", daemon=True).start()
+        return self
+
+    def connected(self) -> Client:
+        """The client, once the cluster has started (or been reached) and its workers are up."""
+        return self._ready.result()
+
+    def _start(self, gpus: int) -> None:
+        try:
+            if self.shards.cluster:
+                self.client = Client(self.shards.cluster, timeout=SCHEDULER_TIMEOUT_S)
+            else:
+                with _cluster_settings(gpus):
+                    self.cluster = LocalCluster(**_local_cluster_kwargs(self.shards.workers, gpus, self._api_url))
+                self.client = Client(self.cluster)
+                if gpus:
+                    self.client.register_plugin(PinGpu(gpus))
+                self.client.wait_for_workers(self.shards.workers)
+                self.note_workers()
+            self._ready.set_result(self.client)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the cluster
+            self._ready.set_exception(exc)
+
+    def note_workers(self) -> None:
+        """Remember the local cluster's worker processes, to end them with it (a
+        worker restarted since the start included)."""
+        if self.cluster is not None and self.client is not None:
+            with contextlib.suppress(Exception):  # a scheduler that went away has no workers to list
+                self.pids |= set(self.client.run(os.getpid).values())
+
+    def warm(self, spec: Any) -> None:
+        """Every worker builds what `spec`'s shards need, in the background: the
+        model (loaded once a process, `get_embedder`), decode processes, a batch run."""
+        def warm_all() -> None:
+            self.connected().run(warm_shard_process, spec)
+
+        self._warmed = concurrent.futures.Future()
+        threading.Thread(target=_into(self._warmed, warm_all), name="batchsight-warm", daemon=True).start()
+
+    def run(self, task, specs: Sequence[Any], *, progress: ProgressReporter | None = None,
+            topic: str | None = None) -> ShardsDone:
+        """`task(spec)` for every spec, in spec order, once the workers are up (and warm)."""
+        client = self.connected()
+        if self._warmed is not None:
             try:
-                yield task_runner, workers
-            finally:
-                workers.note(task_runner.client)  # workers restarted since the start too
-    finally:
-        end_processes(sorted(workers.pids))
+                self._warmed.result()
+            except Exception:  # the shard that meets the same problem reports it, with its images
+                logging.getLogger(__name__).warning("warming the workers up failed", exc_info=True)
+        start_s, ready_at = time.perf_counter() - self._started, time.time()
+        if progress is not None and topic:
+            client.subscribe_topic(topic, _ForwardProgress(progress))
+        try:
+            with DaskTaskRunner(address=client.scheduler.address) as task_runner, \
+                    dask.annotate(resources={"GPU": 1}) if _wants_gpu(client) else contextlib.nullcontext():
+                futures = task_runner.map(task, {"spec": list(specs)})
+                return ShardsDone([f.result() for f in futures], start_s, ready_at)
+        finally:
+            if progress is not None and topic:
+                with contextlib.suppress(Exception):  # a scheduler that went away takes its topics with it
+                    client.unsubscribe_topic(topic)
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(Exception):
+            self._ready.result(timeout=CLOSE_WAIT_S)  # a start still in progress finishes, to be closed
+        self.note_workers()
+        for resource in (self.client, self.cluster):
+            if resource is not None:
+                with contextlib.suppress(Exception), _quiet_cluster_logs():
+                    resource.close()
+        end_processes(sorted(self.pids))
+
+
+SCHEDULER_TIMEOUT_S = 30
+CLOSE_WAIT_S = 120  # a local cluster still starting when the run ends is waited for, then closed
+
+
+def _into(future: concurrent.futures.Future, fn) -> Any:
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            future.set_exception(exc)
+    return run
 
 
 @contextlib.contextmanager
@@ -196,28 +276,6 @@ class _ForwardProgress:
                 return
             self.done[shard] = count
         self.progress.advance(grown)
-
-
-def run_on_dask(task, specs: Sequence[Any], runner: ShardConfig, *, progress: ProgressReporter | None = None,
-                topic: str | None = None) -> ShardsDone:
-    """`task(spec)` for every spec on the Dask cluster `runner` names (or starts)."""
-    t0 = time.perf_counter()
-    with _dask_runner(runner) as (task_runner, local_workers):
-        client = task_runner.client  # starts the local cluster, or connects
-        if local_workers is not None:
-            client.wait_for_workers(runner.workers)
-            local_workers.note(client)
-        start_s, ready_at = time.perf_counter() - t0, time.time()
-        if progress is not None and topic:
-            client.subscribe_topic(topic, _ForwardProgress(progress))
-        try:
-            with dask.annotate(resources={"GPU": 1}) if _wants_gpu(client) else contextlib.nullcontext():
-                futures = task_runner.map(task, {"spec": list(specs)})
-            return ShardsDone([f.result() for f in futures], start_s, ready_at)
-        finally:
-            if progress is not None and topic:
-                with contextlib.suppress(Exception):  # a scheduler that went away takes its topics with it
-                    client.unsubscribe_topic(topic)
 
 
 class WorkerProgress:

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.runners import check_reachable, run_shards, shard_progress, shard_size_for
+from flows.runners import ShardRunner, check_reachable, shard_progress, shard_runner, shard_size_for
 from models.engine import Embedder, ModelInfo, describe_model, get_embedder, should_compile
 from models.errors import UserError
 from models.registry import model_family
@@ -126,34 +126,47 @@ def catalog_images(config: RunConfig, planned: RunPlan | None = None) -> RunSumm
     started = time.perf_counter()
     config = config.with_environment()
     check_reachable(config.shards)
-    setup = check_model(config)
-    run_id = new_run_id()
-    out_store = cached_store(config.output, config.endpoint_url, create=True)
-    summary = RunSummary(run_id=run_id, status="failed", version=None, source=config.source, output=config.output,
-                         model=setup.model.name, weights_sha256=setup.weights.sha256,
-                         started_at=datetime.now(UTC).isoformat())
-    try:
-        with RunLease(out_store, run_id):  # gc leaves this run's files alone while it lives
-            planned = plan_or_skip(config, setup.model.fingerprint, planned)
-            summary.note_plan(planned)
-            if planned.reembed_all:
-                logger.info("model or weights changed (%s -> %s): re-embedding every image",
-                            planned.previous.manifest.fingerprint[:40], setup.model.fingerprint[:40])
-            logger.info("listed %s objects under %s: %s", summary.listed, config.source, summary.counts)
-            if planned.plan.is_empty:
+    with shard_runner(config.shards) as runner:  # a local cluster starts now, while the model is checked
+        setup = check_model(config)
+        run_id = new_run_id()
+        runner.warm(warm_up_spec(config, setup))  # workers load the model while the plan is made
+        out_store = cached_store(config.output, config.endpoint_url, create=True)
+        summary = RunSummary(run_id=run_id, status="failed", version=None, source=config.source,
+                             output=config.output, model=setup.model.name, weights_sha256=setup.weights.sha256,
+                             started_at=datetime.now(UTC).isoformat())
+        try:
+            with RunLease(out_store, run_id):  # gc leaves this run's files alone while it lives
+                planned = plan_or_skip(config, setup.model.fingerprint, planned)
+                summary.note_plan(planned)
+                if planned.reembed_all:
+                    logger.info("model or weights changed (%s -> %s): re-embedding every image",
+                                planned.previous.manifest.fingerprint[:40], setup.model.fingerprint[:40])
+                logger.info("listed %s objects under %s: %s", summary.listed, config.source, summary.counts)
+                if planned.plan.is_empty:
+                    return summary
+                _run_and_commit(config, planned, setup, run_id, summary, runner)
                 return summary
-            _run_and_commit(config, planned, setup, run_id, summary)
-            return summary
-    except Exception as exc:
-        summary.message = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        summary.elapsed_s = time.perf_counter() - started
-        write_run_row(out_store, summary.run_row())
-        _publish_artifact(summary)
+        except Exception as exc:
+            summary.message = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            summary.elapsed_s = time.perf_counter() - started
+            write_run_row(out_store, summary.run_row())
+            _publish_artifact(summary)
 
 
-def _run_and_commit(config: RunConfig, planned: RunPlan, setup: RunSetup, run_id: str, summary: RunSummary) -> None:
+def warm_up_spec(config: RunConfig, setup: RunSetup) -> ShardSpec:
+    """A shard of no objects with every setting the run's shards will have: what a
+    worker builds ahead of them (`warm_shard_process`)."""
+    return ShardSpec(index=-1, items=(), source=StoreSpec(config.source, config.endpoint_url),
+                     output=StoreSpec(config.output, config.endpoint_url), run_id="warm-up",
+                     embedder=config.embedder_settings(setup.weights.sha256), batch_size=config.model.batch_size,
+                     workers=config.decode.io_workers, decode=config.decode_options(),
+                     compile=config.model.compile == "on")
+
+
+def _run_and_commit(config: RunConfig, planned: RunPlan, setup: RunSetup, run_id: str, summary: RunSummary,
+                    runner: ShardRunner) -> None:
     logger = get_run_logger()
     todo = planned.plan.to_process
     batch_size = config.model.batch_size
@@ -174,7 +187,7 @@ def _run_and_commit(config: RunConfig, planned: RunPlan, setup: RunSetup, run_id
     logger.info("%s shards of up to %s objects on %s", len(specs), max((len(s.items) for s in specs), default=0),
                 config.shards.describe())
     t_shards = time.perf_counter()
-    done = run_shards(process_shard_task, specs, config.shards, progress=progress, topic=topic)
+    done = runner.run(process_shard_task, specs, progress=progress, topic=topic)
     shard_wall = time.perf_counter() - t_shards
     previous = planned.previous
     manifest, stats = build_and_commit(

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import RunnerError, ShardConfig, scheduler_address
 from tasks.records import ShardsDone
@@ -67,18 +70,41 @@ def check_reachable(runner: ShardConfig, timeout_s: float = SCHEDULER_CONNECT_TI
                           "--cluster to run here") from None
 
 
-def run_shards(task, specs: Sequence[Any], runner: ShardConfig, *, progress: ProgressReporter | None = None,
-               topic: str | None = None) -> ShardsDone:
-    """Run `task(spec)` for every spec where `runner` says."""
-    if runner.in_process:
-        from prefect.task_runners import ThreadPoolTaskRunner
+class InProcess:
+    """Shards in the flow's process, one at a time (a shard already uses every core:
+    decode threads or processes, and the model's streams); the flow has loaded the model."""
 
+    def warm(self, spec: Any) -> None:
+        """Nothing to do: the model is this process's, loaded by the flow."""
+
+    def run(self, task, specs: Sequence[Any], *, progress: ProgressReporter | None = None,
+            topic: str | None = None) -> ShardsDone:
         ready_at = time.time()
         with ThreadPoolTaskRunner(max_workers=1) as task_runner:
             return ShardsDone([f.result() for f in task_runner.map(task, {"spec": list(specs)})], 0.0, ready_at)
-    from flows.dask_shards import run_on_dask
 
-    return run_on_dask(task, specs, runner, progress=progress, topic=topic)
+
+class ShardRunner(Protocol):
+    """Where a run's shards go: `warm` prepares the processes that will run them
+    (while the flow plans), `run` runs `task(spec)` for every spec, in spec order."""
+
+    def warm(self, spec: Any) -> None: ...
+
+    def run(self, task, specs: Sequence[Any], *, progress: ProgressReporter | None = None,
+            topic: str | None = None) -> ShardsDone: ...
+
+
+@contextmanager
+def shard_runner(shards: ShardConfig) -> Iterator[ShardRunner]:
+    """The runner `shards` names, entered: a local cluster starts at once, in the
+    background, and is closed (every process it started ended) on the way out."""
+    if shards.in_process:
+        yield InProcess()
+        return
+    from flows.dask_shards import DaskShards  # dask and distributed load only for --workers or --cluster
+
+    with DaskShards(shards) as runner:
+        yield runner
 
 
 def shard_progress(local: ProgressReporter | None, topic: str | None, shard: int

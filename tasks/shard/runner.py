@@ -95,6 +95,21 @@ def shard_stages(spec: ShardSpec, embedder: Embedder) -> tuple[ShardReader, Embe
     return reader, EmbedStage(embedder, batch_size, jpeg_decoder=jpeg_decoder, budget=budget)
 
 
+def warm_shard_process(spec: ShardSpec) -> float:
+    """Build in this process what `spec`'s shards will need, before they come: the
+    model (once a process), the stages (decode processes; the device's JPEG decoder
+    and its budget) and one batch through the model (a GPU's kernels chosen, a
+    compiled model compiled). A Dask worker runs this while the flow plans.
+    Returns the seconds it took."""
+    t0 = time.time()
+    embedder = get_embedder(spec.embedder, read=url_reader(spec.source.endpoint_url))
+    if spec.compile:
+        embedder.enable_compile()
+    _, embed = shard_stages(spec, embedder)
+    embedder.warm_up(embed.size)
+    return time.time() - t0
+
+
 def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None = None) -> ShardResult:
     """Run one shard end to end: its stages, then its parts written; returns its rows."""
     started_at = time.time()
