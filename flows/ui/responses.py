@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import orjson
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Request
@@ -39,10 +40,10 @@ def records(frame: pd.DataFrame) -> list[dict]:
     return json.loads(frame.to_json(orient="records", date_format="iso", double_precision=15))
 
 
-def result_records(found: pd.DataFrame, queries: Sequence[str] | None = None) -> list[dict]:
-    """The rows of `tasks.search.query.neighbours` as JSON-ready records (without
-    a DataFrame round trip: a search answers in about a millisecond);
-    `queries[i]` is query i's `query` field."""
+def result_records(found: dict[str, np.ndarray], queries: Sequence[str] | None = None) -> list[dict]:
+    """The rows of `tasks.search.query.neighbour_columns` as JSON-ready records
+    (missing text is NaN, which orjson writes as null); `queries[i]` is query
+    i's `query` field."""
     out = []
     for qi, *values in zip(*(found[c].tolist() for c in ("query_index", *RESULT_COLUMNS)), strict=True):
         record = dict(zip(RESULT_COLUMNS, values, strict=True))

@@ -28,15 +28,15 @@ def search_keys(view: CatalogView, keys: list[str], k: int, *, prefix: str | Non
                 include_self: bool) -> list[dict]:
     allowed = view.allowed_ids(prefix, category)
     vectors = image_search.vectors_for_keys(view.cat, keys, lookups=view.lookups)
-    found = image_search.neighbours(view.cat, vectors, k, allowed_ids=allowed,
-                                    exclude_keys=None if include_self else keys, lookups=view.lookups)
+    found = image_search.neighbour_columns(view.cat, vectors, k, allowed_ids=allowed,
+                                           exclude_keys=None if include_self else keys, lookups=view.lookups)
     return result_records(found, keys if len(keys) > 1 else None)
 
 
 def search_image(view: CatalogView, data: bytes, k: int, *, prefix: str | None, category: str | None) -> list[dict]:
     allowed = view.allowed_ids(prefix, category)
-    found = image_search.neighbours(view.cat, image_search.embed_images(view.cat, [data]), k, allowed_ids=allowed,
-                                    lookups=view.lookups)
+    found = image_search.neighbour_columns(view.cat, image_search.embed_images(view.cat, [data]), k,
+                                           allowed_ids=allowed, lookups=view.lookups)
     return result_records(found)
 
 
