@@ -93,24 +93,20 @@ class DuplicatesReport:
 
 
 def find_duplicates(catalog: str | Catalog, *, threshold: float = 0.95, endpoint_url: str | None = None,
-                    write: bool = True, nprobe: int | None = None) -> DuplicatesReport:
+                    write: bool = True) -> DuplicatesReport:
     """Groups of near-identical images in the live version: every member's cosine to
     its group's representative is above `threshold` (groups never chain through
     bridging pairs). Written as `tables/duplicates/<version>/threshold-T.parquet`
-    (`layout.duplicates_key`). `nprobe`: IVF lists searched per image (default
-    `duplicates.duplicates_nprobe` of the version's tuned nprobe)."""
-    if nprobe is not None and nprobe < 1:
-        raise UserError(f"nprobe is a number of lists to search, at least 1, not {nprobe}")
+    (`layout.duplicates_key`)."""
     cat = _catalog(catalog, endpoint_url)
     m = cat.manifest
-    nprobe = nprobe or dups.duplicates_nprobe(m.index_nprobe or 0)
-    pairs = dups.similar_pairs(cat.index, cat.embedding_blocks(), threshold, n_images=len(cat.images),
-                               nprobe=nprobe, rerank=cat.rerank)
+    pairs = dups.find_pairs(cat.index, cat.embedding_blocks(), threshold, n_images=len(cat.images),
+                            rerank=cat.rerank)
     groups = dups.duplicates_frame(dups.centre_groups(pairs), cat.images)
     key = None
     if write:
         key = layout.duplicates_key(m.version, m.run_id, threshold)
         cat.store.put(key, dups.duplicates_parquet(groups, manifest_key=cat.manifest_key, version=m.version,
                                                    threshold=threshold, index_factory=m.index_factory,
-                                                   nprobe=nprobe or 0))
+                                                   nprobe=m.index_nprobe))
     return DuplicatesReport(groups=groups, key=key, version=m.version, threshold=threshold)

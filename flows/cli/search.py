@@ -74,9 +74,6 @@ def duplicates(
     threshold: Annotated[float, typer.Option(min=-1.0, max=0.9999, help="Cosine similarity above which two images "
                                              "are near-identical (about 0.95 for pretrained ResNet embeddings).")]
     = 0.95,
-    nprobe: Annotated[int | None, typer.Option(min=1, help="IVF lists searched per image (default: 2, or fewer "
-                                               "where the index was tuned to fewer); more finds the rare pair "
-                                               "that straddles two lists, at a cost in time.")] = None,
     endpoint_url: EndpointOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print each group (its representative, and each member's "
                                           "score to it) and every member as JSON.")] = False,
@@ -84,7 +81,7 @@ def duplicates(
     """Find groups of near-identical images in the live version; write them as a `duplicates` table.
     Each group is its representative and the images above the threshold to it."""
     try:
-        report = find_duplicates(catalog, threshold=threshold, endpoint_url=endpoint_url, nprobe=nprobe)
+        report = find_duplicates(catalog, threshold=threshold, endpoint_url=endpoint_url)
     except UserError as exc:
         raise fail(exc) from None
     groups = report.by_group()

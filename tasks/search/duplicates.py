@@ -1,7 +1,7 @@
-"""Near-duplicate groups: every live vector range-searched on the index for its
-neighbours above a cosine threshold (block by block, never an N x N matrix), and
-groups formed around centres, so a group cannot chain: every member is above the
-threshold to its group's representative.
+"""Near-duplicate groups: every pair of live images whose cosine is above a
+threshold (by joining the index's lists, or a range search on a flat index;
+never an N x N matrix), and groups formed around centres, so a group cannot
+chain: every member is above the threshold to its group's representative.
 
 Connected components of the same pairs (the grouping before issue 28) let one
 bridging pair join two unrelated groups, and a run of them make one group of
@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from faiss.contrib.inspect_tools import get_invlist
 
 from models.errors import UserError
 from tasks.catalog import tables
@@ -53,12 +54,19 @@ GROUP_COLUMNS = ["image_id", "group_id", "group_size", "representative_id", "sco
 # images), next to an index of 1M x 2048 in 2 GiB.
 MAX_PAIRS_PER_IMAGE = 16
 
-# IVF lists a duplicates search probes per image, at most. A near-duplicate lies in
-# the image's own list or the next nearest one; the nprobe a version was tuned to is
-# for its 10th nearest neighbour, far further out, and each probe costs a scan of a
-# list for each of the N images: at 100k x 2048 (IVF1024, tuned nprobe 8) probing 2
-# found every pair above 0.95 that 8 found, 1 lost 0.15%, and 2 was 2-3x faster
-# (benchmarks/duplicates_scale.py measures it at 1M).
+# On an IVF index the pairs come from joining lists, not from a search per image:
+# each list with itself, and each image with the list it is next nearest to (the
+# pairs a search probing 2 lists finds), as matrix products (BLAS), where a search
+# per image compares it with every centroid and then scans lists code by code
+# (at 1M x 2048, IVF4096,SQ4: 776 s for the search at nprobe 2). An image's next
+# nearest list is looked for among the lists of the NEIGHBOUR_LISTS centroids
+# nearest its own list's. See `similar_pairs_by_lists`.
+NEIGHBOUR_LISTS = 8
+
+# The delta segment (vectors added since the last compaction, at most a few % of
+# the catalogue) is still searched image by image, probing this many IVF lists:
+# the image's own and the next nearest (the nprobe a version was tuned to is for
+# its 10th neighbour, far further out than a near-duplicate).
 DUPLICATES_NPROBE = 2
 
 
@@ -94,9 +102,22 @@ class SimilarPairs:
         return len(self.a)
 
 
-def duplicates_nprobe(index_nprobe: int) -> int | None:
-    """The nprobe a duplicates search uses on an index tuned to `index_nprobe` (0: flat, nothing to probe)."""
-    return min(index_nprobe, DUPLICATES_NPROBE) if index_nprobe > 0 else None
+def find_pairs(index: faiss.Index | faiss_index.Segments, blocks: faiss_index.Blocks, threshold: float, *,
+               n_images: int, rerank: faiss_index.RerankVectors | None = None,
+               neighbour_lists: int = NEIGHBOUR_LISTS) -> SimilarPairs:
+    """Every pair above `threshold` among the live vectors: by joining lists on an IVF
+    index (`similar_pairs_by_lists`), by a range search of each block of `blocks`
+    (the same vectors) on a flat one, which is exact and fast with BLAS."""
+    check_threshold(threshold)
+    if faiss_index.is_ivf(index):
+        return similar_pairs_by_lists(index, threshold, n_images=n_images, rerank=rerank,
+                                      neighbour_lists=neighbour_lists)
+    return similar_pairs(index, blocks, threshold, n_images=n_images, rerank=rerank)
+
+
+def check_threshold(threshold: float) -> None:
+    if not -1 <= threshold < 1:
+        raise UserError(f"threshold is a cosine similarity in [-1, 1), not {threshold}")
 
 
 def similar_pairs(index: faiss.Index | faiss_index.Segments, blocks: faiss_index.Blocks, threshold: float, *,
@@ -107,8 +128,7 @@ def similar_pairs(index: faiss.Index | faiss_index.Segments, blocks: faiss_index
     block's distances to everything. Scores are exact on flat and IVF-Flat, and
     wherever `rerank` rescoring is given (SQ/PQ codes with a re-rank file);
     without it they are the codes' approximations."""
-    if not -1 <= threshold < 1:
-        raise UserError(f"threshold is a cosine similarity in [-1, 1), not {threshold}")
+    check_threshold(threshold)
     found_a, found_b, found_s = [], [], []
     found = 0
     limit = MAX_PAIRS_PER_IMAGE * max(n_images, 1)
@@ -129,6 +149,135 @@ def similar_pairs(index: faiss.Index | faiss_index.Segments, blocks: faiss_index
     if len(pairs) > limit:
         raise _too_many(threshold, len(pairs), n_images)
     return pairs
+
+
+def nearest_lists(centroids: np.ndarray, m: int) -> np.ndarray:
+    """[nlist, m]: each list's `m` nearest other lists by centroid (L2, whatever the
+    index's metric), nearest first."""
+    nlist = len(centroids)
+    m = min(m, nlist - 1)
+    if m < 1:
+        return np.empty((nlist, 0), np.int64)
+    c = np.asarray(centroids, np.float32)
+    sq = (c * c).sum(1)
+    dist = sq[:, None] + sq[None, :] - 2 * (c @ c.T)
+    np.fill_diagonal(dist, np.inf)
+    nearest = np.argpartition(dist, m - 1, axis=1)[:, :m]
+    order = np.argsort(np.take_along_axis(dist, nearest, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(nearest, order, axis=1).astype(np.int64)
+
+
+def similar_pairs_by_lists(index: faiss.Index | faiss_index.Segments, threshold: float, *, n_images: int,
+                           rerank: faiss_index.RerankVectors | None = None,
+                           neighbour_lists: int = NEIGHBOUR_LISTS) -> SimilarPairs:
+    """Every pair above `threshold` that a search probing 2 lists finds, on an IVF
+    index, by joining lists: each list's vectors against themselves, then each list
+    against the images whose next nearest list it is (looked for among the lists of
+    the `neighbour_lists` centroids nearest their own), as matrix products. Scores are
+    exact where the vectors are (IVF-Flat, or the re-rank file's float16 rows); other
+    codes are decoded. Ids removed from the main index are left out; the delta
+    segment's vectors are range-searched on the whole index (`DUPLICATES_NPROBE`
+    lists). Memory: a list and its visitors at a time, an id and a list number an
+    image, and the pairs."""
+    check_threshold(threshold)
+    segments = faiss_index.as_segments(index)
+    ivf = faiss.extract_index_ivf(segments.main)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    near = nearest_lists(centroids, neighbour_lists)
+    by_ip = ivf.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT
+    half_sq = 0.5 * (centroids * centroids).sum(1)
+    pairs = _PairCollector(threshold, n_images)
+    visitors, next_list = [], []
+    for list_no in range(ivf.nlist):  # each list with itself; where its images go next
+        ids, vectors = _list_vectors(ivf, segments, list_no, rerank)
+        if not len(ids):
+            continue
+        own = vectors @ vectors.T
+        pairs.add(ids, ids, own, np.triu(own > threshold, k=1))
+        if near.shape[1]:
+            candidates = near[list_no]
+            closeness = vectors @ centroids[candidates].T  # the quantizer's order: IP, or -L2/2 up to a constant
+            if not by_ip:
+                closeness -= half_sq[candidates]
+            visitors.append(ids)
+            next_list.append(candidates[closeness.argmax(axis=1)])
+    if visitors:  # each list with the images whose next nearest list it is
+        visitor_ids, next_list = np.concatenate(visitors), np.concatenate(next_list)
+        order = np.argsort(next_list, kind="stable")
+        bounds = np.searchsorted(next_list[order], np.arange(ivf.nlist + 1))
+        for list_no in range(ivf.nlist):
+            if bounds[list_no] == bounds[list_no + 1]:
+                continue
+            ids, vectors = _list_vectors(ivf, segments, list_no, rerank)
+            if not len(ids):
+                continue
+            guest_ids, guests = _vectors_of(segments, visitor_ids[order[bounds[list_no]:bounds[list_no + 1]]],
+                                            rerank)
+            cross = guests @ vectors.T
+            pairs.add(guest_ids, ids, cross, cross > threshold)
+    if segments.delta is not None:
+        delta_ids, delta_vectors = segments.delta_vectors()
+        lims, scores, neighbours = faiss_index.range_search(segments, delta_vectors, threshold,
+                                                            nprobe=min(max(ivf.nprobe, 1), DUPLICATES_NPROBE),
+                                                            rerank=rerank)
+        queries = np.repeat(delta_ids, np.diff(lims).astype(np.int64))
+        pairs.add(queries, neighbours, scores[:, None], np.ones((len(queries), 1), bool), paired=True)
+    return pairs.result()
+
+
+class _PairCollector:
+    """Pairs above a threshold gathered from score matrices; refused past MAX_PAIRS_PER_IMAGE an image."""
+
+    def __init__(self, threshold: float, n_images: int) -> None:
+        self.threshold, self.n_images = threshold, n_images
+        self.limit = MAX_PAIRS_PER_IMAGE * max(n_images, 1)
+        self.a, self.b, self.score = [], [], []
+        self.found = 0
+
+    def add(self, ids_a: np.ndarray, ids_b: np.ndarray, scores: np.ndarray, mask: np.ndarray, *,
+            paired: bool = False) -> None:
+        """Where `mask` holds, (ids_a[i], ids_b[j], scores[i, j]); with `paired`, row i pairs ids_a[i] with ids_b[i]."""
+        i, j = np.nonzero(mask)
+        self.a.append(ids_a[i])
+        self.b.append(ids_b[i] if paired else ids_b[j])
+        self.score.append(scores[i, j])
+        self.found += len(i)
+        if self.found > 2 * self.limit:  # a pair is counted at most twice here (once from each end)
+            raise _too_many(self.threshold, self.found // 2, self.n_images)
+
+    def result(self) -> SimilarPairs:
+        if not self.a:
+            return SimilarPairs.empty()
+        pairs = SimilarPairs.of(np.concatenate(self.a), np.concatenate(self.b), np.concatenate(self.score))
+        if len(pairs) > self.limit:
+            raise _too_many(self.threshold, len(pairs), self.n_images)
+        return pairs
+
+
+def _list_vectors(ivf: faiss.IndexIVF, segments: faiss_index.Segments, list_no: int,
+                  rerank: faiss_index.RerankVectors | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of one list's live entries: the codes themselves on
+    IVF-Flat, else as `_vectors_of` finds them."""
+    ids, codes = get_invlist(ivf.invlists, list_no)
+    if len(segments.removed):
+        live = ~np.isin(ids, segments.removed)
+        ids, codes = ids[live], codes[live]
+    if rerank is None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat):
+        return ids, np.ascontiguousarray(codes).view(np.float32).reshape(len(ids), ivf.d)
+    return _vectors_of(segments, ids, rerank)
+
+
+def _vectors_of(segments: faiss_index.Segments, ids: np.ndarray, rerank: faiss_index.RerankVectors | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of main-index ids, in an order of its choosing: the
+    re-rank file's rows (read in file order) where there is one, else the codes
+    decoded by id."""
+    if rerank is None:
+        return ids, segments.main.reconstruct_batch(ids) if len(ids) else np.empty((0, segments.d), np.float32)
+    rows = rerank.rows(ids)
+    assert (rows >= 0).all(), f"ids {ids[rows < 0][:5].tolist()} are not in the re-rank file"
+    order = np.argsort(rows, kind="stable")
+    return ids[order], np.asarray(rerank.vectors[rows[order]], dtype=np.float32)
 
 
 def _too_many(threshold: float, pairs: int, n_images: int) -> UserError:
@@ -265,5 +414,7 @@ def duplicates_parquet(frame: pd.DataFrame, *, manifest_key: str, version: int, 
         "batchsight.manifest": manifest_key, "batchsight.version": str(version),
         "batchsight.threshold": repr(threshold), "batchsight.index": index_factory,
         "batchsight.nprobe": str(nprobe), "batchsight.grouping": "centres",
+        "batchsight.pairs": "IVF lists joined (own and next nearest list)" if "IVF" in index_factory
+        else "range search",
     })
     return tables.to_parquet_bytes(table)
