@@ -13,10 +13,12 @@ import base64
 import functools
 import http.server
 import io
+import json
 import os
 import shutil
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +177,10 @@ def test_duplicates_runs_and_docs_pages(server, browser, shots):
     wait.until(ec.text_to_be_present_in_element((By.ID, "dup-title"), "above cosine 0.9999"))
     keys = {i.get_attribute("data-key") for i in browser.find_elements(By.CSS_SELECTOR, "#groups .group img")}
     assert {cat.copy_key, cat.copy_of} <= keys
+    with urllib.request.urlopen(f"{url}/api/duplicates?threshold=0.9999", timeout=30) as r:
+        columns = json.loads(r.read())["columns"]
+    shown = {f.get_attribute("data-column") for f in browser.find_elements(By.CSS_SELECTOR, "#groups .field")}
+    assert "group_size" in shown and shown <= set(columns), (shown, columns)  # the table's own columns, listed
     assert browser.find_element(By.ID, "csv").get_attribute("href").endswith("threshold=0.9999")
     browser.save_screenshot(str(shots / "duplicates.png"))
 

@@ -27,7 +27,7 @@ DEFAULT_DECODE_BUDGET_PIXELS = 48_000_000
 UPLOADS_IN_FLIGHT = 4  # bodies of `max_upload_bytes` read at once; smaller ones share the same bytes
 UPLOAD_READ_TIMEOUT_S = 60.0  # a body trickled in slower than this is dropped
 RETRY_AFTER_S = 1
-UPLOAD_TYPES = ("image/", "application/octet-stream", "application/pdf")
+UPLOAD_TYPES = ("image/", "application/octet-stream")
 
 
 class InFlightBudget:
@@ -68,12 +68,13 @@ def _amount(value: int, unit: str) -> str:
 
 
 def check_upload_type(request: Request) -> None:
-    """Only image bodies: other types (a browser's `text/plain`, forms) are what a
-    page on another site may send without asking first."""
+    """Only image bodies (`image/*`, or `application/octet-stream` for any file, a
+    PDF too): other types (a browser's `text/plain`, forms) are what a page on
+    another site may send without asking first."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not kind.startswith(UPLOAD_TYPES):
-        raise HTTPException(415, f"send the image file as the request body with its type (image/jpeg, image/png, "
-                                 f"application/pdf, ...) or application/octet-stream, not "
+        raise HTTPException(415, f"send the image file as the request body with its image type (image/jpeg, "
+                                 f"image/png, ...) or as application/octet-stream (a PDF too), not "
                                  f"{kind or 'no content type'}")
 
 

@@ -72,8 +72,8 @@ async def api_search_keys(query: KeysQuery, page: Page) -> Response:
 
 @router.post(UPLOAD_PATH.removeprefix(router.prefix),
              summary="Images similar to an uploaded image (the request body is the file)",
-             description="The body is the image file, sent as its type (image/jpeg, image/png, application/pdf, "
-                         "...) or application/octet-stream. An image that alone is larger than the server's decode "
+             description="The body is the image file, sent as its image type (image/jpeg, image/png, ...) or as "
+                         "application/octet-stream (a PDF too). An image that alone is larger than the server's decode "
                          "budget is refused (413); while other uploads hold the budget, 429 with Retry-After.",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "image/*": {"schema": {"type": "string", "format": "binary"}},
