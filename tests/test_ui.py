@@ -418,6 +418,11 @@ def test_binding_beyond_loopback_needs_a_token(ui_cat, tmp_path, monkeypatch):
     empty.write_text("\n")
     result = CliRunner().invoke(cli_app, ["ui", "--catalog", ui_cat.output, "--token-file", str(empty)])
     assert result.exit_code == 2 and "is empty" in result.output
+    result = CliRunner().invoke(cli_app, ["ui", "--catalog", str(tmp_path / "none"), "--token", "on-the-line"])
+    assert result.exit_code == 2 and "shown to every user of this machine by `ps`" in result.output
+    monkeypatch.setenv("BATCHSIGHT_UI_TOKEN", "from-the-environment")
+    result = CliRunner().invoke(cli_app, ["ui", "--catalog", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "`ps`" not in result.output
 
 
 def stalled_connections(port: int, n: int) -> list[socket.socket]:

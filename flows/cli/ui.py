@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from click.core import ParameterSource
 
 from flows.cli.common import CatalogOpt, EndpointOpt, console, err, fail
 from flows.ui.security import TOKEN_ENV, check_bind, read_token_file
@@ -51,7 +50,8 @@ def ui(
             if token is not None:
                 raise UserError(f"pass the token once: --token-file or --token/{TOKEN_ENV}, not both")
             token = read_token_file(token_file)
-        elif token is not None and ctx.get_parameter_source("token") == ParameterSource.COMMANDLINE:
+        elif token is not None and getattr(ctx.get_parameter_source("token"), "name", None) == "COMMANDLINE":
+            # compared by name: Typer's click and the `click` package may be two copies of the enum
             err.print(f"warning: --token on the command line is shown to every user of this machine by `ps`; "
                       f"use --token-file FILE or {TOKEN_ENV}", highlight=False)
         allow_hosts = allow_host or []
