@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # indexes; they are harmless, so keep them out of the way.
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: env browser demo test bench clean
+.PHONY: env browser demo test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ browser:
 
 test: env browser
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test not marked slow (end-to-end runs against real
+# servers, clusters and subprocesses), in under 3 minutes. `make test` runs all.
+test-fast: env
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: env
 	$(BIN)/python benchmarks/throughput.py

@@ -31,6 +31,7 @@ from tasks.categories.store import active_categorizer
 from tasks.config import RunConfig
 from tasks.records import BuildStats, ChangePlan, ShardResult
 from tasks.report import RunSummary
+from tasks.shard.contents import CatalogRef, seed_catalog
 from tasks.shard.progress import current_progress
 from tasks.shard.runner import ShardSpec, process_shard
 from tasks.source.planning import RunPlan, plan_run
@@ -45,6 +46,7 @@ class RunSetup:
     model: ModelInfo
     embedder: Embedder | None  # loaded here when the shards run in this process
     categorizer: str | None  # the active categoriser's key, checked against the model
+    seed: CatalogRef | None  # a catalogue of the same model whose vectors are reused by content
 
 
 def check_model(config: RunConfig) -> RunSetup:
@@ -62,7 +64,8 @@ def check_model(config: RunConfig) -> RunSetup:
     active = active_categorizer(cached_store(config.output, config.endpoint_url, create=True))
     if active:
         active[0].check_fits(info.fingerprint)
-    return RunSetup(resolved, info, embedder, active[1] if active else None)
+    seed = seed_catalog(config.seed, config.endpoint_url, info.fingerprint) if config.seed else None
+    return RunSetup(resolved, info, embedder, active[1] if active else None, seed)
 
 
 def _worth_retrying(task, task_run, state) -> bool:
@@ -110,10 +113,14 @@ def shard_specs(config: RunConfig, planned: RunPlan, setup: RunSetup, *, run_id:
     todo = planned.plan.to_process
     size = shard_size_for(len(todo), config.shards)
     source, output = StoreSpec(config.source, config.endpoint_url), StoreSpec(config.output, config.endpoint_url)
+    # vectors are reused by content from the version this run builds on (same model) and from --seed
+    contents_from = tuple(
+        ([CatalogRef(output, planned.previous.manifest_key)] if planned.previous and not planned.reembed_all else [])
+        + ([setup.seed] if setup.seed else []))
     return [ShardSpec(index=i, items=tuple(todo[start:start + size]), source=source, output=output, run_id=run_id,
                       embedder=config.embedder_settings(setup.weights.sha256), batch_size=batch_size,
                       workers=config.decode.io_workers, decode=config.decode_options(), compile=compiled,
-                      categorizer=setup.categorizer, progress_topic=progress_topic)
+                      categorizer=setup.categorizer, progress_topic=progress_topic, contents_from=contents_from)
             for i, start in enumerate(range(0, len(todo), size))]
 
 

@@ -180,6 +180,9 @@ class RunConfig(BaseModel):
     source: str = option(..., "Images to catalogue: a folder or s3://bucket/prefix.", min_length=1)
     output: str = option(..., "Catalogue root: a folder or s3://bucket/prefix.", min_length=1)
     endpoint_url: str | None = option(None, "S3-compatible endpoint (also AWS_ENDPOINT_URL).", env=ENDPOINT_ENV)
+    seed: str | None = option(None, "A catalogue made with the same model and weights whose vectors are reused for "
+                                    "objects with the same bytes (a copied or moved bucket): they are fetched and "
+                                    "hashed, never decoded or embedded.")
     model: ModelConfig = ModelConfig()
     decode: DecodeConfig = DecodeConfig()
     shards: ShardConfig = ShardConfig()

@@ -80,6 +80,7 @@ class ShardResult:
     thumbnail_file: FileRecord | None = None
     ran_on: str = ""  # host:pid of the process that ran the shard
     model_loads: int = 0  # models that process had built when the shard ended (1: loaded once, then reused)
+    copied: int = 0  # objects whose rows and vectors came from identical bytes embedded before: no model pass
 
 
 @dataclass

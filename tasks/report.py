@@ -29,7 +29,8 @@ class RunSummary:
     skipped_by_extension: dict[str, int] = field(default_factory=dict)
     skipped_examples: str = ""  # `12 .txt (e.g. a.txt, b.txt)`
     counts: dict[str, int] = field(default_factory=dict)
-    processed: int = 0  # objects embedded (a document counts once, whatever its pages)
+    processed: int = 0  # objects catalogued this run (a document counts once, whatever its pages)
+    reused: int = 0  # of them, objects whose bytes were embedded before: their vectors reused, no model pass
     pages: int = 0  # rows embedded: one per image, one per page of a document
     failed: int = 0  # objects that failed
     failures_by_reason: dict[str, int] = field(default_factory=dict)
@@ -68,6 +69,7 @@ class RunSummary:
         self.models_built = max((r.model_loads for r in results), default=0)
         self.pages = sum(len(r.rows) for r in results)
         self.processed = len({k for r in results for k in r.rows["key"]})
+        self.reused = sum(r.copied for r in results)
         failures = [f for r in results for f in r.failures]
         self.failed = len({f["key"] for f in failures})
         self.failures_by_reason = dict(Counter(f"{f['stage']}:{f['error_type']}" for f in failures).most_common())

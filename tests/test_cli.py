@@ -45,8 +45,10 @@ def test_run_then_search_and_status(bucket, tmp_path, resnet18_weights):
     code, text = invoke("search", "--catalog", out, "--key", key, "-k", "3", "--json", "--include-self")
     assert code == 0 and json.loads(text)[0]["key"] == key and json.loads(text)[0]["page"] == 1
 
-    code, text = invoke("search", "--catalog", out, "--image", bucket / key, "-k", "2")
-    assert code == 0 and key in text
+    code, text = invoke("search", "--catalog", out, "--image", bucket / key, "-k", "2", "--json")
+    assert code == 0, text
+    hits = json.loads(text)  # the image itself is catalogued: it is its own nearest neighbour
+    assert hits[0]["key"] == key and hits[0]["score"] > 0.999 and len(hits) == 2
 
     code, text = invoke("status", "--catalog", out, "--json")
     info = json.loads(text)
@@ -69,9 +71,9 @@ def test_run_then_search_and_status(bucket, tmp_path, resnet18_weights):
     (["--model", "resnet18", "--device", "tpu"], "Invalid value for '--device'"),
     (["--model", "resnet18", "--index-memory", "lots"], "'lots' is not a size"),
 ])
-def test_bad_flags_exit_non_zero_with_a_message(bucket, tmp_path, resnet18_weights, args, message):
+def test_bad_flags_exit_2_with_a_message(bucket, tmp_path, resnet18_weights, args, message):
     code, text = invoke("run", "--source", bucket, "--output", tmp_path / "out", "--weights", resnet18_weights, *args)
-    assert code != 0
+    assert code == 2, text  # the README's promise: bad input exits 2
     assert message in " ".join(text.split()), text
     assert not (tmp_path / "out" / "CURRENT").exists()
 

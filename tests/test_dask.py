@@ -33,7 +33,7 @@ from tasks.sample_data import generate_samples, write_samples
 from tasks.shard.progress import reporting_progress
 from tasks.storage import LocalStore, S3Store
 from tests.catalog_checks import assert_exactly_once
-from tests.helpers import free_port, run_flow
+from tests.helpers import free_port, run_small
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.timeout(900)]
 
@@ -65,8 +65,8 @@ class CountingProgress:
 
 
 def run(source, output, weights, endpoint=None, **kw):
-    return run_flow(source=source, output=output, model="resnet18", weights=str(weights), batch_size=4,
-                          precision="fp32", device="cpu", endpoint_url=endpoint, **kw)
+    return run_small(source, output, weights, endpoint, batch_size=4, precision="fp32", device="cpu",
+                     shard_size=kw.pop("shard_size", 2000), **kw)
 
 
 def test_shards_on_a_local_cluster_give_the_same_catalogue_as_one_process(new_bucket, moto_endpoint,

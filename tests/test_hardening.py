@@ -29,7 +29,8 @@ from tasks.config import RunConfig
 from tasks.sample_data import generate_samples, write_samples
 from tasks.storage import LocalStore, S3Store, key_for_local_name
 from tests.fault_proxy import FaultProxy, Faults
-from tests.helpers import invoke, run_flow
+from tests.helpers import invoke
+from tests.helpers import run_small as run
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 runner = CliRunner()
@@ -37,9 +38,6 @@ runner = CliRunner()
 
 
 
-def run(source, output, weights, endpoint=None, **kw):
-    return run_flow(source=source, output=output, model="resnet18", weights=str(weights), batch_size=8,
-                          shard_size=kw.pop("shard_size", 10), endpoint_url=endpoint, **kw)
 
 
 def more_samples(n: int, seed: int, folder: str) -> list:

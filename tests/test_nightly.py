@@ -29,7 +29,7 @@ from tasks.records import ChangePlan
 from tasks.sample_data import generate_samples, reencoded_copy, write_samples
 from tasks.storage import LocalStore, S3Store
 from tests.catalog_checks import assert_exactly_once
-from tests.helpers import run_flow
+from tests.helpers import run_small as run
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +41,6 @@ def s3_roots(new_bucket, moto_endpoint):
     return S3Store(src, "photos", endpoint_url=moto_endpoint), f"s3://{src}/photos", f"s3://{out}/cat", moto_endpoint
 
 
-def run(source, output, weights, endpoint=None, **kw):
-    return run_flow(source=source, output=output, model="resnet18", weights=str(weights), batch_size=8,
-                          shard_size=kw.pop("shard_size", 10), endpoint_url=endpoint, **kw)
 
 
 def open_cat(output, endpoint=None):
@@ -185,6 +182,9 @@ def test_a_killed_run_leaves_the_previous_version_and_a_rerun_is_exactly_once(tm
     write_samples(store, samples[14:])  # 10 new
     store.put(samples[0].key, samples[20].data)  # 1 changed
     store.delete(samples[1].key)  # 1 deleted
+    for s in samples[2:5]:  # 3 new keys whose bytes the catalogue has: their rows are carried by content
+        store.put(f"copies/{s.key}", s.data)
+    store.put(samples[5].key, samples[5].data)  # rewritten with the same bytes: a new ETag, carried too
     proc = cli_run(str(src), str(out), resnet18_weights, env=subprocess_env(BATCHSIGHT_CRASH_AT=crash_at))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
@@ -196,10 +196,11 @@ def test_a_killed_run_leaves_the_previous_version_and_a_rerun_is_exactly_once(tm
     assert any(k.startswith("tables/embeddings/") and before.manifest.run_id not in k for k in leftovers)
 
     rerun = run(str(src), str(out), resnet18_weights)
-    assert rerun.version == 2
+    assert rerun.version == 2 and rerun.reused == 4
     live = open_cat(str(out))
-    expected = {s.key for s in samples if s.key != samples[1].key}
+    expected = {s.key for s in samples if s.key != samples[1].key} | {f"copies/{s.key}" for s in samples[2:5]}
     assert_exactly_once(live, expected)
+    assert_carried(live, {f"copies/{s.key}": s.key for s in samples[2:5]})
     # The killed run's lease is still fresh: gc cannot tell it from a slow run, so it waits.
     waiting = collect_garbage(live.store, min_age_s=0)
     assert waiting.deleted == [] and waiting.skipped_running > 0
@@ -251,6 +252,35 @@ def test_two_commits_from_one_version_one_wins(tmp_path, resnet18_weights):
     live = Catalog.open(out_store)
     assert live.manifest.run_id == "run-a" and live.manifest.version == 2
     assert_exactly_once(live, set(previous.images["key"]) - set(plan.deleted))
+
+
+def assert_carried(cat, copies: dict[str, str]) -> None:
+    """Each copy's rows hold its original's bytes' hash and exactly its original's vectors."""
+    ids, vectors = cat.embeddings()
+    by_id = dict(zip(ids.tolist(), vectors, strict=True))
+    rows = cat.images.set_index("key")
+    for copy, original in copies.items():
+        assert rows.loc[copy, "content_sha256"] == rows.loc[original, "content_sha256"]
+        np.testing.assert_array_equal(by_id[rows.loc[copy, "image_id"]], by_id[rows.loc[original, "image_id"]])
+
+
+def test_two_runs_carrying_rows_by_content_started_together_one_commits(s3_roots, resnet18_weights):
+    """A night that carries rows by content (objects copied under new keys) run twice at once."""
+    store, source, output, endpoint = s3_roots
+    samples = generate_samples(10, seed=13, broken=False)
+    write_samples(store, samples)
+    run(source, output, resnet18_weights, endpoint)
+    for s in samples[:6]:
+        store.put(f"copies/{s.key}", s.data)
+    env = subprocess_env(AWS_ENDPOINT_URL=endpoint)
+    procs = [cli_run(source, output, resnet18_weights, env=env, wait=False) for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    committed = [json.loads(o) for code, o, _ in results if code == 0 and json.loads(o)["status"] == "committed"]
+    assert len(committed) == 1 and committed[0]["reused"] == 6, results
+    live = open_cat(output, endpoint)
+    assert [v.version for v in list_versions(live.store)] == [2, 1]
+    assert_exactly_once(live, {s.key for s in samples} | {f"copies/{s.key}" for s in samples[:6]})
+    assert_carried(live, {f"copies/{s.key}": s.key for s in samples[:6]})
 
 
 def test_two_runs_started_together_one_commits(s3_roots, resnet18_weights):

@@ -57,6 +57,7 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
         "index": index, "rolled_back_from": m.rolled_back_from, "versions": [v.version for v in history],
         "run": _run_info(made_by.iloc[0]) if len(made_by) else None,
         "last_run": _run_info(last) if last is not None else None,
+        "rows_without_content_sha256": cat.live_table("images", ["content_sha256"])["content_sha256"].null_count,
     }
     if checked is not None:
         info["verify"] = {"files": checked.checked, "damaged": checked.problems, "unrecorded": checked.unrecorded}
@@ -71,6 +72,10 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
               + (f", restored from v{m.rolled_back_from}" if m.rolled_back_from else ""))
     t.add_row("model", f"{m.model}, weights {m.weights} ({m.weights_source}, sha256 {m.weights_sha256[:16]}...)")
     t.add_row("images", str(m.counts.get("images")))
+    if info["rows_without_content_sha256"]:
+        t.add_row("identity", f"{info['rows_without_content_sha256']} rows were written before rows carried their "
+                              "bytes' sha256: they get it when their object next changes, and until then their "
+                              "vectors are not reused for copies of those bytes")
     t.add_row("failures", str(m.counts.get("failures")))
     t.add_row("index", _index_line(index))
     for label, run_row in (("made by", info["run"]), ("last run", info["last_run"])):

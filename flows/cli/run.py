@@ -25,6 +25,7 @@ from tasks.catalog.manifest import new_run_id
 from tasks.catalog.runs_log import write_run_row
 from tasks.config import RunConfig
 from tasks.report import RunSummary
+from tasks.shard.contents import seed_catalog
 from tasks.shard.progress import reporting_progress
 from tasks.source.planning import plan_run
 from tasks.storage import cached_store, url_reader
@@ -58,13 +59,17 @@ class RichProgress:
 def preflight(config: RunConfig) -> ResolvedWeights:
     """Check what can be checked in seconds before Prefect starts: the scheduler
     answers, the model name, both roots reachable (a missing bucket fails here),
-    and the weights (downloaded or read, sha256 checked, loaded safely)."""
+    the weights (downloaded or read, sha256 checked, loaded safely), and a --seed
+    catalogue made with them."""
     check_reachable(config.shards)
     family = model_family(config.model.name)
     cached_store(config.source, config.endpoint_url)
     cached_store(config.output, config.endpoint_url, create=True)
-    return resolve_weights(config.model.weights, family, expected_sha256=config.model.weights_sha256,
-                           read=url_reader(config.endpoint_url))
+    weights = resolve_weights(config.model.weights, family, expected_sha256=config.model.weights_sha256,
+                              read=url_reader(config.endpoint_url))
+    if config.seed:
+        seed_catalog(config.seed, config.endpoint_url, family.fingerprint(weights.sha256))
+    return weights
 
 
 def run_catalog(config: RunConfig, *, show_progress: bool = True) -> RunSummary:
@@ -106,7 +111,9 @@ def print_summary(summary: RunSummary) -> None:
                       + (f", {c['given_up']} failed before (left until their bytes change)" if c.get("given_up") else ""))
     if summary.processed + summary.failed:
         t.add_row("processed", f"{summary.processed} objects embedded ({summary.pages} pages), "
-                               f"{summary.failed} failed")
+                               f"{summary.failed} failed"
+                  + (f"; {summary.reused} of them had bytes embedded before: vectors reused, no model pass"
+                     if summary.reused else ""))
         t.add_row("throughput", f"{summary.images_per_s:.1f} objects/s ({summary.elapsed_s:.1f} s in all)")
     else:
         t.add_row("time", f"{summary.elapsed_s:.1f} s")

@@ -22,6 +22,7 @@ IMAGES_SCHEMA = pa.schema([
     ("page", pa.int32()),  # 1-based; every page of a PDF or multi-page TIFF is its own row
     ("etag", pa.string()),
     ("size", pa.int64()),
+    ("content_sha256", pa.string()),  # of the object's bytes: its vector is reused for other keys with them
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("top_class", pa.string()),

@@ -56,6 +56,8 @@ class Embedded:
     class_ids: np.ndarray
     class_probs: np.ndarray
     failures: list[ImageFailure] = field(default_factory=list)
+    copies: Pages = field(default_factory=Pages)  # objects whose bytes were seen before, passed on to the writer
+    contents: dict[str, str] = field(default_factory=dict)  # key -> sha256 of the objects read
     objects_done: int = 0
     fetch_s: float = 0.0
     decode_s: float = 0.0
@@ -71,7 +73,8 @@ class Embedded:
             return parts[0]
         return cls(Pages.concat([p.pages for p in parts]), np.concatenate([p.embeddings for p in parts]),
                    np.concatenate([p.class_ids for p in parts]), np.concatenate([p.class_probs for p in parts]),
-                   [f for p in parts for f in p.failures], sum(p.objects_done for p in parts),
+                   [f for p in parts for f in p.failures], Pages.concat([p.copies for p in parts]),
+                   {k: v for p in parts for k, v in p.contents.items()}, sum(p.objects_done for p in parts),
                    sum(p.fetch_s for p in parts), sum(p.decode_s for p in parts), sum(p.model_s for p in parts))
 
 
@@ -136,6 +139,7 @@ class EmbedStage:
         out.fetch_s += inputs.fetch_s
         out.decode_s += inputs.decode_s
         out.failures[:0] = inputs.failures
+        out.copies, out.contents = inputs.copies, inputs.contents
         out.objects_done = inputs.objects_done()
         return out
 

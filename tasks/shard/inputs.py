@@ -31,17 +31,18 @@ class Pages:
     thumbnails: list[bytes | None] = field(default_factory=list)
     pixels: list[np.ndarray] = field(default_factory=list)
     jpegs: list[bytes] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)  # sha256 of each input's object's bytes
 
     def __len__(self) -> int:
         return len(self.infos)
 
     @classmethod
     def of(cls, infos: list[ObjectInfo], page: Sequence[int], size: Sequence[tuple[int, int]], last: Sequence[bool],
-           thumbnails: list[bytes | None], *, pixels: np.ndarray | None = None,
+           thumbnails: list[bytes | None], content: list[str], *, pixels: np.ndarray | None = None,
            jpegs: list[bytes] | None = None) -> Pages:
         return cls(infos, np.asarray(page, np.int32), np.asarray(size, np.int32).reshape(-1, 2),
                    np.asarray(last, bool), thumbnails, [pixels] if pixels is not None and len(pixels) else [],
-                   jpegs or [])
+                   jpegs or [], content)
 
     @classmethod
     def concat(cls, parts: Sequence[Pages]) -> Pages:
@@ -53,7 +54,7 @@ class Pages:
         return cls([i for p in parts for i in p.infos], np.concatenate([p.page for p in parts]),
                    np.concatenate([p.size for p in parts]), np.concatenate([p.last for p in parts]),
                    [t for p in parts for t in p.thumbnails], [s for p in parts for s in p.pixels],
-                   [j for p in parts for j in p.jpegs])
+                   [j for p in parts for j in p.jpegs], [c for p in parts for c in p.content])
 
     def split(self, n: int) -> tuple[Pages, Pages]:
         """The first `n` inputs and the rest (pixel segments are cut as views, not copied)."""
@@ -70,15 +71,25 @@ class Pages:
                 tail.append(segment[n - at:])
             at += len(segment)
         return (Pages(self.infos[:n], self.page[:n], self.size[:n], self.last[:n], self.thumbnails[:n], head,
-                      self.jpegs[:n]),
+                      self.jpegs[:n], self.content[:n]),
                 Pages(self.infos[n:], self.page[n:], self.size[n:], self.last[n:], self.thumbnails[n:], tail,
-                      self.jpegs[n:]))
+                      self.jpegs[n:], self.content[n:]))
 
     def take(self, keep: np.ndarray) -> Pages:
         """The inputs where `keep` (bool) is true, metadata only (no pixels or bytes)."""
         index = np.flatnonzero(keep)
         return Pages([self.infos[i] for i in index], self.page[index], self.size[index], self.last[index],
-                     [self.thumbnails[i] for i in index])
+                     [self.thumbnails[i] for i in index], content=[self.content[i] for i in index])
+
+    def select(self, keep: np.ndarray) -> Pages:
+        """The inputs where `keep` (bool) is true, with their pixels or bytes."""
+        if keep.all():
+            return self
+        out = self.take(keep)
+        if self.pixels:
+            out.pixels = [self.pixel_array()[keep]] if keep.any() else []
+        out.jpegs = [j for j, k in zip(self.jpegs, keep, strict=False) if k]
+        return out
 
     def pixel_array(self) -> np.ndarray:
         """The pixels as one array (a copy when there are several segments)."""
@@ -93,8 +104,10 @@ class Inputs:
     decoded: Pages = field(default_factory=Pages)
     raw: Pages = field(default_factory=Pages)
     failures: list[ImageFailure] = field(default_factory=list)
+    copies: Pages = field(default_factory=Pages)  # objects whose bytes were seen before: no decode, no model (metadata)
     fetch_s: float = 0.0
     decode_s: float = 0.0
+    contents: dict[str, str] = field(default_factory=dict)  # key -> sha256 of every object fetched
 
     def __len__(self) -> int:
         return len(self.decoded) + len(self.raw)
@@ -102,18 +115,22 @@ class Inputs:
     @classmethod
     def concat(cls, parts: Sequence[Inputs]) -> Inputs:
         return cls(Pages.concat([p.decoded for p in parts]), Pages.concat([p.raw for p in parts]),
-                   [f for p in parts for f in p.failures], sum(p.fetch_s for p in parts),
-                   sum(p.decode_s for p in parts))
+                   [f for p in parts for f in p.failures], Pages.concat([p.copies for p in parts]),
+                   sum(p.fetch_s for p in parts), sum(p.decode_s for p in parts),
+                   {k: v for p in parts for k, v in p.contents.items()})
 
     def split(self, n: int) -> tuple[Inputs, Inputs]:
-        """The first `n` inputs (decoded pages first) with the failures, and the rest."""
+        """The first `n` inputs (decoded pages first) with the failures, and the rest
+        with the copies (a copy goes no earlier than the input whose bytes it shares)."""
         decoded, decoded_rest = self.decoded.split(n)
         raw, raw_rest = self.raw.split(n - len(decoded))
-        return (Inputs(decoded, raw, self.failures, self.fetch_s, self.decode_s),
-                Inputs(decoded_rest, raw_rest))
+        if not len(decoded_rest) and not len(raw_rest):
+            return Inputs(decoded, raw, self.failures, self.copies, self.fetch_s, self.decode_s, self.contents), Inputs()
+        return (Inputs(decoded, raw, self.failures, Pages(), self.fetch_s, self.decode_s, self.contents),
+                Inputs(decoded_rest, raw_rest, copies=self.copies))
 
     def pieces(self, size: int) -> list[Inputs]:
-        """These inputs in pieces of at most `size` (the failures go with the first)."""
+        """These inputs in pieces of at most `size` (the failures go with the first, the copies with the last)."""
         out, rest = [], self
         while len(rest) > size:
             head, rest = rest.split(size)
@@ -121,8 +138,8 @@ class Inputs:
         return [*out, rest]
 
     def objects_done(self) -> int:
-        """Objects these inputs finish: each one's last page, and each failure."""
-        return int(self.decoded.last.sum() + self.raw.last.sum()) + len(self.failures)
+        """Objects these inputs finish: each one's last page, each failure, each copy."""
+        return int(self.decoded.last.sum() + self.raw.last.sum()) + len(self.failures) + len(self.copies)
 
 
 def batches(chunks: Iterable[Inputs], size: int | None = None, *, size_of=None) -> Iterator[Inputs]:
@@ -140,5 +157,5 @@ def batches(chunks: Iterable[Inputs], size: int | None = None, *, size_of=None) 
             yield batch
             held, count = [rest], len(rest)
             want = size_of() if size_of else size
-    if held and (count or any(h.failures for h in held)):
+    if held and (count or any(h.failures or len(h.copies) for h in held)):
         yield Inputs.concat(held)

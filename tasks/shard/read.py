@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from tasks.records import ImageFailure, ObjectInfo
+from tasks.shard.contents import KnownContents, content_sha256, is_known, known_prefixes
 from tasks.shard.decode import DecodeOptions
 from tasks.shard.device import device_jpeg_size
 from tasks.shard.inputs import Inputs, Pages
@@ -147,7 +148,9 @@ class ChunkRead:
     decode process in one reply): per input, its object's index in the chunk,
     page, width, height, last-page flag and thumbnail; the decoded pixels as one
     uint8 array [pages, S, S, 3]; the raw JPEGs for the device with their object
-    indices and sizes; and per failed object (index, stage, reason, message)."""
+    indices and sizes; per failed object (index, stage, reason, message); the
+    sha256 of each object fetched; and the objects whose bytes are known already
+    (`known`), neither decoded nor sent back."""
 
     page_object: list[int]
     page: list[int]
@@ -161,6 +164,8 @@ class ChunkRead:
     failures: list[tuple[int, str, str, str]]
     fetch_s: float
     decode_s: float
+    content: list[str | None]
+    known: list[int]
 
 
 def _fetch(store: ObjectStore, key: str) -> tuple[bytes | None, str, str, float]:
@@ -172,17 +177,23 @@ def _fetch(store: ObjectStore, key: str) -> tuple[bytes | None, str, str, float]
 
 
 def read_chunk(fetched: Iterable[tuple[bytes | None, str, str, float]], family: ModelFamily,
-               options: DecodeOptions) -> ChunkRead:
+               options: DecodeOptions, known: np.ndarray | None = None) -> ChunkRead:
     """Decode a chunk's fetched objects (bytes, or the fetch error): each to its
     pages' model-sized pixels (and thumbnails), or, for a JPEG bound for the
-    device, its size only; or the reason it failed."""
+    device, its size only; or the reason it failed. An object whose sha256 is in
+    `known` (sorted digest prefixes, `tasks.shard.contents`) is not decoded."""
     page_object, page, size, last, thumbnails, pixels = [], [], [], [], [], []
-    jpeg_object, jpeg_size, jpegs, failures = [], [], [], []
+    jpeg_object, jpeg_size, jpegs, failures, content, copies = [], [], [], [], [], []
     fetch_s = decode_s = 0.0
     for i, (data, error_type, message, seconds) in enumerate(fetched):
         fetch_s += seconds
         if data is None:
             failures.append((i, "fetch", error_type, message))
+            content.append(None)
+            continue
+        content.append(content_sha256(data))
+        if known is not None and is_known(known, content[-1]):
+            copies.append(i)
             continue
         if (dims := device_jpeg_size(data, options)) is not None:
             jpeg_object.append(i)
@@ -203,7 +214,7 @@ def read_chunk(fetched: Iterable[tuple[bytes | None, str, str, float]], family: 
             thumbnails.append(thumbnail)
             pixels.append(array)
     return ChunkRead(page_object, page, size, last, thumbnails, np.stack(pixels) if pixels else None,
-                     jpeg_object, jpeg_size, jpegs, failures, fetch_s, decode_s)
+                     jpeg_object, jpeg_size, jpegs, failures, fetch_s, decode_s, content, copies)
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,7 @@ class _ChunkJob:
     keys: tuple[str, ...]
     family: ModelFamily
     options: DecodeOptions
+    known: str | None = None  # a file of known digest prefixes (`KnownContents.prefix_file`)
 
 
 # One store per decode process, opened in the process (a boto3 client must not be
@@ -230,18 +242,23 @@ def decode_chunk(job: _ChunkJob) -> ChunkRead:
     fetchers = _worker_state.get("fetchers")
     if fetchers is None:
         fetchers = _worker_state["fetchers"] = ThreadPoolExecutor(4, thread_name_prefix="batchsight-fetch")
-    return read_chunk(fetchers.map(partial(_fetch, store), job.keys), job.family, job.options)
+    return read_chunk(fetchers.map(partial(_fetch, store), job.keys), job.family, job.options,
+                      known_prefixes(job.known))
 
 
 def as_inputs(infos: Sequence[ObjectInfo], read: ChunkRead) -> Inputs:
     """A chunk's read, as `Inputs` naming its objects."""
     decoded = Pages.of([infos[i] for i in read.page_object], read.page, read.size, read.last, read.thumbnails,
-                       pixels=read.pixels)
+                       [read.content[i] for i in read.page_object], pixels=read.pixels)
     raw = Pages.of([infos[i] for i in read.jpeg_object], [1] * len(read.jpegs), read.jpeg_size,
-                   [True] * len(read.jpegs), [None] * len(read.jpegs), jpegs=read.jpegs)
+                   [True] * len(read.jpegs), [None] * len(read.jpegs), [read.content[i] for i in read.jpeg_object],
+                   jpegs=read.jpegs)
+    copies = Pages.of([infos[i] for i in read.known], [1] * len(read.known), [(0, 0)] * len(read.known),
+                      [True] * len(read.known), [None] * len(read.known), [read.content[i] for i in read.known])
     failures = [ImageFailure(infos[i].key, infos[i].etag, infos[i].size, stage, reason, message)
                 for i, stage, reason, message in read.failures]
-    return Inputs(decoded, raw, failures, read.fetch_s, read.decode_s)
+    contents = {infos[i].key: c for i, c in enumerate(read.content) if c is not None}
+    return Inputs(decoded, raw, failures, copies, read.fetch_s, read.decode_s, contents)
 
 
 class ShardReader:
@@ -250,10 +267,12 @@ class ShardReader:
     is given, else in this process's I/O threads."""
 
     def __init__(self, source: StoreSpec, family: ModelFamily, options: DecodeOptions, *,
-                 processes: ProcessPoolExecutor | None = None, io_workers: int | None = None) -> None:
+                 processes: ProcessPoolExecutor | None = None, io_workers: int | None = None,
+                 known: KnownContents | None = None) -> None:
         self.source, self.family, self.options, self.processes = source, family, options, processes
         self.store = source.open()
         self.io_workers = io_workers or default_io_workers()
+        self.known = known if known is not None and len(known) else None
 
     def read(self, items: Sequence[ObjectInfo], lookahead: int) -> Iterator[Inputs]:
         with ThreadPoolExecutor(max_workers=self.io_workers, thread_name_prefix="batchsight-io") as pool:
@@ -264,8 +283,10 @@ class ShardReader:
                 yield from bounded_map(pool, self._here, [[item] for item in items], max_in_flight=lookahead)
 
     def _in_process(self, infos: Sequence[ObjectInfo]) -> Inputs:
-        job = _ChunkJob(self.source, tuple(i.key for i in infos), self.family, self.options)
+        job = _ChunkJob(self.source, tuple(i.key for i in infos), self.family, self.options,
+                        self.known.prefix_file() if self.known is not None else None)
         return as_inputs(infos, self.processes.submit(decode_chunk, job).result())
 
     def _here(self, infos: Sequence[ObjectInfo]) -> Inputs:
-        return as_inputs(infos, read_chunk([_fetch(self.store, i.key) for i in infos], self.family, self.options))
+        return as_inputs(infos, read_chunk([_fetch(self.store, i.key) for i in infos], self.family, self.options,
+                                           self.known.prefix if self.known is not None else None))

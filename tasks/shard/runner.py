@@ -22,6 +22,7 @@ from models.settings import EmbedderSettings
 from tasks.catalog import layout
 from tasks.categories.store import load_categorizer
 from tasks.records import ObjectInfo, ShardResult
+from tasks.shard.contents import CatalogRef, KnownContents, SeenContents, known_contents
 from tasks.shard.decode import DecodeOptions
 from tasks.shard.device import DECODE_MAX_BYTES, DeviceBudget, device_jpeg_decoder
 from tasks.shard.embed import Embedded, EmbedStage
@@ -49,12 +50,14 @@ class Waited:
 
 def run_shard(items: Sequence[ObjectInfo], reader: ShardReader, embed: EmbedStage,
               write: Callable[[Embedded], None], *, on_progress: Callable[[int], None] | None = None) -> float:
-    """Read `items`, cut them into batches, embed each batch and hand it to `write`,
-    in input order, on this thread; returns the seconds batching waited for reading."""
+    """Read `items`, keep one object of each content, cut them into batches, embed
+    each batch and hand it to `write`, in input order, on this thread; returns the
+    seconds batching waited for reading."""
     waited = Waited()
     lookahead = (embed.embedder.streams + 1) * embed.size + 8
     with closing(reader.read(items, lookahead)) as inputs:
-        for done in embed.map(batches(waited.timed(inputs), size_of=lambda: embed.size)):
+        read = SeenContents().dedupe(waited.timed(inputs))  # bytes seen before in this shard: copies, no model pass
+        for done in embed.map(batches(read, size_of=lambda: embed.size)):
             write(done)
             if on_progress:
                 on_progress(done.objects_done)
@@ -78,9 +81,11 @@ class ShardSpec:
     compile: bool = False
     categorizer: str | None = None  # key of the categoriser to apply, under `output`
     progress_topic: str | None = None  # Dask event topic the flow listens on, when the shard runs elsewhere
+    contents_from: tuple[CatalogRef, ...] = ()  # catalogue versions whose vectors are reused for the same bytes
 
 
-def shard_stages(spec: ShardSpec, embedder: Embedder) -> tuple[ShardReader, EmbedStage]:
+def shard_stages(spec: ShardSpec, embedder: Embedder, known: KnownContents | None = None
+                 ) -> tuple[ShardReader, EmbedStage]:
     """The read and embed stages `spec` asks for, on this process's embedder: decode
     processes where `decodes_in_processes`, the device's JPEG decoder and its
     memory budget with `--gpu-decode`."""
@@ -91,8 +96,14 @@ def shard_stages(spec: ShardSpec, embedder: Embedder) -> tuple[ShardReader, Embe
     decode = spec.decode if jpeg_decoder is not None else DecodeOptions(**{**spec.decode.__dict__, "on_device": False})
     budget = DeviceBudget.from_free(*embedder.device_memory(batch_size)) if embedder.device.type == "cuda" \
         else DeviceBudget(DECODE_MAX_BYTES)  # decoding "on the device" of a CPU model: in host memory
-    reader = ShardReader(spec.source, embedder.family, decode, processes=processes, io_workers=spec.workers)
+    reader = ShardReader(spec.source, embedder.family, decode, processes=processes, io_workers=spec.workers,
+                         known=known)
     return reader, EmbedStage(embedder, batch_size, jpeg_decoder=jpeg_decoder, budget=budget)
+
+
+def known_of(spec: ShardSpec) -> KnownContents | None:
+    """What the catalogues `spec` builds on know by content (kept a process, a version)."""
+    return known_contents([ref.open() for ref in spec.contents_from]) if spec.contents_from else None
 
 
 def warm_shard_process(spec: ShardSpec) -> float:
@@ -105,7 +116,7 @@ def warm_shard_process(spec: ShardSpec) -> float:
     embedder = get_embedder(spec.embedder, read=url_reader(spec.source.endpoint_url))
     if spec.compile:
         embedder.enable_compile()
-    _, embed = shard_stages(spec, embedder)
+    _, embed = shard_stages(spec, embedder, known_of(spec))
     embedder.warm_up(embed.size)
     return time.time() - t0
 
@@ -118,12 +129,13 @@ def process_shard(spec: ShardSpec, *, on_progress: Callable[[int], None] | None 
         embedder.enable_compile()
     load_s = time.time() - started_at
     output = spec.output.open(create=True)
+    known = known_of(spec)
     writer = ShardWriter(output, shard=spec.index, run_id=spec.run_id,
                          part_key=layout.embeddings_part_key(spec.run_id, spec.index, attempt=secrets.token_hex(4)),
                          labels=embedder.labels, model=embedder.family.name, weights_sha256=embedder.weights.sha256,
                          dim=embedder.dim, categorizer=load_categorizer(output, spec.categorizer)
-                         if spec.categorizer else None)
+                         if spec.categorizer else None, known=known)
     writer.started_at = started_at
-    reader, embed = shard_stages(spec, embedder)
+    reader, embed = shard_stages(spec, embedder, known)
     wait_s = run_shard(spec.items, reader, embed, writer.write, on_progress=on_progress)
     return writer.finish(load_s=load_s, batch_size=embed.size, wait_s=wait_s)

@@ -23,8 +23,10 @@ from models.categorizer import Categorizer
 from models.engine import embedders_built
 from tasks.catalog import layout, tables
 from tasks.catalog.manifest import crash_point, put_recorded
-from tasks.records import ImageFailure, ShardResult, StageTimes
+from tasks.records import ImageFailure, ObjectInfo, ShardResult, StageTimes
+from tasks.shard.contents import KnownContents, VectorsOf
 from tasks.shard.embed import Embedded
+from tasks.shard.inputs import Pages
 from tasks.storage import ObjectStore
 
 
@@ -57,7 +59,8 @@ class ShardWriter:
     the parts under `output` and returns the shard's `ShardResult`."""
 
     def __init__(self, output: ObjectStore, *, shard: int, run_id: str, part_key: str, labels: Sequence[str],
-                 model: str, weights_sha256: str, dim: int, categorizer: Categorizer | None = None) -> None:
+                 model: str, weights_sha256: str, dim: int, categorizer: Categorizer | None = None,
+                 known: KnownContents | None = None) -> None:
         self.output, self.shard, self.run_id, self.part_key = output, shard, run_id, part_key
         self.labels = np.asarray(labels, dtype=object)
         self.model, self.weights_sha256, self.categorizer = model, weights_sha256, categorizer
@@ -69,31 +72,81 @@ class ShardWriter:
         self.write_s = 0.0
         self.started_at = time.time()
         self.first_batch_at = 0.0
+        self.known = known
+        self.copied = 0  # objects whose rows and vectors came from identical bytes, with no model pass
+        self._embedded: dict[str, dict[int, tuple]] = {}  # content -> page -> (size, vector, class ids, probs)
+        self._failed: dict[str, ImageFailure] = {}  # content -> the failure of the object first read with it
+        self._content_of: dict[str, str] = {}  # key -> content, for objects read
+        self._vectors = VectorsOf()
 
     def write(self, batch: Embedded) -> None:
         t0 = time.perf_counter()
+        self._content_of.update(batch.contents)
         self.failures += batch.failures
+        for f in batch.failures:
+            if f.key in self._content_of:
+                self._failed.setdefault(self._content_of[f.key], f)
         self.times.add(StageTimes(fetch=batch.fetch_s, decode=batch.decode_s, model=batch.model_s))
-        pages, n = batch.pages, len(batch.pages)
-        if n:
+        if len(batch.pages):
             self.first_batch_at = self.first_batch_at or time.time()
-            ids = np.fromiter((tables.image_id_for(info.key, page) for info, page in
-                               zip(pages.infos, pages.page.tolist(), strict=True)), np.int64, n)
-            labels = self.labels[batch.class_ids]
-            columns = {
-                "image_id": ids, "key": [i.key for i in pages.infos], "page": pages.page,
-                "etag": [i.etag for i in pages.infos], "size": np.fromiter((i.size for i in pages.infos), np.int64, n),
-                "width": pages.size[:, 0], "height": pages.size[:, 1], "top_class": labels[:, 0],
-                "top_prob": batch.class_probs[:, 0].astype(np.float64), "class_ids": batch.class_ids.tolist(),
-                "class_labels": labels.tolist(), "class_probs": batch.class_probs.tolist(),
-                "thumbnail_part": self.thumbnails.add(ids, pages.thumbnails),
-            }
-            if self.categorizer is not None:
-                columns["category"], columns["category_confidence"] = self.categorizer.predict(batch.embeddings)
-            for name, values in columns.items():
-                self.columns.setdefault(name, []).append(values)
-            self.part.write(ids, batch.embeddings)
+            self._add(batch.pages, batch.embeddings, batch.class_ids, batch.class_probs, remember=True)
+        for info, content in zip(batch.copies.infos, batch.copies.content, strict=True):
+            self._copy(info, content)
         self.write_s += time.perf_counter() - t0
+
+    def _add(self, pages: Pages, embeddings: np.ndarray, class_ids: np.ndarray, class_probs: np.ndarray, *,
+             remember: bool) -> None:
+        """Rows and vectors of `pages`, in order; with `remember`, kept by content for copies of the same bytes."""
+        n = len(pages)
+        ids = np.fromiter((tables.image_id_for(info.key, page) for info, page in
+                           zip(pages.infos, pages.page.tolist(), strict=True)), np.int64, n)
+        labels = self.labels[class_ids]
+        columns = {
+            "image_id": ids, "key": [i.key for i in pages.infos], "page": pages.page,
+            "etag": [i.etag for i in pages.infos], "size": np.fromiter((i.size for i in pages.infos), np.int64, n),
+            "content_sha256": pages.content or [None] * n,
+            "width": pages.size[:, 0], "height": pages.size[:, 1], "top_class": labels[:, 0],
+            "top_prob": class_probs[:, 0].astype(np.float64), "class_ids": class_ids.tolist(),
+            "class_labels": labels.tolist(), "class_probs": class_probs.tolist(),
+            "thumbnail_part": self.thumbnails.add(ids, pages.thumbnails or [None] * n),
+        }
+        if self.categorizer is not None:
+            columns["category"], columns["category_confidence"] = self.categorizer.predict(embeddings)
+        for name, values in columns.items():
+            self.columns.setdefault(name, []).append(values)
+        self.part.write(ids, embeddings)
+        if remember and pages.content:
+            for i, content in enumerate(pages.content):
+                self._embedded.setdefault(content, {})[int(pages.page[i])] = (
+                    tuple(pages.size[i]), embeddings[i].copy(), class_ids[i], class_probs[i])
+
+    def _copy(self, info: ObjectInfo, content: str) -> None:
+        """An object whose bytes were embedded before, in this shard or in a catalogue
+        this run builds on: its rows under its own key, with those vectors."""
+        if content in self._embedded:
+            pages = self._embedded[content]
+            numbers = sorted(pages)
+            sizes = [pages[p][0] for p in numbers]
+            vectors = np.stack([pages[p][1] for p in numbers])
+            ids, probs = np.stack([pages[p][2] for p in numbers]), np.stack([pages[p][3] for p in numbers])
+        elif self.known is not None and (rows := self.known.rows_of(content)) is not None:
+            numbers, sizes = rows.page.tolist(), [tuple(s) for s in rows.size]
+            vectors, ids, probs = self._vectors.get(rows), rows.class_ids, rows.class_probs
+        elif content in self._failed:
+            original = self._failed[content]
+            self.failures.append(ImageFailure(info.key, info.etag, info.size, original.stage, original.error_type,
+                                              original.message))
+            return
+        else:  # a prefix matched but not the whole digest (about 1 in 10^13): read it properly next run
+            self.failures.append(ImageFailure(info.key, info.etag, info.size, "fetch", "content_lookup",
+                                              f"its sha256 {content[:16]}... matched a known prefix, not a known "
+                                              "digest; it is read again on the next run"))
+            return
+        n = len(numbers)
+        pages = Pages([info] * n, np.asarray(numbers, np.int32), np.asarray(sizes, np.int32).reshape(-1, 2),
+                      np.arange(n) == n - 1, [None] * n, content=[content] * n)
+        self._add(pages, vectors, np.asarray(ids), np.asarray(probs), remember=False)
+        self.copied += 1
 
     def rows(self) -> pd.DataFrame:
         """The shard's `images` rows, in the order of its part's vectors."""
@@ -127,4 +180,4 @@ class ShardWriter:
                            failures=[asdict(f) for f in self.failures], times=times, part_file=part_file,
                            thumbnail_part=self.thumbnails.key if thumbnail_file else None,
                            thumbnail_file=thumbnail_file, ran_on=f"{socket.gethostname()}:{os.getpid()}",
-                           model_loads=embedders_built())
+                           model_loads=embedders_built(), copied=self.copied)
