@@ -20,8 +20,8 @@ Phases, each in its own process so its peak memory is its own:
   group  what `batchsight duplicates --threshold T` does after loading the
          version, timed: the index read through a memory map (as a local
          catalogue's is), the pairs above T (`duplicates.find_pairs`: on an IVF
-         index each list joined with itself and with the images whose next
-         nearest list it is, the vectors read from the re-rank file; on a flat
+         index each list joined with itself and with the images for which it is
+         one of the 2 next nearest, the vectors read from the re-rank file; on a flat
          one a range search of each block),
          and the groups (`duplicates.centre_groups`). Peak memory: VmHWM (all
          resident pages, the index file's mapped pages and the re-rank file's
@@ -264,7 +264,7 @@ def group(args: argparse.Namespace) -> dict:
            "peak_rss_bytes": status_bytes()["VmHWM"], "peak_rss_anon_bytes": memory.peak["RssAnon"],
            "peak_rss_file_bytes": memory.peak["RssFile"], "load_average": {"start": load0, "end": os.getloadavg()}}
     print(f"[{data.n:,} x {data.dim}] {meta['factory']}{' + re-rank' if meta['rerank'] else ''}, lists joined (own, and "
-          f"next nearest among {args.neighbour_lists}): duplicates at {args.threshold} in {run['total_s']:.1f} s (pairs "
+          f"{dups.NEXT_LISTS} next nearest): duplicates at {args.threshold} in {run['total_s']:.1f} s (pairs "
           f"{run['pairs_s']:.1f} s, generating the blocks {run['generate_blocks_s']:.1f} s, grouping "
           f"{run['group_s']:.1f} s); {run['pairs']:,} pairs, {run['groups']:,} groups, largest "
           f"{run['largest_group']}; peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB (anonymous "

@@ -23,6 +23,7 @@ from tasks.search import index as faiss_index
 from tasks.search import index_choice
 from tasks.storage import LocalStore
 from tests.helpers import run_flow
+from tests.test_index import SyntheticCatalogue
 
 
 @pytest.fixture(autouse=True)
@@ -236,6 +237,7 @@ def test_the_list_join_sees_the_live_vectors_only():
 ])
 def test_each_list_knows_the_lists_of_its_nearest_centroids(centres, m, nearest):
     assert dups.nearest_lists(np.array(centres, np.float32), m).tolist() == nearest
+    assert dups.nearest_lists(np.array(centres, np.float32), m, chunk=2).tolist() == nearest  # a few lists at a time
 
 
 def arc(n: int, step: float, dim: int = 32) -> np.ndarray:
@@ -343,6 +345,32 @@ def test_reencoded_resized_and_cropped_copies_land_in_one_group(tmp_path, resnet
     table_output = CliRunner().invoke(app, ["duplicates", "--catalog", str(out), "--threshold",
                                             str(RANDOM_WEIGHTS_THRESHOLD)]).output
     assert "representative" in table_output and report["by_group"][0]["representative"]["key"] in table_output
+
+
+def test_a_catalogue_between_compactions_groups_its_live_images_as_brute_force_does(tmp_path):
+    """Through `find_duplicates` on a real catalogue: an IVF main index read through a
+    memory map, a night's delta segment and removed ids; the groups are those of
+    the exact pairs of the live vectors."""
+    ids, vectors, _ = planted_duplicates(seed=7)
+    keys = [f"photos/item-{i:05d}.jpg" for i in range(len(ids))]
+    order = np.random.default_rng(7).permutation(len(ids))  # copies and originals in every part
+    sc = SyntheticCatalogue(tmp_path / "cat", 32, index_choice.IndexSettings(flat_max_vectors=1000))
+    sc.commit([keys[i] for i in order[:1800]], vectors[order[:1800]])
+    rest = order[1800:]
+    changed = [keys[i] for i in order[:40]]  # new vectors for some: copies of the night's images
+    moved = vectors[rest[:40]] + 0.02 * np.random.default_rng(8).standard_normal((40, 32)).astype(np.float32)
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    cat = sc.commit(changed + [keys[i] for i in rest], np.concatenate([moved, vectors[rest]]), changed=changed,
+                    deleted=[keys[i] for i in order[40:60]])
+    m = cat.manifest
+    assert m.index_type == "ivf-flat" and m.index_delta and m.index_removed  # the case this test is for
+    live_ids, live_vectors = cat.embeddings()
+    expected = dups.centre_groups(pairs_of(*((a, b, s) for (a, b) in exact_pairs(live_ids, live_vectors, 0.9)
+                                             for s in [float(live_vectors[live_ids == a][0]
+                                                             @ live_vectors[live_ids == b][0])])))
+    groups = find_duplicates(cat, threshold=0.9, write=False).groups
+    pd.testing.assert_frame_equal(groups[dups.GROUP_COLUMNS], expected, check_exact=False, atol=1e-5)
+    assert len(groups) > 60 and set(groups["image_id"]) <= set(live_ids.tolist())
 
 
 def test_duplicates_on_a_missing_catalogue_exits_2(tmp_path):

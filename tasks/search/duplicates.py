@@ -55,19 +55,19 @@ GROUP_COLUMNS = ["image_id", "group_id", "group_size", "representative_id", "sco
 MAX_PAIRS_PER_IMAGE = 16
 
 # On an IVF index the pairs come from joining lists, not from a search per image:
-# each list with itself, and each image with the list it is next nearest to (the
-# pairs a search probing 2 lists finds), as matrix products (BLAS), where a search
-# per image compares it with every centroid and then scans lists code by code
-# (at 1M x 2048, IVF4096,SQ4: 776 s for the search at nprobe 2). An image's next
-# nearest list is looked for among the lists of the NEIGHBOUR_LISTS centroids
-# nearest its own list's. See `similar_pairs_by_lists`.
-NEIGHBOUR_LISTS = 8
-
-# The delta segment (vectors added since the last compaction, at most a few % of
-# the catalogue) is still searched image by image, probing this many IVF lists:
-# the image's own and the next nearest (the nprobe a version was tuned to is for
-# its 10th neighbour, far further out than a near-duplicate).
-DUPLICATES_NPROBE = 2
+# each list with itself, and each image with the NEXT_LISTS lists it is next
+# nearest to (the pairs a search probing 1 + NEXT_LISTS lists finds), as matrix
+# products (BLAS), where a search per image compares it with every centroid and
+# then scans lists code by code (at 1M x 2048, IVF4096,SQ4: 776 s for the search
+# at nprobe 2). With one next list a pair close to where three lists meet was
+# missed (the image in one, its copy in another, both nearer a third). An image's
+# next nearest lists are looked for among the lists of the NEIGHBOUR_LISTS
+# centroids nearest its own list's, not among all (that comparison is what makes a
+# search per image slow): at 1M x 2048 with 4,096 lists the true second list was
+# among the nearest 8 for 89% of images, 32 for 94%, 64 for 94%, at a cost of
+# NEIGHBOUR_LISTS x d a image. See `similar_pairs_by_lists`.
+NEXT_LISTS = 2
+NEIGHBOUR_LISTS = 32
 
 
 @dataclass(frozen=True)
@@ -151,34 +151,40 @@ def similar_pairs(index: faiss.Index | faiss_index.Segments, blocks: faiss_index
     return pairs
 
 
-def nearest_lists(centroids: np.ndarray, m: int) -> np.ndarray:
+def nearest_lists(centroids: np.ndarray, m: int, *, chunk: int = 1024) -> np.ndarray:
     """[nlist, m]: each list's `m` nearest other lists by centroid (L2, whatever the
-    index's metric), nearest first."""
+    index's metric), nearest first; `chunk` lists at a time (16k lists would be a
+    1 GB distance matrix)."""
     nlist = len(centroids)
     m = min(m, nlist - 1)
     if m < 1:
         return np.empty((nlist, 0), np.int64)
     c = np.asarray(centroids, np.float32)
     sq = (c * c).sum(1)
-    dist = sq[:, None] + sq[None, :] - 2 * (c @ c.T)
-    np.fill_diagonal(dist, np.inf)
-    nearest = np.argpartition(dist, m - 1, axis=1)[:, :m]
-    order = np.argsort(np.take_along_axis(dist, nearest, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(nearest, order, axis=1).astype(np.int64)
+    out = np.empty((nlist, m), np.int64)
+    for start in range(0, nlist, chunk):
+        rows = np.arange(start, min(start + chunk, nlist))
+        dist = sq[rows, None] + sq[None, :] - 2 * (c[rows] @ c.T)
+        dist[np.arange(len(rows)), rows] = np.inf
+        nearest = np.argpartition(dist, m - 1, axis=1)[:, :m]
+        order = np.argsort(np.take_along_axis(dist, nearest, axis=1), axis=1, kind="stable")
+        out[rows] = np.take_along_axis(nearest, order, axis=1)
+    return out
 
 
 def similar_pairs_by_lists(index: faiss.Index | faiss_index.Segments, threshold: float, *, n_images: int,
-                           rerank: faiss_index.RerankVectors | None = None,
+                           rerank: faiss_index.RerankVectors | None = None, next_lists: int = NEXT_LISTS,
                            neighbour_lists: int = NEIGHBOUR_LISTS) -> SimilarPairs:
-    """Every pair above `threshold` that a search probing 2 lists finds, on an IVF
-    index, by joining lists: each list's vectors against themselves, then each list
-    against the images whose next nearest list it is (looked for among the lists of
-    the `neighbour_lists` centroids nearest their own), as matrix products. Scores are
+    """Every pair above `threshold` that a search probing 1 + `next_lists` lists finds,
+    on an IVF index, by joining lists: each list's vectors against themselves, then
+    each list against the images for which it is one of the `next_lists` next nearest
+    (looked for among the lists of the `neighbour_lists` centroids nearest their
+    own), as matrix products. Scores are
     exact where the vectors are (IVF-Flat, or the re-rank file's float16 rows); other
     codes are decoded. Ids removed from the main index are left out; the delta
-    segment's vectors are range-searched on the whole index (`DUPLICATES_NPROBE`
-    lists). Memory: a list and its visitors at a time, an id and a list number an
-    image, and the pairs."""
+    segment's vectors (a few % of the catalogue at most) are range-searched on the
+    whole index, probing as many lists. Memory: a list and its visitors at a time,
+    an id and a list number for each image's next lists, and the pairs."""
     check_threshold(threshold)
     segments = faiss_index.as_segments(index)
     ivf = faiss.extract_index_ivf(segments.main)
@@ -194,13 +200,16 @@ def similar_pairs_by_lists(index: faiss.Index | faiss_index.Segments, threshold:
             continue
         own = vectors @ vectors.T
         pairs.add(ids, ids, own, np.triu(own > threshold, k=1))
-        if near.shape[1]:
+        if near.shape[1] and next_lists > 0:
             candidates = near[list_no]
             closeness = vectors @ centroids[candidates].T  # the quantizer's order: IP, or -L2/2 up to a constant
             if not by_ip:
                 closeness -= half_sq[candidates]
-            visitors.append(ids)
-            next_list.append(candidates[closeness.argmax(axis=1)])
+            k = min(next_lists, len(candidates))
+            nearest = np.argpartition(-closeness, k - 1, axis=1)[:, :k] if k < len(candidates) \
+                else np.broadcast_to(np.arange(k), (len(ids), k))
+            visitors.append(np.repeat(ids, k))
+            next_list.append(candidates[nearest].ravel())
     if visitors:  # each list with the images whose next nearest list it is
         visitor_ids, next_list = np.concatenate(visitors), np.concatenate(next_list)
         order = np.argsort(next_list, kind="stable")
@@ -218,7 +227,7 @@ def similar_pairs_by_lists(index: faiss.Index | faiss_index.Segments, threshold:
     if segments.delta is not None:
         delta_ids, delta_vectors = segments.delta_vectors()
         lims, scores, neighbours = faiss_index.range_search(segments, delta_vectors, threshold,
-                                                            nprobe=min(max(ivf.nprobe, 1), DUPLICATES_NPROBE),
+                                                            nprobe=1 + next_lists,
                                                             rerank=rerank)
         queries = np.repeat(delta_ids, np.diff(lims).astype(np.int64))
         pairs.add(queries, neighbours, scores[:, None], np.ones((len(queries), 1), bool), paired=True)
