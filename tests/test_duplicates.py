@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -206,6 +207,19 @@ def test_planted_copies_form_their_groups_and_nothing_else_does(kind, tmp_path):
     assert found == expected
     smallest = groups.groupby("group_id")["image_id"].min()
     assert (smallest.index == smallest.to_numpy()).all()
+
+
+def test_an_ivf_behind_a_rotation_is_range_searched():
+    """OPQ's lists live in the rotated space: such an index is searched image by image."""
+    ids, vectors, _ = planted_duplicates()
+    blocks = [(ids, vectors)]
+    index = faiss.index_factory(32, "OPQ4_32,IVF16,PQ4x8np", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    faiss_index.add_vectors(index, ids, vectors)
+    faiss_index.set_nprobe(index, 4)
+    found = dups.find_pairs(index, blocks, 0.9, n_images=len(ids))
+    searched = dups.similar_pairs(index, blocks, 0.9, n_images=len(ids))
+    assert len(found) and np.array_equal(found.a, searched.a) and np.array_equal(found.b, searched.b)
 
 
 def test_the_list_join_sees_the_live_vectors_only():

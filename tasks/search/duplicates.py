@@ -107,9 +107,11 @@ def find_pairs(index: faiss.Index | faiss_index.Segments, blocks: faiss_index.Bl
                neighbour_lists: int = NEIGHBOUR_LISTS) -> SimilarPairs:
     """Every pair above `threshold` among the live vectors: by joining lists on an IVF
     index (`similar_pairs_by_lists`), by a range search of each block of `blocks`
-    (the same vectors) on a flat one, which is exact and fast with BLAS."""
+    (the same vectors) on a flat one, which is exact and fast with BLAS, and on an
+    IVF behind a rotation (OPQ), whose lists live in the rotated space."""
     check_threshold(threshold)
-    if faiss_index.is_ivf(index):
+    main = faiss_index.main_index(index)
+    if faiss_index.is_ivf(index) and not isinstance(faiss.downcast_index(main), faiss.IndexPreTransform):
         return similar_pairs_by_lists(index, threshold, n_images=n_images, rerank=rerank,
                                       neighbour_lists=neighbour_lists)
     return similar_pairs(index, blocks, threshold, n_images=n_images, rerank=rerank)
