@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -54,10 +55,25 @@ def _make(spec: tuple[str, int]) -> bytes:
     return encode(make_product_photo(rng, (640, 480)), "PNG")
 
 
+def distinct(data: bytes, i: int) -> bytes:
+    """`data` made a different file with the same pixels: a JPEG comment segment or a
+    PNG text chunk naming `i`. batchsight embeds identical bytes once (issue 27), so
+    a set of repeated bytes would measure copies, not the model."""
+    note = f"batchsight benchmark object {i}".encode()
+    if data[:2] == b"\xff\xd8":
+        return data[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + data[2:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        body = b"tEXt" + b"Comment\x00" + note
+        chunk = len(body[4:]).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+        end = data.rindex(b"IEND") - 4
+        return data[:end] + chunk + data[end:]
+    raise ValueError("distinct() makes JPEG and PNG files only")
+
+
 def make_set(folder: Path, mix: dict[str, float], n: int, unique: int = 200, seed: int = 0) -> dict:
-    """`n` objects in the `mix` proportions, `unique` distinct images made in
-    parallel, each object a hard link to one of them under its own key (every
-    object is still fetched and decoded on its own)."""
+    """`n` objects in the `mix` proportions, from `unique` distinct images made in
+    parallel; each object is its own file with its own bytes (`distinct`), so every
+    object is fetched, decoded and embedded on its own."""
     if folder.exists() and sum(1 for _ in folder.rglob("*.*")) == n:
         return {"images": n, "made_s": 0.0}
     t0 = time.perf_counter()
@@ -66,21 +82,14 @@ def make_set(folder: Path, mix: dict[str, float], n: int, unique: int = 200, see
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         blobs = list(pool.map(_make, specs))
     order = np.random.default_rng(seed).permutation(len(specs))
-    pool_dir = folder.parent / f".{folder.name}-pool"
-    pool_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    for j, i in enumerate(order):
-        kind = specs[i][0]
-        path = pool_dir / f"{j:04d}.{'png' if kind.startswith('png') else 'jpg'}"
-        path.write_bytes(blobs[i])
-        files.append((kind, path))
     for i in range(n):
-        kind, path = files[i % len(files)]
-        target = folder / kind / f"img-{i:06d}{path.suffix}"
+        j = order[i % len(order)]
+        kind = specs[j][0]
+        target = folder / kind / f"img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}"
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
-            os.link(path, target)
-    return {"images": n, "unique": len(files), "made_s": time.perf_counter() - t0,
+            target.write_bytes(distinct(blobs[j], i))
+    return {"images": n, "unique": len(specs), "made_s": time.perf_counter() - t0,
             "bytes_per_image": sum(len(b) for b in blobs) / len(blobs)}
 
 

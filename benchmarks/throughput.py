@@ -62,11 +62,14 @@ def image_pool(seed: int = 0, unique: int = 200) -> list[tuple[str, bytes]]:
 
 
 def write_set(store, pool: list[tuple[str, bytes]], n: int) -> None:
-    """n objects cycling through the pool, each under its own key (no two keys share
-    a cache line of work: every object is fetched and decoded on its own)."""
+    """n objects cycling through the pool, each under its own key and with bytes of
+    its own (`device_check.distinct`: the same pixels), so every object is fetched,
+    decoded and embedded on its own (identical bytes are embedded once, issue 27)."""
+    from device_check import distinct
+
     for i in range(n):
         kind, data = pool[i % len(pool)]
-        store.put(f"{kind}/img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}", data)
+        store.put(f"{kind}/img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}", distinct(data, i))
 
 
 def python_path() -> str:

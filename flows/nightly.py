@@ -34,7 +34,7 @@ from tasks.report import RunSummary
 from tasks.shard.contents import CatalogRef, seed_catalog
 from tasks.shard.progress import current_progress
 from tasks.shard.runner import ShardSpec, process_shard
-from tasks.source.planning import RunPlan, plan_run
+from tasks.source.planning import HANDED_PLANS, RunPlan, plan_run
 from tasks.storage import StorageError, StoreSpec, cached_store, url_reader
 
 
@@ -80,9 +80,11 @@ def plan_task(config: RunConfig, fingerprint: str) -> RunPlan:
     return plan_run(config, fingerprint)
 
 
-def plan_or_skip(config: RunConfig, fingerprint: str, planned: RunPlan | None) -> RunPlan:
-    """The plan the caller made moments ago (the CLI plans first, so a quiet night
-    never starts Prefect) while `CURRENT` has not moved since, else a new one."""
+def plan_or_skip(config: RunConfig, fingerprint: str, plan_token: str | None) -> RunPlan:
+    """The plan the caller made moments ago in this process and handed over by
+    token (the CLI plans first, so a quiet night never starts Prefect) while
+    `CURRENT` has not moved since, else a new one."""
+    planned = HANDED_PLANS.take(plan_token)
     if planned is not None and planned.still_current(cached_store(config.output, config.endpoint_url)):
         return planned
     return plan_task(config, fingerprint)
@@ -125,10 +127,11 @@ def shard_specs(config: RunConfig, planned: RunPlan, setup: RunSetup, *, run_id:
 
 
 @flow(name="catalog-images", validate_parameters=True)
-def catalog_images(config: RunConfig, planned: RunPlan | None = None) -> RunSummary:
+def catalog_images(config: RunConfig, plan_token: str | None = None) -> RunSummary:
     """Catalogue `config.source` into `config.output`: embed new and changed
-    images, drop deleted ones, and commit a new version atomically. `planned` is
-    a plan the caller made moments ago (None: list and plan here)."""
+    images, drop deleted ones, and commit a new version atomically. `plan_token`
+    names a plan the caller made moments ago in this process (`HANDED_PLANS`;
+    None: list and plan here)."""
     logger = get_run_logger()
     started = time.perf_counter()
     config = config.with_environment()
@@ -143,7 +146,7 @@ def catalog_images(config: RunConfig, planned: RunPlan | None = None) -> RunSumm
                              started_at=datetime.now(UTC).isoformat())
         try:
             with RunLease(out_store, run_id):  # gc leaves this run's files alone while it lives
-                planned = plan_or_skip(config, setup.model.fingerprint, planned)
+                planned = plan_or_skip(config, setup.model.fingerprint, plan_token)
                 summary.note_plan(planned)
                 if planned.reembed_all:
                     logger.info("model or weights changed (%s -> %s): re-embedding every image",

@@ -190,3 +190,21 @@ def test_a_seed_of_another_model_is_refused_before_any_work(tmp_path, resnet18_w
                         "--weights", other, "--seed", tmp_path / "cat-a")
     assert code == 2 and "its vectors cannot be reused" in " ".join(text.split()), text
     assert not (tmp_path / "cat-b" / "CURRENT").exists()
+
+
+def test_a_run_of_thousands_of_objects_from_the_command_line(tmp_path, resnet18_weights, model_images):
+    """The CLI plans first and hands its plan to the flow by token: a plan of 3,000
+    objects is well past the 512 KB Prefect accepts as a flow run's parameters (it
+    was one, and a run of 5,000 objects was refused). The 3,000 objects hold one
+    photo's bytes under their own keys: one image through the model a shard."""
+    store = LocalStore(tmp_path / "src", create=True)
+    photo = encode(make_product_photo(np.random.default_rng(90), (120, 90)), "JPEG")
+    for i in range(3000):
+        store.put(f"a/very/long/prefix/of/keys/{i:06d}-product-photo-with-a-long-name.jpg", photo)
+    code, text = invoke("run", "--source", tmp_path / "src", "--output", tmp_path / "out", "--model", "resnet18",
+                        "--weights", resnet18_weights, "--compile", "off", "--json")
+    assert code == 0, text[-3000:]
+    summary = json.loads(text[text.index("{"):])
+    # bytes are embedded once a shard (two shards of up to 2,000 here)
+    assert summary["status"] == "committed" and summary["processed"] == 3000 and summary["shards"] == 2
+    assert summary["reused"] == 3000 - 2 and sum(model_images) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def lay_out_readme_folder(root: Path) -> None:
     labelled = [replace(s, key=f"labelled/{s.kind}/{i:03d}.jpg")
                 for i, s in enumerate(generate_samples(24, seed=18, broken=False))]
     write_samples(photos, labelled)
+    shutil.copytree(root / "photos", root / "photos-copy", copy_function=shutil.copy)  # as cp -r, for --seed
     save_random_weights("resnet18", 0, root / "resnet18.pth")
     (root / "query.jpg").write_bytes(samples[3].data)
     (root / "query-photos").mkdir()

@@ -27,7 +27,7 @@ from tasks.config import RunConfig
 from tasks.report import RunSummary
 from tasks.shard.contents import seed_catalog
 from tasks.shard.progress import reporting_progress
-from tasks.source.planning import plan_run
+from tasks.source.planning import HANDED_PLANS, plan_run
 from tasks.storage import cached_store, url_reader
 
 app = typer.Typer()
@@ -90,10 +90,12 @@ def run_catalog(config: RunConfig, *, show_progress: bool = True) -> RunSummary:
         write_run_row(cached_store(config.output, config.endpoint_url), summary.run_row())
         return summary
     progress = RichProgress() if show_progress else None
+    token = HANDED_PLANS.hand_over(planned)
     try:
         with reporting_progress(progress):
-            return catalog_images(config, planned=planned)
+            return catalog_images(config, plan_token=token)
     finally:
+        HANDED_PLANS.take(token)  # a flow that failed before taking it leaves nothing behind
         if progress:
             progress.stop()
 

@@ -53,6 +53,14 @@ GROUP_COLUMNS = ["image_id", "group_id", "group_size", "representative_id", "sco
 # about 80 bytes a pair at its peak, so at most ~1.3 KB an image (1.3 GB at 1M
 # images), next to an index of 1M x 2048 in 2 GiB.
 MAX_PAIRS_PER_IMAGE = 16
+# Below this many pairs the memory is small whatever the threshold (8 MB): a small
+# catalogue of look-alikes (every sample alike under random weights) still groups.
+MIN_PAIRS_LIMIT = 100_000
+
+
+def pair_limit(n_images: int) -> int:
+    """The pairs a report may hold before the threshold is refused as similarity, not duplication."""
+    return max(MAX_PAIRS_PER_IMAGE * max(n_images, 1), MIN_PAIRS_LIMIT)
 
 # On an IVF index the pairs come from joining lists, not from a search per image:
 # each list with itself, and each image with the NEXT_LISTS lists it is next
@@ -133,7 +141,7 @@ def similar_pairs(index: faiss.Index | faiss_index.Segments, blocks: faiss_index
     check_threshold(threshold)
     found_a, found_b, found_s = [], [], []
     found = 0
-    limit = MAX_PAIRS_PER_IMAGE * max(n_images, 1)
+    limit = pair_limit(n_images)
     for ids, vectors in blocks:
         lims, scores, neighbours = faiss_index.range_search(index, vectors, threshold, nprobe=nprobe, rerank=rerank)
         queries = np.repeat(np.asarray(ids, np.int64), np.diff(lims).astype(np.int64))
@@ -241,7 +249,7 @@ class _PairCollector:
 
     def __init__(self, threshold: float, n_images: int) -> None:
         self.threshold, self.n_images = threshold, n_images
-        self.limit = MAX_PAIRS_PER_IMAGE * max(n_images, 1)
+        self.limit = pair_limit(n_images)
         self.a, self.b, self.score = [], [], []
         self.found = 0
 

@@ -224,18 +224,27 @@ class CatalogRef:
 
 
 class SeenContents:
-    """Within a shard, bytes are embedded once: the first object read with them is,
-    and a later object with the same bytes becomes a copy of it (no decode kept,
-    no model pass; the writer gives it the first one's vectors under its own key)."""
+    """Within a shard, bytes are embedded once: the first object to claim them is
+    (decoded, embedded), and every other object with the same bytes is a copy of
+    it (not decoded where the read stage can ask first, and never embedded; the
+    writer gives it the first one's vectors under its own key, whichever of the
+    two it meets first)."""
 
     def __init__(self) -> None:
-        self.first: dict[str, str] = {}  # sha256 -> key of the first object read with it
+        self.first: dict[str, str] = {}  # sha256 -> key of the object that claimed it
+        self._lock = threading.Lock()
+
+    def claim(self, content: str, key: str) -> bool:
+        """Whether the object `key` is the one to embed these bytes (the first to claim them)."""
+        with self._lock:
+            return self.first.setdefault(content, key) == key
 
     def dedupe(self, chunks: Iterator[Inputs]) -> Iterator[Inputs]:
+        """Chunks read where the claim could not be asked first (decode processes):
+        inputs of an object whose bytes another object claimed become copies."""
         for chunk in chunks:
-            for key, content in chunk.contents.items():
-                self.first.setdefault(content, key)
-            later = {key for key, content in chunk.contents.items() if self.first[content] != key}
+            later = {key for key, content in chunk.contents.items() if not self.claim(content, key)}
+            later -= {info.key for info in chunk.copies.infos}
             if later:
                 chunk = self._as_copies(chunk, later)
             yield chunk

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tasks.records import ImageFailure, ObjectInfo
-from tasks.shard.contents import KnownContents, content_sha256, is_known, known_prefixes
+from tasks.shard.contents import KnownContents, SeenContents, content_sha256, is_known, known_prefixes
 from tasks.shard.decode import DecodeOptions
 from tasks.shard.device import device_jpeg_size
 from tasks.shard.inputs import Inputs, Pages
@@ -177,11 +177,14 @@ def _fetch(store: ObjectStore, key: str) -> tuple[bytes | None, str, str, float]
 
 
 def read_chunk(fetched: Iterable[tuple[bytes | None, str, str, float]], family: ModelFamily,
-               options: DecodeOptions, known: np.ndarray | None = None) -> ChunkRead:
+               options: DecodeOptions, known: np.ndarray | None = None,
+               claim: Callable[[int, str], bool] | None = None) -> ChunkRead:
     """Decode a chunk's fetched objects (bytes, or the fetch error): each to its
     pages' model-sized pixels (and thumbnails), or, for a JPEG bound for the
-    device, its size only; or the reason it failed. An object whose sha256 is in
-    `known` (sorted digest prefixes, `tasks.shard.contents`) is not decoded."""
+    device, its size only; or the reason it failed. An object is not decoded when
+    its sha256 is in `known` (sorted digest prefixes, `tasks.shard.contents`), or
+    when `claim(index, sha256)` says another object of the shard read those bytes
+    first: it is a copy."""
     page_object, page, size, last, thumbnails, pixels = [], [], [], [], [], []
     jpeg_object, jpeg_size, jpegs, failures, content, copies = [], [], [], [], [], []
     fetch_s = decode_s = 0.0
@@ -192,7 +195,7 @@ def read_chunk(fetched: Iterable[tuple[bytes | None, str, str, float]], family: 
             content.append(None)
             continue
         content.append(content_sha256(data))
-        if known is not None and is_known(known, content[-1]):
+        if (known is not None and is_known(known, content[-1])) or (claim is not None and not claim(i, content[-1])):
             copies.append(i)
             continue
         if (dims := device_jpeg_size(data, options)) is not None:
@@ -268,11 +271,12 @@ class ShardReader:
 
     def __init__(self, source: StoreSpec, family: ModelFamily, options: DecodeOptions, *,
                  processes: ProcessPoolExecutor | None = None, io_workers: int | None = None,
-                 known: KnownContents | None = None) -> None:
+                 known: KnownContents | None = None, seen: SeenContents | None = None) -> None:
         self.source, self.family, self.options, self.processes = source, family, options, processes
         self.store = source.open()
         self.io_workers = io_workers or default_io_workers()
         self.known = known if known is not None and len(known) else None
+        self.seen = seen  # in this process's threads, bytes read before are not decoded again
 
     def read(self, items: Sequence[ObjectInfo], lookahead: int) -> Iterator[Inputs]:
         with ThreadPoolExecutor(max_workers=self.io_workers, thread_name_prefix="batchsight-io") as pool:
@@ -288,5 +292,6 @@ class ShardReader:
         return as_inputs(infos, self.processes.submit(decode_chunk, job).result())
 
     def _here(self, infos: Sequence[ObjectInfo]) -> Inputs:
+        claim = (lambda i, content: self.seen.claim(content, infos[i].key)) if self.seen is not None else None
         return as_inputs(infos, read_chunk([_fetch(self.store, i.key) for i in infos], self.family, self.options,
-                                           self.known.prefix if self.known is not None else None))
+                                           self.known.prefix if self.known is not None else None, claim))

@@ -55,8 +55,9 @@ def run_shard(items: Sequence[ObjectInfo], reader: ShardReader, embed: EmbedStag
     seconds batching waited for reading."""
     waited = Waited()
     lookahead = (embed.embedder.streams + 1) * embed.size + 8
+    reader.seen = SeenContents()  # bytes met before in this shard: copies, no model pass
     with closing(reader.read(items, lookahead)) as inputs:
-        read = SeenContents().dedupe(waited.timed(inputs))  # bytes seen before in this shard: copies, no model pass
+        read = reader.seen.dedupe(waited.timed(inputs))
         for done in embed.map(batches(read, size_of=lambda: embed.size)):
             write(done)
             if on_progress:

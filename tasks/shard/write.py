@@ -75,6 +75,8 @@ class ShardWriter:
         self.known = known
         self.copied = 0  # objects whose rows and vectors came from identical bytes, with no model pass
         self._embedded: dict[str, dict[int, tuple]] = {}  # content -> page -> (size, vector, class ids, probs)
+        self._complete: set[str] = set()  # contents whose object's every page is in `_embedded`
+        self._pending: dict[str, list[ObjectInfo]] = {}  # copies met before their original was written
         self._failed: dict[str, ImageFailure] = {}  # content -> the failure of the object first read with it
         self._content_of: dict[str, str] = {}  # key -> content, for objects read
         self._vectors = VectorsOf()
@@ -85,7 +87,10 @@ class ShardWriter:
         self.failures += batch.failures
         for f in batch.failures:
             if f.key in self._content_of:
-                self._failed.setdefault(self._content_of[f.key], f)
+                content = self._content_of[f.key]
+                self._failed.setdefault(content, f)
+                for info in self._pending.pop(content, []):
+                    self._copy(info, content)
         self.times.add(StageTimes(fetch=batch.fetch_s, decode=batch.decode_s, model=batch.model_s))
         if len(batch.pages):
             self.first_batch_at = self.first_batch_at or time.time()
@@ -119,11 +124,15 @@ class ShardWriter:
             for i, content in enumerate(pages.content):
                 self._embedded.setdefault(content, {})[int(pages.page[i])] = (
                     tuple(pages.size[i]), embeddings[i].copy(), class_ids[i], class_probs[i])
+            for i in np.flatnonzero(pages.last):  # an object whose last page is in: its copies can have its rows
+                self._complete.add(pages.content[i])
+                for info in self._pending.pop(pages.content[i], []):
+                    self._copy(info, pages.content[i])
 
     def _copy(self, info: ObjectInfo, content: str) -> None:
         """An object whose bytes were embedded before, in this shard or in a catalogue
         this run builds on: its rows under its own key, with those vectors."""
-        if content in self._embedded:
+        if content in self._complete:
             pages = self._embedded[content]
             numbers = sorted(pages)
             sizes = [pages[p][0] for p in numbers]
@@ -137,10 +146,8 @@ class ShardWriter:
             self.failures.append(ImageFailure(info.key, info.etag, info.size, original.stage, original.error_type,
                                               original.message))
             return
-        else:  # a prefix matched but not the whole digest (about 1 in 10^13): read it properly next run
-            self.failures.append(ImageFailure(info.key, info.etag, info.size, "fetch", "content_lookup",
-                                              f"its sha256 {content[:16]}... matched a known prefix, not a known "
-                                              "digest; it is read again on the next run"))
+        else:  # its original is still on its way through the model: it follows when that is written
+            self._pending.setdefault(content, []).append(info)
             return
         n = len(numbers)
         pages = Pages([info] * n, np.asarray(numbers, np.int32), np.asarray(sizes, np.int32).reshape(-1, 2),
@@ -162,6 +169,11 @@ class ShardWriter:
 
     def finish(self, *, load_s: float, batch_size: int, wait_s: float) -> ShardResult:
         t0 = time.perf_counter()
+        for content, infos in self._pending.items():  # a prefix matched, not the digest (about 1 in 10^13)
+            self.failures += [ImageFailure(info.key, info.etag, info.size, "fetch", "content_lookup",
+                                           f"its sha256 {content[:16]}... matched a known prefix, not a known "
+                                           "digest; it is read again on the next run") for info in infos]
+        self._pending.clear()
         thumbnail_file = put_recorded(self.output, self.thumbnails.key, self.thumbnails.finish()) \
             if self.thumbnails.ids else None
         if self.part.rows:

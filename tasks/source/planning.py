@@ -6,6 +6,8 @@ first so a night with nothing to do never starts Prefect.
 
 from __future__ import annotations
 
+import secrets
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -189,3 +191,30 @@ def _plan_run(source: ObjectStore, output: ObjectStore, fingerprint: str, *, max
         check_deletions(plan, plan.catalogued, source=source.url, max_share=max_delete_share,
                             listed=len(listing.images))
     return RunPlan(listing, previous, pointer_etag, plan, reembed_all)
+
+
+class HandedPlans:
+    """Plans handed from whoever made them to a flow run in the same process, by a
+    short token: the CLI plans first (so a quiet night never starts Prefect) and
+    passes the token as the flow's `plan_token`, so the bucket is not listed twice
+    (at 10M objects, hours of LIST). A plan travels by token, never as a flow
+    parameter: Prefect serializes parameters (and refuses them past 512 KB), and
+    a listing is larger than that from a few thousand objects. A token from
+    another process, or taken already, finds nothing: the flow then plans itself."""
+
+    def __init__(self) -> None:
+        self._plans: dict[str, RunPlan] = {}
+        self._lock = threading.Lock()
+
+    def hand_over(self, plan: RunPlan) -> str:
+        token = secrets.token_hex(8)
+        with self._lock:
+            self._plans[token] = plan
+        return token
+
+    def take(self, token: str | None) -> RunPlan | None:
+        with self._lock:
+            return self._plans.pop(token, None) if token else None
+
+
+HANDED_PLANS = HandedPlans()
