@@ -1,26 +1,26 @@
-"""Where shards run: the task runner the caller chooses (CLI `--cluster` /
-`--workers`, or the deployment's `cluster` / `workers` parameters).
+"""Where shards run: the runner the run's `ShardConfig` names (CLI `--cluster` /
+`--workers`, or the deployment config's `shards`).
 
 - neither: in this process, one shard at a time (a shard already uses every
   core: decode threads or processes, and the model's streams);
 - `workers=N`: a temporary `LocalCluster` of N worker processes on this machine,
-  one shard at a time each; on a machine with GPUs, one worker per GPU, each
-  pinned to its own card;
+  one shard at a time each; on a machine with GPUs, N a multiple of the GPUs,
+  each worker pinned to a card;
 - `cluster="tcp://scheduler:8786"`: an existing Dask cluster.
 
-This module is the choice, light enough for the CLI to check a flag before
-Prefect starts; the Dask side is flows/dask_shards.py. Another distributed
-runner (Ray, a batch system) would be one more module like that one, and here
-its address scheme (`scheduler_address` takes tcp:// and tls:// only) and one
-more branch in `run_shards`.
+`shard_runner` is entered first of all in the flow, so a local cluster starts
+while the model is checked and its workers load the model while the flow plans
+(`ShardRunner.warm`). The Dask side is flows/dask_shards.py; another distributed
+runner (Ray, a batch system) would be one more class with `warm` and `run`,
+chosen here, and its address scheme in `tasks/config.scheduler_address`.
 
 Both Dask cases go through `prefect_dask.DaskTaskRunner`: a shard is the same
-Prefect task wherever it runs. The model is loaded where a shard runs, once per
-worker process (`models.engine.get_embedder`). Workers that advertise a `GPU`
-resource get shards annotated with `resources={"GPU": 1}`, so two shards never
-share a card. Progress crosses processes as Dask events (`log_event` on the
-worker, `subscribe_topic` here), per shard and cumulative, so a shard rerun on
-another worker after its first one died does not count its images twice.
+Prefect task wherever it runs. The model is loaded once per worker process
+(`models.engine.get_embedder`). Workers that advertise a `GPU` resource get
+shards annotated with `resources={"GPU": 1}`, so two shards never share a card.
+Progress crosses processes as Dask events (`log_event` on the worker,
+`subscribe_topic` here), per shard and cumulative, so a shard rerun on another
+worker after its first one died does not count its images twice.
 """
 
 from __future__ import annotations
