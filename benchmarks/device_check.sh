@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The GPU check (issue 13): model alone (eager, compiled), `batchsight run` with CPU
-# and with GPU decode, and a plain DataLoader baseline, on 20,000 images of the
-# throughput mix and 20,000 ImageNet-like 500x375 JPEGs; JSON to --out. About 6-8
-# minutes on one H200 with 16 cores.
+# The GPU check (issue 26): on one GPU machine, `batchsight run --gpu-decode` on
+# 100,000 ImageNet-like JPEGs (target 8,000 img/s, 3x the DataLoader peer) and on
+# 20,000 objects of the mix, 10% of them 12-MP camera photos (target 2,500 img/s,
+# and no crash); after every run, no process of it may hold the GPU (nvidia-smi);
+# the model alone and the DataLoader peer beside them. About 6-8 minutes on one
+# H200 with 16 cores; JSON to --out after every step.
 #
 # Needs python3 with torch, torchvision, numpy, pandas, pyarrow and Pillow. Where
 # prefect, faiss-cpu, boto3 or pypdfium2 are missing and there is no network, bring
-# them as wheels (benchmarks/gpu_wheels.sh makes them) and pass --wheels DIR: they are
-# unpacked into a private folder on PYTHONPATH, which `batchsight run` keeps.
+# them as wheels (benchmarks/gpu_wheels.sh makes them, under the 64 MiB a device
+# call carries) and pass --wheels DIR: they are unpacked into a private folder on
+# PYTHONPATH, which `batchsight run` keeps.
 #
-#     benchmarks/device_check.sh --wheels .whl --out /tmp/device_check.json
-#     benchmarks/device_check.sh --device cpu --images 200 --model resnet18     # smoke test, anywhere
+# The next GPU session's command (the default steps are exactly issue 26's check):
 #
-# The next GPU session's question (issue 13): do several shard processes on the one card
-# beat one? In-process against --workers 4, GPU decode, both sets, about 5 minutes:
+#     benchmarks/device_check.sh --wheels .whl --out "$OUT/device_check.json"
 #
-#     benchmarks/device_check.sh --wheels .whl --compile off --only "GPU decode" --budget-s 360 \
-#         --out "$OUT/device_check.json"
+# Smoke test, anywhere:
+#
+#     benchmarks/device_check.sh --device cpu --images 200 --mix-images 100 --model resnet18
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -181,6 +181,14 @@ def test_duplicates_runs_and_docs_pages(server, browser, shots):
         columns = json.loads(r.read())["columns"]
     shown = {f.get_attribute("data-column") for f in browser.find_elements(By.CSS_SELECTOR, "#groups .field")}
     assert "group_size" in shown and shown <= set(columns), (shown, columns)  # the table's own columns, listed
+    # each group: its representative marked, every other member with its cosine to it
+    for group in browser.find_elements(By.CSS_SELECTOR, "#groups .group"):
+        cards = group.find_elements(By.CSS_SELECTOR, ".card")
+        marked = [c for c in cards if "representative" in c.get_attribute("class")]
+        assert len(marked) == 1 and marked[0].find_element(By.CSS_SELECTOR, ".badge").text.lower() == "representative"
+        others = [c for c in cards if c not in marked]
+        assert all(c.find_element(By.CSS_SELECTOR, ".score").text.startswith("cosine to representative")
+                   for c in others) and len(others) == len(cards) - 1
     assert browser.find_element(By.ID, "csv").get_attribute("href").endswith("threshold=0.9999")
     browser.save_screenshot(str(shots / "duplicates.png"))
 

@@ -42,6 +42,10 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
         checked = verify_version(cat.store, cat.manifest) if verify else None
     except UserError as exc:
         raise fail(exc) from None
+    try:
+        unhashed = cat.live_table("images", ["content_sha256"])["content_sha256"].null_count
+    except CatalogCorrupt:  # a damaged images part: `--verify` names it; status still reports the rest
+        unhashed = None
     m = cat.manifest
     made_by = runs[runs["run_id"] == m.run_id]
     last = runs.iloc[-1] if len(runs) else None
@@ -57,7 +61,7 @@ def status(catalog: CatalogOpt, endpoint_url: EndpointOpt = None,
         "index": index, "rolled_back_from": m.rolled_back_from, "versions": [v.version for v in history],
         "run": _run_info(made_by.iloc[0]) if len(made_by) else None,
         "last_run": _run_info(last) if last is not None else None,
-        "rows_without_content_sha256": cat.live_table("images", ["content_sha256"])["content_sha256"].null_count,
+        "rows_without_content_sha256": unhashed,
     }
     if checked is not None:
         info["verify"] = {"files": checked.checked, "damaged": checked.problems, "unrecorded": checked.unrecorded}

@@ -97,14 +97,25 @@ async function initSearch() {
 // ---- Duplicates
 
 // what a card shows already; every other column of the duplicates table is listed under it
-const CARD_FIELDS = new Set(["image_id", "group_id", "key", "page", "top_class", "category", "score"]);
+const CARD_FIELDS = new Set(["image_id", "group_id", "key", "page", "top_class", "category", "score",
+                             "representative_id", "representative_key", "representative_page"]);
 
 function shownValue(value) {
   return typeof value === "number" && !Number.isInteger(value) ? value.toFixed(4) : String(value);
 }
 
 function memberCard(member, columns) {
-  const node = card(member, null);
+  // a group is its representative and the images above the threshold to it (never a chain):
+  // the representative is marked; every other member shows its cosine to it
+  const representative = member.representative_id === undefined || member.image_id === member.representative_id;
+  const { score, ...rest } = member;
+  const node = card(representative ? rest : member, null);
+  if (representative) {
+    node.classList.add("representative");
+    node.prepend(el("div", { class: "badge" }, "representative"));
+  } else if (score !== undefined) {
+    node.querySelector(".score").textContent = `cosine to representative ${score.toFixed(4)}`;
+  }
   for (const column of columns) {
     if (CARD_FIELDS.has(column) || member[column] === null || member[column] === undefined) continue;
     node.append(el("div", { class: "muted field", "data-column": column }, `${column} ${shownValue(member[column])}`));
