@@ -105,3 +105,11 @@ def samples():
     from tasks.sample_data import generate_samples
 
     return generate_samples(50, seed=3)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that runs the flow (it needs Prefect's server, `prefect_harness`) is an
+    end-to-end run and `slow`: `make test-fast` leaves it out, `make test` runs it."""
+    for item in items:
+        if "prefect_harness" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -448,6 +448,7 @@ def test_catalogue_index_goes_flat_to_ivf_updates_in_place_and_retrains_past_the
     assert "next option" not in text
 
 
+@pytest.mark.slow
 def test_status_of_an_index_below_its_recall_target_names_the_next_option_up(tmp_path):
     dim, n = 64, 6000
     plain_pq = index_choice.ivf_pq_for_code(n, dim, 8)  # OPQ8_56,IVF153,PQ8x8np: 8 bytes a vector, no re-rank

@@ -35,6 +35,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
+@pytest.mark.slow
 def test_draft_mode_decoding_gives_embeddings_close_to_full_decoding(embedder):
     rng = np.random.default_rng(17)
     photos = [encode(make_product_photo(rng, (4000, 3000)), "JPEG") for _ in range(2)]
@@ -43,6 +44,7 @@ def test_draft_mode_decoding_gives_embeddings_close_to_full_decoding(embedder):
     assert cosine(embedder.embed(draft).embeddings, embedder.embed(full).embeddings).min() >= 0.995
 
 
+@pytest.mark.slow
 def test_compiled_model_agrees_with_eager_and_pads_short_batches(resnet18_weights):
     settings = EmbedderSettings(model="resnet18", weights=str(resnet18_weights), device="cpu")
     eager, compiled = Embedder(settings), Embedder(settings)

@@ -19,6 +19,7 @@ import hashlib
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,9 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.errors import UserError
+from tasks.catalog.errors import ROLLBACK_HINT, CatalogCorrupt
 from tasks.catalog.manifest import read_manifest
 from tasks.catalog.reader import Catalog, open_catalog, read_embedding_batches
-from tasks.records import FileRecord
 from tasks.shard.inputs import Inputs, Pages
 from tasks.storage import StoreSpec
 
@@ -185,30 +186,40 @@ def known_contents(catalogs: list[Catalog]) -> KnownContents:
 
 
 class VectorsOf:
-    """Vectors of known rows, read from their embeddings parts: each part read once
-    a shard, only the rows asked for kept."""
+    """Vectors of known rows, read from their embeddings parts: a part is read (and
+    checked) once, whole, and the last `PARTS_KEPT` parts read are kept, since the
+    copies of one bucket come mostly from few parts, in order."""
+
+    PARTS_KEPT = 4
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+        self._parts: OrderedDict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def get(self, rows: KnownRows) -> np.ndarray:
-        wanted: dict[tuple[int, str], set[int]] = {}
+        out = []
         for (cat, part), image_id in zip(rows.part, rows.image_id.tolist(), strict=True):
-            wanted.setdefault((id(cat), part), set()).add(image_id)
-        for (cat, part), image_id in zip(rows.part, rows.image_id.tolist(), strict=True):
-            have = self._cache.setdefault((id(cat), part), {})
-            if image_id not in have:
-                self._read(cat, part, wanted[(id(cat), part)], have)
-        return np.stack([self._cache[(id(cat), part)][i] for (cat, part), i in
-                         zip(rows.part, rows.image_id.tolist(), strict=True)])
+            ids, vectors = self._part(cat, part)
+            at = int(np.searchsorted(ids, image_id))
+            if at == len(ids) or ids[at] != image_id:
+                raise CatalogCorrupt(f"{cat.store.describe(part)} holds no vector for image {image_id}, which a row "
+                                     f"of version {cat.manifest.version} says it does; {ROLLBACK_HINT}")
+            out.append(vectors[at])
+        return np.stack(out)
 
-    def _read(self, cat: Catalog, part: str, ids: set[int], have: dict[int, np.ndarray]) -> None:
-        record: FileRecord | None = cat.manifest.files.get(part)
-        wanted = np.fromiter(ids, np.int64)
-        for image_ids, _runs, vectors in read_embedding_batches(cat.store, part, record):
-            keep = np.isin(image_ids, wanted)
-            for image_id, vector in zip(image_ids[keep].tolist(), vectors[keep], strict=True):
-                have[image_id] = vector.copy()
+    def _part(self, cat: Catalog, part: str) -> tuple[np.ndarray, np.ndarray]:
+        key = (id(cat), part)
+        if key in self._parts:
+            self._parts.move_to_end(key)
+            return self._parts[key]
+        blocks = list(read_embedding_batches(cat.store, part, cat.manifest.files.get(part)))
+        ids = np.concatenate([b[0] for b in blocks]) if blocks else np.empty(0, np.int64)
+        vectors = np.concatenate([b[2] for b in blocks]) if blocks else np.empty((0, cat.manifest.embedding_dim),
+                                                                                  np.float32)
+        order = np.argsort(ids, kind="stable")
+        self._parts[key] = (ids[order], vectors[order])
+        while len(self._parts) > self.PARTS_KEPT:
+            self._parts.popitem(last=False)
+        return self._parts[key]
 
 
 @dataclass(frozen=True)

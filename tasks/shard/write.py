@@ -77,6 +77,7 @@ class ShardWriter:
         self._embedded: dict[str, dict[int, tuple]] = {}  # content -> page -> (size, vector, class ids, probs)
         self._complete: set[str] = set()  # contents whose object's every page is in `_embedded`
         self._pending: dict[str, list[ObjectInfo]] = {}  # copies met before their original was written
+        self._copies: list[tuple] = []  # copies resolved, waiting to be written together
         self._failed: dict[str, ImageFailure] = {}  # content -> the failure of the object first read with it
         self._content_of: dict[str, str] = {}  # key -> content, for objects read
         self._vectors = VectorsOf()
@@ -97,6 +98,7 @@ class ShardWriter:
             self._add(batch.pages, batch.embeddings, batch.class_ids, batch.class_probs, remember=True)
         for info, content in zip(batch.copies.infos, batch.copies.content, strict=True):
             self._copy(info, content)
+        self._flush_copies()
         self.write_s += time.perf_counter() - t0
 
     def _add(self, pages: Pages, embeddings: np.ndarray, class_ids: np.ndarray, class_probs: np.ndarray, *,
@@ -152,8 +154,17 @@ class ShardWriter:
         n = len(numbers)
         pages = Pages([info] * n, np.asarray(numbers, np.int32), np.asarray(sizes, np.int32).reshape(-1, 2),
                       np.arange(n) == n - 1, [None] * n, content=[content] * n)
-        self._add(pages, vectors, np.asarray(ids), np.asarray(probs), remember=False)
+        self._copies.append((pages, vectors, np.asarray(ids), np.asarray(probs)))
         self.copied += 1
+
+    def _flush_copies(self) -> None:
+        """The copies resolved since the last flush, as one row group of the part (not one each)."""
+        if not self._copies:
+            return
+        pages, vectors, ids, probs = zip(*self._copies, strict=True)
+        self._copies.clear()
+        self._add(Pages.concat(list(pages)), np.concatenate(vectors), np.concatenate(ids), np.concatenate(probs),
+                  remember=False)
 
     def rows(self) -> pd.DataFrame:
         """The shard's `images` rows, in the order of its part's vectors."""
