@@ -4,8 +4,10 @@ model are fast (issue 13). Runs the real `process_shard` (fetch in decode
 processes or threads, batching, the device-decode call, stacking, rows, the
 embeddings part and its Parquet write) over ImageNet-like 500x375 JPEGs, with
 two stand-ins, said here because they are not the product: a model that
-returns random unit vectors at once, and a device JPEG decoder that returns a
-model-sized tensor for every JPEG (what nvJPEG plus the device resize hand on).
+returns unit vectors made once, at once (the copy a real model's output costs
+to bring to the host), and nvJPEG plus the device resize handing on a batch of
+model-sized images at no cost to this process (on a GPU that work is the
+device's). Every object has bytes of its own (`device_check.make_set`).
 
 `--processes 1,2` runs the set as 1 shard process, then as 2 side by side on
 halves of it (what `batchsight run --workers 2` does), and reports the images a
@@ -53,17 +55,17 @@ def one_shard(folder: str, part: int, parts: int, decode_in: str, model: str, ou
     real = get_embedder(settings)
     side = real.family.preprocessing.crop_size
     rng = np.random.default_rng(part)
+    unit = rng.standard_normal((1024, real.dim)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    classes, probs = np.tile(np.arange(5, dtype=np.int32), (1024, 1)), np.full((1024, 5), 0.2, np.float32)
 
-    class NullModel:  # stand-in: the real embedder's attributes, no network
+    class NullModel:  # stand-in: the real embedder's attributes, no network, results made once
         def __getattr__(self, name):
             return getattr(real, name)
 
         def embed(self, batch, **kw):
             n = batch.shape[0]
-            vectors = rng.standard_normal((n, real.dim)).astype(np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            return EmbedResult(vectors, np.tile(np.arange(5, dtype=np.int32), (n, 1)),
-                               np.full((n, 5), 0.2, np.float32))
+            return EmbedResult(unit[:n].copy(), classes[:n].copy(), probs[:n].copy())
 
         def fitting_batch_size(self):
             return 256
