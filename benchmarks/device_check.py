@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -78,8 +79,12 @@ def make_set(folder: Path, mix: dict[str, float], n: int, unique: int = 200, see
     """`n` objects in the `mix` proportions, from `unique` distinct images made in
     parallel; each object is its own file with its own bytes (`distinct`), so every
     object is fetched, decoded and embedded on its own."""
-    if folder.exists() and sum(1 for _ in folder.rglob("*.*")) == n:
+    made = folder.parent / f"{folder.name}.made.json"  # beside the set: a file in it would be an object
+    recipe = {"mix": mix, "n": n, "unique": unique, "seed": seed, "distinct": 1}
+    if made.exists() and json.loads(made.read_text()) == recipe:
         return {"images": n, "made_s": 0.0}
+    if folder.exists():  # made by another recipe (or before objects had bytes of their own)
+        shutil.rmtree(folder)
     t0 = time.perf_counter()
     kinds = [kind for kind, share in mix.items() for _ in range(max(1, round(unique * share)))]
     specs = [(kind, seed * 100_000 + i) for i, kind in enumerate(kinds)]
@@ -91,8 +96,8 @@ def make_set(folder: Path, mix: dict[str, float], n: int, unique: int = 200, see
         kind = specs[j][0]
         target = folder / kind / f"img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.write_bytes(distinct(blobs[j], i))
+        target.write_bytes(distinct(blobs[j], i))
+    made.write_text(json.dumps(recipe))
     return {"images": n, "unique": len(specs), "made_s": time.perf_counter() - t0,
             "bytes_per_image": sum(len(b) for b in blobs) / len(blobs)}
 

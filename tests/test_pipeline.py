@@ -230,3 +230,46 @@ def test_a_model_error_on_a_batch_is_retried_image_by_image(tmp_path, embedder):
     embedded = [key for key, *_ in out.records()]
     assert len(embedded) == 5 and "poison.png" not in embedded
     assert [(f.key, f.stage, f.message) for f in out.failures] == [("poison.png", "model", "simulated kernel failure")]
+
+
+def test_a_shard_that_fails_leaves_no_part_writer_thread(tmp_path, resnet18_weights, monkeypatch):
+    """The embeddings part is encoded on a thread of its own; a shard that fails
+    after its first batch was written must not leave that thread behind (a worker
+    runs thousands of shards). The failure is injected into the writer's second
+    batch: nothing real fails on demand here."""
+    import tasks.shard.write as write_stage
+    from tasks.shard.runner import ShardSpec, process_shard
+    from tasks.storage import StoreSpec
+
+    store = LocalStore(tmp_path / "src", create=True)
+    write_samples(store, generate_samples(6, seed=31, broken=False))
+    written = write_stage.ShardWriter.write
+    calls = []
+
+    def fails_second(self, batch):
+        calls.append(len(batch.pages))
+        if len(calls) == 2:
+            raise RuntimeError("injected: the disk went away")
+        written(self, batch)
+
+    monkeypatch.setattr(write_stage.ShardWriter, "write", fails_second)
+    spec = ShardSpec(index=0, items=tuple(store.list()), source=StoreSpec(store.url),
+                     output=StoreSpec(str(tmp_path / "out")), run_id="r", batch_size=2,
+                     embedder=EmbedderSettings(model="resnet18", weights=str(resnet18_weights), device="cpu"),
+                     decode=DecodeOptions(decode_in="threads"))
+    with pytest.raises(RuntimeError, match="injected"):
+        process_shard(spec)
+    assert len(calls) == 2
+    assert [t.name for t in threading.enumerate() if t.name.startswith("batchsight-part")] == []
+
+
+def test_objects_go_to_decode_processes_many_small_or_few_large_a_chunk():
+    from tasks.records import ObjectInfo
+    from tasks.shard.read import CHUNK_BYTES, CHUNK_OBJECTS, chunks_of
+
+    small = [ObjectInfo(f"s{i}.jpg", "e", 30_000, 0.0) for i in range(300)]
+    large = [ObjectInfo(f"l{i}.jpg", "e", 5_000_000, 0.0) for i in range(3)]  # each past CHUNK_BYTES alone
+    chunks = list(chunks_of(small + large + small[:5]))
+    assert [len(c) for c in chunks] == [CHUNK_OBJECTS] * 4 + [300 - 4 * CHUNK_OBJECTS, 1, 1, 1, 5]
+    assert all(sum(o.size for o in c) <= CHUNK_BYTES or len(c) == 1 for c in chunks)
+    assert [o.key for c in chunks for o in c] == [o.key for o in small + large + small[:5]]

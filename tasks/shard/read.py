@@ -43,7 +43,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 PROCESS_DECODE_MIN_CORES = 4
-CHUNK = 16  # objects a task sent to a decode process
+CHUNK_OBJECTS = 64  # at most, a task sent to a decode process ...
+CHUNK_BYTES = 4 * 1024 * 1024  # ... or as many objects as make this many listed bytes (at least one)
 WORKER_CORES_ENV = "BATCHSIGHT_WORKER_CORES"  # this process's share of the cores (a local Dask worker's)
 
 
@@ -243,10 +244,34 @@ def decode_chunk(job: _ChunkJob) -> ChunkRead:
     if store is None:  # not `StoreSpec.open`: its cache came across the fork, and a boto3 client must not
         store = stores[job.source] = open_store(job.source.url, endpoint_url=job.source.endpoint_url)
     fetchers = _worker_state.get("fetchers")
-    if fetchers is None:
-        fetchers = _worker_state["fetchers"] = ThreadPoolExecutor(4, thread_name_prefix="batchsight-fetch")
-    return read_chunk(fetchers.map(partial(_fetch, store), job.keys), job.family, job.options,
-                      known_prefixes(job.known))
+    if fetchers is None and store.concurrent_gets > 1:
+        fetchers = _worker_state["fetchers"] = ThreadPoolExecutor(store.concurrent_gets,
+                                                                  thread_name_prefix="batchsight-fetch")
+    return read_chunk(fetch_all(store, job.keys, fetchers), job.family, job.options, known_prefixes(job.known))
+
+
+def fetch_all(store: ObjectStore, keys: Sequence[str], fetchers: ThreadPoolExecutor | None
+              ) -> Iterator[tuple[bytes | None, str, str, float]]:
+    """Each key's bytes (or why not), in order: `store.concurrent_gets` at a time on
+    `fetchers`, or one after another on this thread where the store reads fastest so."""
+    if store.concurrent_gets > 1 and fetchers is not None:
+        return fetchers.map(partial(_fetch, store), keys)
+    return map(partial(_fetch, store), keys)
+
+
+def chunks_of(items: Sequence[ObjectInfo]) -> Iterator[Sequence[ObjectInfo]]:
+    """`items` as decode-process tasks: a task and its reply cost the shard's own
+    process about as much as ten small objects do, so small objects go many a
+    task (`CHUNK_OBJECTS`); large ones few (`CHUNK_BYTES`), so that a chunk of
+    camera photos does not hold the model up for seconds."""
+    start, size = 0, 0
+    for i, item in enumerate(items):
+        if i > start and (i - start >= CHUNK_OBJECTS or size + item.size > CHUNK_BYTES):
+            yield items[start:i]
+            start, size = i, 0
+        size += item.size
+    if start < len(items):
+        yield items[start:]
 
 
 def as_inputs(infos: Sequence[ObjectInfo], read: ChunkRead) -> Inputs:
@@ -279,12 +304,13 @@ class ShardReader:
         self.seen = seen  # in this process's threads, bytes read before are not decoded again
 
     def read(self, items: Sequence[ObjectInfo], lookahead: int) -> Iterator[Inputs]:
-        with ThreadPoolExecutor(max_workers=self.io_workers, thread_name_prefix="batchsight-io") as pool:
-            if self.processes is not None:
-                chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
-                yield from bounded_map(pool, self._in_process, chunks, max_in_flight=max(2, lookahead // CHUNK))
-            else:
-                yield from bounded_map(pool, self._here, [[item] for item in items], max_in_flight=lookahead)
+        chunks = list(chunks_of(items))
+        in_flight = max(2, lookahead * len(chunks) // max(1, len(items)))  # ~lookahead objects
+        read = self._in_process if self.processes is not None else self._here
+        with ThreadPoolExecutor(max_workers=self.io_workers, thread_name_prefix="batchsight-io") as pool, \
+                ThreadPoolExecutor(self.store.concurrent_gets, thread_name_prefix="batchsight-fetch") as fetchers:
+            self._fetchers = fetchers
+            yield from bounded_map(pool, read, chunks, max_in_flight=in_flight)
 
     def _in_process(self, infos: Sequence[ObjectInfo]) -> Inputs:
         job = _ChunkJob(self.source, tuple(i.key for i in infos), self.family, self.options,
@@ -293,5 +319,6 @@ class ShardReader:
 
     def _here(self, infos: Sequence[ObjectInfo]) -> Inputs:
         claim = (lambda i, content: self.seen.claim(content, infos[i].key)) if self.seen is not None else None
-        return as_inputs(infos, read_chunk([_fetch(self.store, i.key) for i in infos], self.family, self.options,
+        fetched = fetch_all(self.store, [i.key for i in infos], self._fetchers)
+        return as_inputs(infos, read_chunk(fetched, self.family, self.options,
                                            self.known.prefix if self.known is not None else None, claim))

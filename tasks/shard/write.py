@@ -74,7 +74,8 @@ class ShardWriter:
         self.first_batch_at = 0.0
         self.known = known
         self.copied = 0  # objects whose rows and vectors came from identical bytes, with no model pass
-        self._embedded: dict[str, dict[int, tuple]] = {}  # content -> page -> (size, vector, class ids, probs)
+        self._batches: list[tuple[Pages, np.ndarray, np.ndarray, np.ndarray]] = []  # embedded, for copies
+        self._embedded: dict[str, dict[int, tuple[int, int]]] = {}  # content -> page -> (batch, row) in `_batches`
         self._complete: set[str] = set()  # contents whose object's every page is in `_embedded`
         self._pending: dict[str, list[ObjectInfo]] = {}  # copies met before their original was written
         self._copies: list[tuple] = []  # copies resolved, waiting to be written together
@@ -123,9 +124,10 @@ class ShardWriter:
             self.columns.setdefault(name, []).append(values)
         self.part.write(ids, embeddings)
         if remember and pages.content:
-            for i, content in enumerate(pages.content):
-                self._embedded.setdefault(content, {})[int(pages.page[i])] = (
-                    tuple(pages.size[i]), embeddings[i].copy(), class_ids[i], class_probs[i])
+            b = len(self._batches)
+            self._batches.append((pages, embeddings, class_ids, class_probs))
+            for i, (content, page) in enumerate(zip(pages.content, pages.page.tolist(), strict=True)):
+                self._embedded.setdefault(content, {})[page] = (b, i)
             for i in np.flatnonzero(pages.last):  # an object whose last page is in: its copies can have its rows
                 self._complete.add(pages.content[i])
                 for info in self._pending.pop(pages.content[i], []):
@@ -135,11 +137,11 @@ class ShardWriter:
         """An object whose bytes were embedded before, in this shard or in a catalogue
         this run builds on: its rows under its own key, with those vectors."""
         if content in self._complete:
-            pages = self._embedded[content]
-            numbers = sorted(pages)
-            sizes = [pages[p][0] for p in numbers]
-            vectors = np.stack([pages[p][1] for p in numbers])
-            ids, probs = np.stack([pages[p][2] for p in numbers]), np.stack([pages[p][3] for p in numbers])
+            where = self._embedded[content]
+            numbers = sorted(where)
+            picks = [where[p] for p in numbers]
+            sizes = [tuple(self._batches[b][0].size[i]) for b, i in picks]
+            vectors, ids, probs = (np.stack([self._batches[b][k][i] for b, i in picks]) for k in (1, 2, 3))
         elif self.known is not None and (rows := self.known.rows_of(content)) is not None:
             numbers, sizes = rows.page.tolist(), [tuple(s) for s in rows.size]
             vectors, ids, probs = self._vectors.get(rows), rows.class_ids, rows.class_probs
@@ -177,6 +179,10 @@ class ShardWriter:
                                      "run_id": [self.run_id] * n, "processed_at": [datetime.now(UTC)] * n,
                                      "embedding_part": [self.part_key] * n})
         return frame[[c for c in tables.IMAGES_SCHEMA.names if c in frame]]
+
+    def close(self) -> None:
+        """Let go of what a shard that failed held (the part's writer thread)."""
+        self.part.close()
 
     def finish(self, *, load_s: float, batch_size: int, wait_s: float) -> ShardResult:
         t0 = time.perf_counter()
