@@ -32,15 +32,17 @@ from throughput import cpu_model, image_pool, write_set  # noqa: E402
 from models.registry import model_family  # noqa: E402
 from tasks.shard.pixels import decode_to_pixels  # noqa: E402
 from tasks.shard.decode import DecodeOptions  # noqa: E402
-from tasks.shard.read import CHUNK, _ChunkJob, decode_chunk  # noqa: E402
+from tasks.shard.read import _ChunkJob, chunks_of, decode_chunk  # noqa: E402
 from tasks.storage import LocalStore, StoreSpec  # noqa: E402
 
 
-def in_processes(workers: int, folder: str, keys: list[str], prep, options: DecodeOptions) -> float:
+def in_processes(workers: int, folder: str, objects: list, prep, options: DecodeOptions) -> float:
+    """The chunks are the runs' own (`chunks_of`: 64 small objects or 4 MB a task)."""
+    chunks = [tuple(o.key for o in chunk) for chunk in chunks_of(objects)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        list(pool.map(decode_chunk, [_ChunkJob(StoreSpec(folder), tuple(keys[:CHUNK]), prep, options)] * workers))  # start
+        list(pool.map(decode_chunk, [_ChunkJob(StoreSpec(folder), chunks[0], prep, options)] * workers))  # start
         t0 = time.perf_counter()
-        jobs = [_ChunkJob(StoreSpec(folder), tuple(keys[i:i + CHUNK]), prep, options) for i in range(0, len(keys), CHUNK)]
+        jobs = [_ChunkJob(StoreSpec(folder), keys, prep, options) for keys in chunks]
         n = sum(len(set(read.page_object)) for read in pool.map(decode_chunk, jobs))
         return n / (time.perf_counter() - t0)
 
@@ -90,8 +92,9 @@ def main() -> None:
     if not folder.exists() or sum(1 for _ in folder.rglob("*.*")) != args.images:
         write_set(LocalStore(folder, create=True), image_pool(unique=min(200, args.images)), args.images)
     store = LocalStore(folder)
-    keys = [o.key for o in store.list()]
-    keys = [keys[i] for i in __import__("numpy").random.default_rng(0).permutation(len(keys))]
+    listed = list(store.list())
+    objects = [listed[i] for i in __import__("numpy").random.default_rng(0).permutation(len(listed))]
+    keys = [o.key for o in objects]
     prep = model_family("resnet50")
     options = DecodeOptions(thumbnail_side=args.thumbnail_side)
     rates: dict[str, dict[int, list[float]]] = {k: {w: [] for w in counts} for k in kinds}
@@ -100,7 +103,7 @@ def main() -> None:
         for kind in kinds:
             for w in counts:
                 if kind == "processes":
-                    rate = in_processes(w, str(folder), keys, prep, options)
+                    rate = in_processes(w, str(folder), objects, prep, options)
                 elif kind == "threads":
                     rate = in_threads(w, store, keys, prep, options)
                 else:

@@ -56,14 +56,14 @@ from tasks.catalog import (
 from tasks.catalog.manifest import Manifest, commit_manifest, new_run_id, put_recorded, read_pointer
 from tasks.catalog.reader import Catalog
 from tasks.catalog.versions import build_next_version
-from tasks.options import RUN_DEFAULTS  # noqa: E402
 from tasks.records import (
     ChangePlan,
     ObjectInfo,  # noqa: E402
     ShardResult,
 )
 from tasks.search.index_choice import IndexSettings, parse_memory_size  # noqa: E402
-from tasks.source.planning import plan_run  # noqa: E402
+from tasks.config import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_DELETE_SHARE, DEFAULT_SHARD_SIZE  # noqa: E402
+from tasks.source.planning import _plan_run  # noqa: E402
 from tasks.storage import LocalStore  # noqa: E402
 from tasks.synthetic_vectors import ClusteredVectors  # noqa: E402
 
@@ -218,7 +218,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--root", required=True, help="the catalogue's folder (build makes it, night reads it)")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--shard-size", type=int, default=RUN_DEFAULTS.shard_size)
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     parser.add_argument("--new", type=float, default=0.001)
     parser.add_argument("--changed", type=float, default=0.001)
     parser.add_argument("--deleted", type=float, default=0.0005)
@@ -254,7 +254,8 @@ def main() -> None:
         row["listing_s"] = time.perf_counter() - t0
         CountingStore.written = CountingStore.read = 0
         t0 = time.perf_counter()
-        planned = plan_run(listed, store, "synthetic@" + "0" * 64, allow_mass_delete=True)
+        planned = _plan_run(listed, store, "synthetic@" + "0" * 64, max_attempts=DEFAULT_MAX_ATTEMPTS, limit=None,
+                            max_delete_share=DEFAULT_MAX_DELETE_SHARE, allow_mass_delete=True)
         row |= {"plan_s": time.perf_counter() - t0, "plan_read_bytes": CountingStore.read,
                 "listed": len(planned.listing.images), "to_process": len(planned.plan.to_process),
                 "deleted": len(planned.plan.deleted), "plan_peak_rss_bytes": peak_rss()}
