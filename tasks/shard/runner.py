@@ -11,6 +11,8 @@ are at the model.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import secrets
 import threading
@@ -50,18 +52,46 @@ class Waited:
             yield chunk
 
 
+class FreedMemory:
+    """Hands the memory a shard's stages freed back to the system, at most every
+    `every_s` seconds: glibc keeps freed blocks in each thread's arena for reuse,
+    and with decode threads, the part writer's thread and the model's buffers all
+    allocating, a shard process's RSS grew over 4,000 images of the mix from 1,380
+    to 1,820 MB while what it held stayed flat (a trim after every batch kept it
+    at 1,190-1,400 MB). A trim costs ~13 ms at that size, so it runs at most
+    every 5 s, under 0.3% of the loop. A no-op without glibc's `malloc_trim`."""
+
+    _trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+
+    def __init__(self, every_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self.clock = every_s, clock
+        self.last = clock()
+        self.trims = 0
+
+    def maybe_release(self) -> None:
+        if self._trim is not None and self.clock() - self.last >= self.every_s:
+            self.release()
+
+    def release(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+            self.trims += 1
+        self.last = self.clock()
+
+
 def run_shard(items: Sequence[ObjectInfo], reader: ShardReader, embed: EmbedStage,
               write: Callable[[Embedded], None], *, on_progress: Callable[[int], None] | None = None) -> float:
     """Read `items`, keep one object of each content, cut them into batches, embed
     each batch and hand it to `write`, in input order, on this thread; returns the
     seconds batching waited for reading."""
-    waited = Waited()
+    waited, freed = Waited(), FreedMemory()
     lookahead = (embed.embedder.streams + 1) * embed.size + 8
     reader.seen = SeenContents()  # bytes met before in this shard: copies, no model pass
     with closing(reader.read(items, lookahead)) as inputs:
         read = reader.seen.dedupe(waited.timed(inputs))
         for done in embed.map(batches(read, size_of=lambda: embed.size)):
             write(done)
+            freed.maybe_release()
             if on_progress:
                 on_progress(done.objects_done)
     return waited.seconds

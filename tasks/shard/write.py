@@ -74,7 +74,8 @@ class ShardWriter:
         self.first_batch_at = 0.0
         self.known = known
         self.copied = 0  # objects whose rows and vectors came from identical bytes, with no model pass
-        self._batches: list[tuple[Pages, np.ndarray, np.ndarray, np.ndarray]] = []  # embedded, for copies
+        # what copies of embedded bytes need of each batch: sizes, vectors, classes (never its pixels or bytes)
+        self._batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._embedded: dict[str, dict[int, tuple[int, int]]] = {}  # content -> page -> (batch, row) in `_batches`
         self._complete: set[str] = set()  # contents whose object's every page is in `_embedded`
         self._pending: dict[str, list[ObjectInfo]] = {}  # copies met before their original was written
@@ -125,7 +126,7 @@ class ShardWriter:
         self.part.write(ids, embeddings)
         if remember and pages.content:
             b = len(self._batches)
-            self._batches.append((pages, embeddings, class_ids, class_probs))
+            self._batches.append((pages.size, embeddings, class_ids, class_probs))
             for i, (content, page) in enumerate(zip(pages.content, pages.page.tolist(), strict=True)):
                 self._embedded.setdefault(content, {})[page] = (b, i)
             for i in np.flatnonzero(pages.last):  # an object whose last page is in: its copies can have its rows
@@ -140,7 +141,7 @@ class ShardWriter:
             where = self._embedded[content]
             numbers = sorted(where)
             picks = [where[p] for p in numbers]
-            sizes = [tuple(self._batches[b][0].size[i]) for b, i in picks]
+            sizes = [tuple(self._batches[b][0][i]) for b, i in picks]
             vectors, ids, probs = (np.stack([self._batches[b][k][i] for b, i in picks]) for k in (1, 2, 3))
         elif self.known is not None and (rows := self.known.rows_of(content)) is not None:
             numbers, sizes = rows.page.tolist(), [tuple(s) for s in rows.size]
