@@ -170,6 +170,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(command: list[str], port: int) -> subprocess.Popen:
+    """`batchsight ui ...` (`command`) in its own process, once it answers on `port`."""
+    server = subprocess.Popen([str(Path(sys.executable).with_name("batchsight")), *command[1:]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false"))
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2).read()
+            return server
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.5)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its children (uvicorn's workers)."""
     procs = [psutil.Process(pid)]
@@ -236,19 +253,8 @@ def main() -> None:
 
     port = free_port()
     command = ["batchsight", "ui", "--catalog", str(root), "--port", str(port), "--workers", str(args.workers)]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("batchsight")), *command[1:]],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env=dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false"))
+    server = start_server(command, port)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.5)
         keys = cat.images["key"].sample(5000, random_state=0).tolist()
         runs = [measure(port, keys, int(n), args.seconds, args.warmup, server.pid) for n in args.clients.split(",")]
     finally:

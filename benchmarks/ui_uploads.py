@@ -31,11 +31,9 @@ import json
 import os
 import platform
 import struct
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +43,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ui_load import _shown, build_catalogue, free_port  # noqa: E402
+from benchmarks.ui_load import _shown, build_catalogue, free_port, start_server  # noqa: E402
 
 SIDE = 13_000
 CASES = ("png169", "rgba169", "jpeg169", "budget", "small")
@@ -157,21 +155,10 @@ def main() -> None:
     command = ["batchsight", "ui", "--catalog", str(root), "--port", str(port)]
     if args.decode_budget_mp is not None:
         command += ["--decode-budget-mp", str(args.decode_budget_mp)]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("batchsight")), *command[1:]],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env=dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false"))
     budget_mp = args.decode_budget_mp or 48.0
     rows = []
+    server = start_server(command, port)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.5)
         warm = post(port, png_of(640, 480, 3), "image/png")
         if warm[0] != 200:
             raise SystemExit(f"the warm-up upload failed: {warm}")
