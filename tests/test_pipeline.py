@@ -7,9 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -25,7 +27,12 @@ from models.engine import (
 from tasks.report import bottleneck
 from tasks.sample_data import broken_files, encode, generate_samples, make_product_photo, write_samples
 from tasks.shard.decode import DecodeOptions, decode_image
+from tasks.catalog import layout
+from tasks.records import ObjectInfo
+from tasks.shard.embed import Embedded
+from tasks.shard.inputs import Pages
 from tasks.shard.runner import FreedMemory
+from tasks.shard.write import ShardWriter
 from tasks.storage import LocalStore
 from tests.helpers import embed_objects
 
@@ -303,3 +310,28 @@ def test_memory_freed_by_a_shards_threads_goes_back_to_the_system():
     for now[0] in (1.0, 4.9, 5.0, 6.0, 10.1):
         freed.maybe_release()
     assert freed.trims == (2 if FreedMemory._trim is not None else 0)  # at 5.0 and at 10.1
+
+
+def test_the_writer_keeps_no_pixels_of_a_batch_it_wrote(tmp_path):
+    """The writer remembers a batch for later copies of its bytes; it must keep their
+    sizes, vectors and classes, not the batch's pixels (or, on a GPU, its JPEG bytes):
+    it held every batch's pixels until the shard ended (150 KB an image)."""
+    writer = ShardWriter(LocalStore(tmp_path, create=True), shard=0, run_id="r", part_key=layout.embeddings_part_key("r", 0, "a1"), labels=["a", "b"],
+                         model="m", weights_sha256="0" * 64, dim=4)
+    pixels = np.zeros((2, 8, 8, 3), np.uint8)
+    kept = weakref.ref(pixels)
+    infos = [ObjectInfo("a.jpg", "e1", 10), ObjectInfo("b.jpg", "e2", 10)]
+    pages = Pages.of(infos, [1, 1], [(30, 20), (40, 10)], [True, True], [None, None], ["c1", "c2"], pixels=pixels)
+    vectors = np.eye(2, 4, dtype=np.float32)
+    writer.write(Embedded(pages, vectors, np.zeros((2, 2), np.int32), np.full((2, 2), 0.5, np.float32)))
+    del pages, pixels
+    assert kept() is None, "the writer still holds the pixels of a batch it wrote"
+
+    copy = Pages.of([ObjectInfo("copy-of-b.jpg", "e3", 10)], [1], [(40, 10)], [True], [None], ["c2"])
+    writer.write(Embedded(Pages(), np.empty((0, 4), np.float32), np.empty((0, 2), np.int32),
+                          np.empty((0, 2), np.float32), copies=copy))
+    writer.close()
+    assert writer.copied == 1  # and the copy still has its original's rows
+    keys = [key for batch in writer.columns["key"] for key in batch]
+    sizes = np.stack([np.concatenate(writer.columns["width"]), np.concatenate(writer.columns["height"])], axis=1)
+    assert sizes[keys.index("copy-of-b.jpg")].tolist() == [40, 10]
