@@ -24,11 +24,11 @@ from models.engine import (
     should_compile,
     stack_images,
 )
-from tasks.report import bottleneck
+from tasks.catalog import layout
+from tasks.records import BuildStats, ObjectInfo, ShardResult
+from tasks.report import RunSummary, bottleneck
 from tasks.sample_data import broken_files, encode, generate_samples, make_product_photo, write_samples
 from tasks.shard.decode import DecodeOptions, decode_image
-from tasks.catalog import layout
-from tasks.records import ObjectInfo
 from tasks.shard.embed import Embedded
 from tasks.shard.inputs import Pages
 from tasks.shard.runner import FreedMemory
@@ -116,11 +116,6 @@ def test_the_bottleneck_line_names_the_stage_that_held_the_run_back():
 def test_the_bottleneck_counts_shards_side_by_side_once_each():
     """Two workers, each running a shard for 10 s at once: the waited share is over
     the shards' 20 s, not the run's 10 s of wall time (which called it input-bound)."""
-    import pandas as pd
-
-    from tasks.records import BuildStats, ShardResult
-    from tasks.report import RunSummary
-
     rows = pd.DataFrame({"key": ["a.jpg"], "top_class": ["tabby"]})
     times = {"fetch_s": 1.0, "decode_s": 3.0, "model_s": 19.0, "wait_s": 1.5, "write_s": 0.1, "load_s": 2.0,
              "batch_size": 16.0, "started_at": 100.0, "first_batch_at": 103.0, "ended_at": 112.0}
@@ -275,7 +270,7 @@ def test_a_shard_that_fails_leaves_no_part_writer_thread(tmp_path, resnet18_weig
 
 
 def test_objects_go_to_decode_processes_many_small_or_few_large_a_chunk():
-    from tasks.records import ObjectInfo
+    from tasks.records import BuildStats, ObjectInfo, ShardResult
     from tasks.shard.read import CHUNK_BYTES, CHUNK_OBJECTS, chunks_of
 
     small = [ObjectInfo(f"s{i}.jpg", "e", 30_000, 0.0) for i in range(300)]
