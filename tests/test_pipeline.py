@@ -31,6 +31,7 @@ from tasks.sample_data import broken_files, encode, generate_samples, make_produ
 from tasks.shard.decode import DecodeOptions, decode_image
 from tasks.shard.embed import Embedded
 from tasks.shard.inputs import Pages
+from tasks.shard.read import CHUNK_BYTES, CHUNK_OBJECTS, chunks_of
 from tasks.shard.runner import FreedMemory
 from tasks.shard.write import ShardWriter
 from tasks.storage import LocalStore
@@ -270,9 +271,6 @@ def test_a_shard_that_fails_leaves_no_part_writer_thread(tmp_path, resnet18_weig
 
 
 def test_objects_go_to_decode_processes_many_small_or_few_large_a_chunk():
-    from tasks.records import BuildStats, ObjectInfo, ShardResult
-    from tasks.shard.read import CHUNK_BYTES, CHUNK_OBJECTS, chunks_of
-
     small = [ObjectInfo(f"s{i}.jpg", "e", 30_000, 0.0) for i in range(300)]
     large = [ObjectInfo(f"l{i}.jpg", "e", 5_000_000, 0.0) for i in range(3)]  # each past CHUNK_BYTES alone
     chunks = list(chunks_of(small + large + small[:5]))
