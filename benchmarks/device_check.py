@@ -13,7 +13,7 @@ Steps, in order of what matters (each skipped, and said so, once `--budget-s` is
                  the CPU-decode runs, with --shard-workers N also each with `--workers N`
   dataloader     DataLoader(num_workers=cores, pin_memory) + weights.transforms() + bf16 model, per set
 
-Every object of a set has bytes of its own (`distinct`): identical bytes are
+Every object of a set has bytes of its own (`distinct_bytes`): identical bytes are
 embedded once (issue 27), so repeated files would measure copies, not the model.
 
     python benchmarks/device_check.py --device cuda --out results.json     # issue 26's check
@@ -29,7 +29,6 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput  # noqa: E402
 
-from tasks.sample_data import encode, make_document, make_product_photo  # noqa: E402
+from tasks.sample_data import distinct_bytes, encode, make_document, make_product_photo  # noqa: E402
 from tasks.shard.decode import decode_image  # noqa: E402
 
 IMAGENET = {"jpeg-500x375": 1.0}
@@ -60,24 +59,9 @@ def _make(spec: tuple[str, int]) -> bytes:
     return encode(make_product_photo(rng, (640, 480)), "PNG")
 
 
-def distinct(data: bytes, i: int) -> bytes:
-    """`data` made a different file with the same pixels: a JPEG comment segment or a
-    PNG text chunk naming `i`. batchsight embeds identical bytes once (issue 27), so
-    a set of repeated bytes would measure copies, not the model."""
-    note = f"batchsight benchmark object {i}".encode()
-    if data[:2] == b"\xff\xd8":
-        return data[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + data[2:]
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        body = b"tEXt" + b"Comment\x00" + note
-        chunk = len(body[4:]).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
-        end = data.rindex(b"IEND") - 4
-        return data[:end] + chunk + data[end:]
-    raise ValueError("distinct() makes JPEG and PNG files only")
-
-
 def make_set(folder: Path, mix: dict[str, float], n: int, unique: int = 200, seed: int = 0) -> dict:
     """`n` objects in the `mix` proportions, from `unique` distinct images made in
-    parallel; each object is its own file with its own bytes (`distinct`), so every
+    parallel; each object is its own file with its own bytes (`distinct_bytes`), so every
     object is fetched, decoded and embedded on its own."""
     made = folder.parent / f"{folder.name}.made.json"  # beside the set: a file in it would be an object
     recipe = {"mix": mix, "n": n, "unique": unique, "seed": seed, "distinct": 1}
@@ -96,7 +80,7 @@ def make_set(folder: Path, mix: dict[str, float], n: int, unique: int = 200, see
         kind = specs[j][0]
         target = folder / kind / f"img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(distinct(blobs[j], i))
+        target.write_bytes(distinct_bytes(blobs[j], i))
     made.write_text(json.dumps(recipe))
     return {"images": n, "unique": len(specs), "made_s": time.perf_counter() - t0,
             "bytes_per_image": sum(len(b) for b in blobs) / len(blobs)}

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.engine import Embedder, cpu_supports_bf16, default_batch_size, stack_images  # noqa: E402
 from models.settings import EmbedderSettings  # noqa: E402
-from tasks.sample_data import encode, make_document, make_product_photo  # noqa: E402
+from tasks.sample_data import distinct_bytes, encode, make_document, make_product_photo  # noqa: E402
 from tasks.shard.decode import decode_image  # noqa: E402
 from tasks.shard.read import bounded_map  # noqa: E402
 from tasks.storage import LocalStore, S3Store  # noqa: E402
@@ -63,13 +63,11 @@ def image_pool(seed: int = 0, unique: int = 200) -> list[tuple[str, bytes]]:
 
 def write_set(store, pool: list[tuple[str, bytes]], n: int) -> None:
     """n objects cycling through the pool, each under its own key and with bytes of
-    its own (`device_check.distinct`: the same pixels), so every object is fetched,
+    its own (`distinct_bytes`: the same pixels), so every object is fetched,
     decoded and embedded on its own (identical bytes are embedded once, issue 27)."""
-    from device_check import distinct
-
     for i in range(n):
         kind, data = pool[i % len(pool)]
-        store.put(f"{kind}/img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}", distinct(data, i))
+        store.put(f"{kind}/img-{i:06d}.{'png' if kind.startswith('png') else 'jpg'}", distinct_bytes(data, i))
 
 
 def python_path() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -164,6 +165,21 @@ def generate_samples(n_images: int, *, seed: int = 0, document_fraction: float =
     if broken:
         out.extend(broken_files(rng))
     return out
+
+
+def distinct_bytes(data: bytes, i: int) -> bytes:
+    """`data` made a different file with the same pixels: a JPEG comment segment or a
+    PNG text chunk naming `i`. batchsight embeds identical bytes once (issue 27), so
+    a set of repeated bytes would measure or test copies, not the model."""
+    note = f"batchsight benchmark object {i}".encode()
+    if data[:2] == b"\xff\xd8":
+        return data[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + data[2:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        body = b"tEXt" + b"Comment\x00" + note
+        chunk = len(body[4:]).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+        end = data.rindex(b"IEND") - 4
+        return data[:end] + chunk + data[end:]
+    raise ValueError("distinct_bytes() makes JPEG and PNG files only")
 
 
 def write_samples(store: ObjectStore, samples: list[SampleObject],
