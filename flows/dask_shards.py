@@ -153,28 +153,26 @@ class DaskShards:
         if gpus and self.shards.workers % gpus:
             raise RunnerError(f"this machine has {gpus} GPUs and --workers {self.shards.workers} would give some "
                               f"cards more workers than others: use a multiple of {gpus}")
-        threading.Thread(target=self._start, args=(gpus,), name="batchsight-cluster-start", daemon=True).start()
+        threading.Thread(target=_into(self._ready, lambda: self._start(gpus)), name="batchsight-cluster-start",
+                         daemon=True).start()
         return self
 
     def connected(self) -> Client:
         """The client, once the cluster has started (or been reached) and its workers are up."""
         return self._ready.result()
 
-    def _start(self, gpus: int) -> None:
-        try:
-            if self.shards.cluster:
-                self.client = Client(self.shards.cluster, timeout=SCHEDULER_TIMEOUT_S)
-            else:
-                with _cluster_settings(gpus):
-                    self.cluster = LocalCluster(**_local_cluster_kwargs(self.shards.workers, gpus, self._api_url))
-                self.client = Client(self.cluster)
-                if gpus:
-                    self.client.register_plugin(PinGpu(gpus))
-                self.client.wait_for_workers(self.shards.workers)
-                self.note_workers()
-            self._ready.set_result(self.client)
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the cluster
-            self._ready.set_exception(exc)
+    def _start(self, gpus: int) -> Client:
+        if self.shards.cluster:
+            self.client = Client(self.shards.cluster, timeout=SCHEDULER_TIMEOUT_S)
+            return self.client
+        with _cluster_settings(gpus):
+            self.cluster = LocalCluster(**_local_cluster_kwargs(self.shards.workers, gpus, self._api_url))
+        self.client = Client(self.cluster)
+        if gpus:
+            self.client.register_plugin(PinGpu(gpus))
+        self.client.wait_for_workers(self.shards.workers)
+        self.note_workers()
+        return self.client
 
     def note_workers(self) -> None:
         """Remember the local cluster's worker processes, to end them with it (a
